@@ -1,0 +1,1 @@
+"""imgjobs library: config, data, models, checkpoints and the Ray jobs built from them."""

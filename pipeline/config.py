@@ -1,0 +1,121 @@
+"""Training config: YAML files plus `key.sub=value` overrides, validated before Ray starts."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import UsageError
+
+
+class _Section(BaseModel):
+    # strict: YAML already gives typed values, so "1" must not quietly become True or 1.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DataConfig(_Section):
+    root: str = Field(description="ImageFolder root holding train/ and val/")
+
+
+class ModelConfig(_Section):
+    arch: str = "resnet18"
+    weights: str = Field("imagenet", description="imagenet, none, or a path to a state_dict file")
+    mode: Literal["finetune", "feature_extraction"] = "finetune"
+    trainable: Union[Literal["all"], list[str]] = "all"
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(25, gt=0)
+    batch_size: int = Field(4, gt=0, description="per worker")
+    lr: float = Field(0.001, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    step_size: int = Field(7, gt=0)
+    gamma: float = Field(0.1, gt=0, le=1)
+    seed: int = 0
+    num_data_workers: int = Field(2, ge=0, description="DataLoader processes per training worker")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype; GPU only")
+    channels_last: bool = Field(False, description="GPU only")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: Union[Literal["auto"], bool] = "auto"
+
+
+class StorageConfig(_Section):
+    path: str = Field("runs", description="local folder or pyarrow URI (s3://, gs://, ...)")
+
+
+class Config(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `a.b=value` overrides (values parsed as YAML) and validate."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UsageError(f"cannot read config {path}: {e.strerror}; pass an existing YAML file with -c") from e
+    except yaml.YAMLError as e:
+        raise UsageError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise UsageError(f"config {path} must be a YAML mapping of sections (name, data, model, ...)")
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate(raw)
+
+
+def validate(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UsageError(_describe(e.errors()[0])) from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UsageError(f"override {item!r} must look like key.sub=value, e.g. train.epochs=5")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"override {key}: {part} is not a section")
+    node[leaf] = parsed
+
+
+def _describe(err: dict) -> str:
+    """One line naming the key, what is wrong and what is allowed."""
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("literal[", "list[", "bool", "str"))]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        parent = _section_for(loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "?"
+        return f"config error: unknown key {key!r}; allowed keys here: {allowed}"
+    if err["type"] == "missing":
+        return f"config error: {key} is required"
+    return f"config error: {key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _section_for(path: list[str]):
+    model = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model

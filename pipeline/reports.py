@@ -1,0 +1,116 @@
+"""Run outputs: summary.json, metrics.csv, the terminal table and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots go to files only
+import matplotlib.pyplot as plt  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+
+from pipeline import storage  # noqa: E402
+from pipeline.data import ImageFolder  # noqa: E402
+from pipeline.images import decode_image  # noqa: E402
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s"]
+
+
+def confusion_matrix(targets: list[int], predictions: list[int], num_classes: int) -> list[list[int]]:
+    """Rows are true classes, columns predicted ones. Predictions of -1 (skipped images) are left out."""
+    matrix = [[0] * num_classes for _ in range(num_classes)]
+    for t, p in zip(targets, predictions):
+        if p >= 0:
+            matrix[t][p] += 1
+    return matrix
+
+
+def epoch_table(history: list[dict]) -> str:
+    """The seed's per-epoch table: Epoch | Train Acc | Val Acc | losses | lr | time."""
+    header = f"{'Epoch':>5} | {'Train Acc':>9} | {'Val Acc':>7} | {'Train Loss':>10} | {'Val Loss':>8} | {'LR':>8} | {'Time':>6}"
+    rows = [header, "-" * len(header)]
+    for m in history:
+        rows.append(
+            f"{m['epoch']:>5} | {m['train_acc']:>9.4f} | {m['val_acc']:>7.4f} | {m['train_loss']:>10.4f} | "
+            f"{m['val_loss']:>8.4f} | {m['lr']:>8.2g} | {m['epoch_seconds']:>5.1f}s"
+        )
+    return "\n".join(rows)
+
+
+def write_run_outputs(run_dir: str, summary: dict, best: dict, dataset: ImageFolder) -> None:
+    fs, base = storage.resolve(run_dir)
+    history = summary["epochs"]
+    storage.write_bytes(fs, f"{base}/summary.json", json.dumps(summary, indent=2).encode())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_bytes(fs, f"{base}/metrics.csv", buf.getvalue().encode())
+    storage.write_bytes(fs, f"{base}/curves.png", _png(_curves(history)))
+    storage.write_bytes(fs, f"{base}/confusion_matrix.png", _png(_confusion(summary["confusion_matrix"], dataset.classes)))
+    storage.write_bytes(fs, f"{base}/predictions.png", _png(_prediction_grid(best["val_predictions"], dataset)))
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _curves(history: list[dict]):
+    epochs = [m["epoch"] for m in history]
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in ((acc, "acc"), (loss, "loss")):
+        ax.plot(epochs, [m[f"train_{metric}"] for m in history], marker="o", label="train")
+        ax.plot(epochs, [m[f"val_{metric}"] for m in history], marker="o", label="val")
+        ax.set_xlabel("epoch")
+        ax.set_title("accuracy" if metric == "acc" else "loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _confusion(matrix: list[list[int]], classes: list[str]):
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(2 + 0.8 * n, 2 + 0.8 * n))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max(max(row) for row in matrix) or 1
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, matrix[i][j], ha="center", va="center", color="white" if matrix[i][j] > peak / 2 else "black")
+    ax.set_title("val confusion matrix (best checkpoint)")
+    return fig
+
+
+def _prediction_grid(predictions: list[int], dataset: ImageFolder, count: int = 16):
+    """Val images with predicted vs true labels; misclassifications first, in red."""
+    val = dataset.val
+    wrong = [i for i, p in enumerate(predictions) if p >= 0 and p != val.targets[i]][: count // 2]
+    right = [i for i, p in enumerate(predictions) if p == val.targets[i]]
+    # Take evenly spaced correct ones so every class shows, not just the first folder.
+    right = right[:: max(1, len(right) // (count - len(wrong)))][: count - len(wrong)]
+    shown = wrong + right
+    fs, _ = storage.resolve(dataset.root)
+    crop = T.Compose([T.Resize(128), T.CenterCrop(128)])
+    cols = 4
+    rows = max(1, (len(shown) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, shown):
+        ax.imshow(crop(decode_image(storage.read_bytes(fs, val.paths[i]))))
+        wrong = predictions[i] != val.targets[i]
+        ax.set_title(
+            f"{'WRONG ' if wrong else ''}pred: {dataset.classes[predictions[i]]}\ntrue: {dataset.classes[val.targets[i]]}",
+            color="red" if wrong else "green",
+            fontsize=10,
+        )
+    return fig
