@@ -33,7 +33,7 @@ def train_loop_per_worker(job: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same new head on every worker
     if not on_gpu:
         # Ray pins each CPU worker to one thread; give each worker its share of the node's cores instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
@@ -63,7 +63,6 @@ def train_loop_per_worker(job: dict) -> None:
         num_workers=cfg.train.num_data_workers,
         collate_fn=collate_skipping,
         pin_memory=on_gpu,
-        persistent_workers=cfg.train.num_data_workers > 0,
     )
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=False, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
@@ -79,6 +78,8 @@ def train_loop_per_worker(job: dict) -> None:
 
     for epoch in range(state["epoch"], cfg.train.epochs):
         sampler.set_epoch(epoch)  # a new shuffle, and so a new shard, every epoch
+        # Seeding per epoch (loader workers are re-forked each epoch) makes a resumed run match an unbroken one.
+        torch.manual_seed(cfg.train.seed * 1_000_000 + epoch * 1000 + rank)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         set_train_mode(ddp_model)

@@ -1,0 +1,81 @@
+"""Shared fixtures: one real local Ray for the session, generated image folders, the real ants/bees data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import ray
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "hymenoptera"
+SHARED_DATA = REPO.parent / "shared" / "data" / "hymenoptera"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real Ray instance for every test that needs it (start-up costs seconds); stopped at the end."""
+    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def make_image_folder(root: Path, classes=("blue", "red"), train_per_class=12, val_per_class=6, size=48, seed=0) -> Path:
+    """ImageFolder of JPEGs a small model can learn: each class has its own dominant colour."""
+    rng = random.Random(seed)
+    palette = [(40, 60, 200), (200, 50, 40), (40, 180, 60), (200, 200, 40), (150, 40, 160)]
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = palette[c % len(palette)]
+                img = Image.new("RGB", (size + rng.randrange(16), size), tuple(min(255, v + rng.randrange(40)) for v in base))
+                for _ in range(6):  # noise blobs so images differ
+                    x, y = rng.randrange(size), rng.randrange(size)
+                    img.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 6, y + 6))
+                img.save(folder / f"{name}_{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("tiny"))
+
+
+def write_config(path: Path, name: str, data_root: Path, storage: Path, **sections) -> Path:
+    """A small, fast training config (tiny CNN, 1 epoch) with per-section overrides."""
+    config = {
+        "name": name,
+        "data": {"root": str(data_root)},
+        "model": {"arch": "mobilenet_v3_small", "weights": "none", "mode": "finetune"},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 0.01, "step_size": 1, "gamma": 0.5, "num_data_workers": 0},
+        "scaling": {"num_workers": 1, "use_gpu": False},
+        "storage": {"path": str(storage)},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_local, tmp_path_factory) -> dict:
+    """The demo config trained briefly on the repo's ants/bees copy: a real pretrained checkpoint for labeling tests."""
+    from jobs.cli import main
+
+    storage = tmp_path_factory.mktemp("demo-runs")
+    assert main(["train", "-c", str(REPO / "configs" / "demo.yaml"), "train.epochs=2", f"data.root={DEMO_DATA}", f"storage.path={storage}"]) == 0
+    return json.loads((storage / "demo" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def shared_hymenoptera() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real-data test needs ../shared/data/hymenoptera, which is absent here ({SHARED_DATA})")
+    return SHARED_DATA
