@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from pipeline.errors import UsageError
 
@@ -26,13 +26,17 @@ class ModelConfig(_Section):
     trainable: Union[Literal["all"], list[str]] = "all"
 
 
+# YAML 1.1 reads 1e-3 (no dot) as a string, so float keys also accept numeric strings.
+LaxFloat = Annotated[float, Strict(False)]
+
+
 class TrainConfig(_Section):
     epochs: int = Field(25, gt=0)
     batch_size: int = Field(4, gt=0, description="per worker")
-    lr: float = Field(0.001, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    lr: LaxFloat = Field(0.001, gt=0)
+    momentum: LaxFloat = Field(0.9, ge=0, lt=1)
     step_size: int = Field(7, gt=0)
-    gamma: float = Field(0.1, gt=0, le=1)
+    gamma: LaxFloat = Field(0.1, gt=0, le=1)
     seed: int = 0
     num_data_workers: int = Field(2, ge=0, description="DataLoader processes per training worker")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype; GPU only")

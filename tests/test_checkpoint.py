@@ -1,0 +1,59 @@
+"""Checkpoints never run code: loading is weights_only, and anything else is refused with one line."""
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.errors import UsageError
+from pipeline.models import build_model
+
+
+class _Payload:
+    """Unpickling this object would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_crafted_pickle_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "x": _Payload(marker)}, path)
+    with pytest.raises(UsageError, match="refused"):
+        checkpoint.load(str(path))
+    assert not marker.exists()
+    # Unpickled without weights_only, the same file does run its code: the check above is not vacuous.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_non_checkpoint_files_are_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UsageError, match="cannot be read"):
+        checkpoint.load(str(tmp_path / "notes.txt"))
+    torch.save({"some": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(UsageError, match="not an imgjobs checkpoint"):
+        checkpoint.load(str(tmp_path / "other.pt"))
+    with pytest.raises(UsageError, match="not found"):
+        checkpoint.load(str(tmp_path / "absent.pt"))
+
+
+def test_unknown_arch_is_refused(tmp_path):
+    model, head = build_model("resnet18", 2, "none")
+    state = {"model": {"arch": "resnet9000"}, "classes": ["a", "b"], "model_state": model.state_dict()}
+    checkpoint.save(state, str(tmp_path))
+    with pytest.raises(UsageError, match="unknown model.arch 'resnet9000'"):
+        checkpoint.load(str(tmp_path))
+
+
+def test_round_trip_from_a_folder_or_file(tmp_path):
+    model, head = build_model("resnet18", 3, "none")
+    state = {"model": {"arch": "resnet18", "head": head}, "classes": ["a", "b", "c"], "model_state": model.state_dict()}
+    path = checkpoint.save(state, str(tmp_path))
+    for where in (str(tmp_path), path, f"file://{path}"):
+        rebuilt = checkpoint.build_from(checkpoint.load(where))
+        x = torch.randn(2, 3, 224, 224)
+        torch.testing.assert_close(rebuilt(x), model.eval()(x))

@@ -1,0 +1,105 @@
+"""Config validation: every mistake is one line naming the key, exit code 2, and Ray never starts."""
+
+import json
+
+import pytest
+import ray
+
+from jobs.cli import main
+from pipeline.config import load_config
+from tests.conftest import REPO, make_image_folder, write_config
+
+
+@pytest.fixture
+def config(tmp_path, tiny_folder):
+    return write_config(tmp_path / "c.yaml", "t", tiny_folder, tmp_path / "runs")
+
+
+def run_cli(capsys, *argv):
+    code = main(["train", *map(str, argv)])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=0.1", "unknown key 'train.lrr'; allowed keys here: epochs, batch_size, lr"),
+        ("bogus=1", "unknown key 'bogus'"),
+        ("train.epochs=ten", "train.epochs: Input should be a valid integer"),
+        ("train.epochs=0", "train.epochs: Input should be greater than 0"),
+        ("train.lr=-1", "train.lr: Input should be greater than 0"),
+        ("train.momentum=1.5", "train.momentum: Input should be less than 1"),
+        ("model.mode=frozen", "model.mode: Input should be 'finetune' or 'feature_extraction'"),
+        ("scaling.use_gpu=maybe", "scaling.use_gpu"),
+        ("scaling.num_workers=0", "scaling.num_workers: Input should be greater than 0"),
+        ("train.amp=fp8", "train.amp: Input should be 'off', 'bf16' or 'fp16'"),
+        ("name=a/b", "name: String should match pattern"),
+        ("train.epochs", "override 'train.epochs' must look like key.sub=value"),
+        ("model.arch=resnet1800", "model.arch: unknown architecture 'resnet1800'"),
+        ("model.weights=missing.pth", "model.weights: file missing.pth not found"),
+        ("model.trainable=[layer9]", "model.trainable: no module 'layer9'"),
+    ],
+)
+def test_bad_config_is_one_line_and_exit_2(capsys, config, override, expected):
+    code, err = run_cli(capsys, "-c", config, override)
+    assert code == 2
+    assert expected in err
+    assert len(err.splitlines()) == 1 and err.startswith("imgjobs train: error:")
+    assert not ray.is_initialized()
+
+
+def test_missing_data_folder(capsys, config, tmp_path):
+    code, err = run_cli(capsys, "-c", config, f"data.root={tmp_path / 'nowhere'}")
+    assert code == 2 and "data.root:" in err and "has no train/ folder" in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, err = run_cli(capsys, "-c", tmp_path / "absent.yaml")
+    assert code == 2 and "cannot read config" in err
+
+
+def test_missing_required_key(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text(json.dumps({"name": "x"}))
+    code, err = run_cli(capsys, "-c", tmp_path / "c.yaml")
+    assert code == 2 and "data is required" in err
+
+
+@pytest.mark.parametrize(
+    "layout, expected",
+    [
+        ({"train": ["a", "b"], "val": ["a", "c"]}, "val classes ['a', 'c'] differ from train classes ['a', 'b']"),
+        ({"train": ["a"], "val": ["a"]}, "needs at least two class folders"),
+        ({"train": ["a", "b", "empty"], "val": ["a", "b", "empty"]}, "empty has no images"),
+    ],
+)
+def test_bad_folder_layout(capsys, tmp_path, layout, expected):
+    root = tmp_path / "data"
+    make_image_folder(root / "_src", classes=("a", "b", "c"), train_per_class=2, val_per_class=2)
+    for split, classes in layout.items():
+        for name in classes:
+            target = root / split / name
+            target.mkdir(parents=True)
+            if name != "empty":
+                for f in (root / "_src" / split / name).iterdir():
+                    (target / f.name).write_bytes(f.read_bytes())
+    config = write_config(tmp_path / "c.yaml", "t", root, tmp_path / "runs")
+    code, err = run_cli(capsys, "-c", config)
+    assert code == 2 and expected in err
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path, tiny_folder):
+    config = write_config(tmp_path / "c.yaml", "t", tiny_folder, tmp_path / "runs")
+    cfg = load_config(str(config), ["train.lr=1e-2", "model.trainable=[layer4, fc]", "scaling.use_gpu=true"])
+    assert cfg.train.lr == 0.01 and cfg.model.trainable == ["layer4", "fc"] and cfg.scaling.use_gpu is True
+
+
+def test_shipped_configs_hold_the_seed_recipe():
+    seed = load_config(str(REPO / "configs" / "train.yaml"))
+    assert (seed.model.arch, seed.model.weights, seed.model.mode, seed.model.trainable) == ("resnet18", "imagenet", "finetune", "all")
+    t = seed.train
+    assert (t.lr, t.momentum, t.step_size, t.gamma, t.batch_size, t.epochs) == (0.001, 0.9, 7, 0.1, 4, 25)
+    fe = load_config(str(REPO / "configs" / "feature_extraction.yaml"))
+    assert fe.model.mode == "feature_extraction" and fe.train == seed.train
+    demo = load_config(str(REPO / "configs" / "demo.yaml"))
+    assert (demo.model.arch, demo.model.weights, demo.model.mode) == ("efficientnet_lite0", "imagenet", "feature_extraction")
