@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 
 from pipeline.errors import UsageError
 
@@ -14,6 +15,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    started_at = time.time()  # before the heavy imports: start-up figures count from here
     parser = argparse.ArgumentParser(prog="imgjobs", description="Distributed image classification jobs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = importlib.import_module(f"jobs.{name}")
         modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
+    args.started_at = started_at
     try:
         return modules[args.command].run(args)
     except UsageError as e:

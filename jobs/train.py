@@ -48,6 +48,7 @@ def run(args) -> int:
         "classes": dataset.classes,
         "train": vars(dataset.train),
         "val": vars(dataset.val),
+        "started_at": args.started_at,
     }
     job["config"]["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
     trainer = TorchTrainer(

@@ -76,7 +76,8 @@ def train_loop_per_worker(job: dict) -> None:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets.to(device, non_blocking=True)
 
-    for epoch in range(state["epoch"], cfg.train.epochs):
+    start_epoch = state["epoch"]
+    for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)  # a new shuffle, and so a new shard, every epoch
         # Seeding per epoch (loader workers are re-forked each epoch) makes a resumed run match an unbroken one.
         torch.manual_seed(cfg.train.seed * 1_000_000 + epoch * 1000 + rank)
@@ -84,7 +85,10 @@ def train_loop_per_worker(job: dict) -> None:
         start = time.perf_counter()
         set_train_mode(ddp_model)
         train_sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
+        startup_seconds = None
         for images, targets, _, skipped in train_loader:
+            if startup_seconds is None and epoch == start_epoch:
+                startup_seconds = time.time() - job["started_at"]  # command start to first training step
             state["skipped"].update(skipped)
             if images is None:
                 continue
@@ -133,6 +137,8 @@ def train_loop_per_worker(job: dict) -> None:
             "train_images": int(train_sums[2]),
             "val_images": int(val_sums[2]),
         }
+        if startup_seconds is not None:
+            metrics["startup_seconds"] = startup_seconds
         # Ties go to the later epoch, as Ray's CheckpointConfig keeps the later of equal-scored checkpoints.
         if metrics["val_acc"] >= state["best_val_acc"]:
             state["best_val_acc"], state["best_epoch"] = metrics["val_acc"], epoch + 1

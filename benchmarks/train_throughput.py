@@ -1,0 +1,87 @@
+"""Training throughput: `imgjobs train` (Ray Train, DDP) against a plain single-process PyTorch loop.
+
+Same data (data/hymenoptera train), same transforms, ResNet18 with random weights, same cores. Both sides
+report their second epoch's images/s (the first warms up caches and allocators); Ray's start-up is left
+out of the ratio and reported on its own (command start to first training step).
+
+    .venv/bin/python benchmarks/train_throughput.py [--epochs 2] [--cases 4x1,32x1,4x2,32x2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.data import ImageDataset, collate_skipping, scan_image_folder  # noqa: E402
+from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
+from pipeline.transforms import train_transform  # noqa: E402
+
+
+def plain_loop(data_root: str, batch_size: int, epochs: int, loader_workers: int) -> float:
+    """The notebook way: one process, DataLoader, SGD. Returns the last epoch's images/s."""
+    torch.manual_seed(0)
+    folder = scan_image_folder(data_root)
+    dataset = ImageDataset(data_root, folder.train, train_transform(IMAGENET_MEAN, IMAGENET_STD))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=loader_workers, collate_fn=collate_skipping)
+    model, _ = build_model("resnet18", len(folder.classes), "none")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    criterion = torch.nn.CrossEntropyLoss()
+    model.train()
+    for _ in range(epochs):
+        seen, start = 0, time.perf_counter()
+        for images, targets, _, _ in loader:
+            optimizer.zero_grad()
+            criterion(model(images), targets).backward()
+            optimizer.step()
+            seen += len(targets)
+        rate = seen / (time.perf_counter() - start)
+    return rate
+
+
+def imgjobs_train(data_root: str, batch_size: int, workers: int, epochs: int, loader_workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as storage:
+        cmd = [
+            str(REPO / ".venv" / "bin" / "imgjobs"), "train", "-c", str(REPO / "configs" / "train.yaml"),
+            "name=bench", f"data.root={data_root}", "model.weights=none", f"train.epochs={epochs}",
+            f"train.batch_size={batch_size}", f"scaling.num_workers={workers}", "scaling.use_gpu=false",
+            f"train.num_data_workers={loader_workers}", f"storage.path={storage}",
+        ]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        summary = json.loads((Path(storage) / "bench" / "summary.json").read_text())
+    return {"images_per_s": summary["epochs"][-1]["images_per_s"], "startup_s": summary["epochs"][0]["startup_seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO / "data" / "hymenoptera"))
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--cases", default="4x1,32x1,4x2,32x2", help="BATCHxWORKERS, comma-separated")
+    parser.add_argument("--loader-workers", type=int, default=2)
+    args = parser.parse_args()
+    print(f"{time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"{'batch':>5} {'workers':>7} {'plain img/s':>11} {'imgjobs img/s':>13} {'ratio':>6} {'start-up s':>10}")
+    plain = {}
+    for case in args.cases.split(","):
+        batch, workers = map(int, case.split("x"))
+        if batch not in plain:
+            plain[batch] = plain_loop(args.data, batch, args.epochs, args.loader_workers)
+        job = imgjobs_train(args.data, batch, workers, args.epochs, args.loader_workers)
+        print(f"{batch:>5} {workers:>7} {plain[batch]:>11.1f} {job['images_per_s']:>13.1f} "
+              f"{job['images_per_s'] / plain[batch]:>6.2f} {job['startup_s']:>10.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
