@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -47,5 +47,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def image_error(exc: BaseException) -> str:
     """A one-line reason for a file that could not be decoded."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "UnidentifiedImageError: not a recognised image format"  # PIL's text names a memory address
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
