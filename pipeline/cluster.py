@@ -6,14 +6,28 @@ import logging
 import os
 
 import ray
+from ray._private import ray_constants, services
+
+# Ray's single-node mode (meant for macOS/Windows): the node address becomes 127.0.0.1, so the GCS, raylet,
+# agents, workers and dashboard listen on loopback only instead of on every interface. For `ray start`, pass it
+# in the environment together with --node-ip-address=127.0.0.1.
+LOCAL_ONLY_ENV = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
+
+
+def bind_to_loopback() -> None:
+    """Make the local Ray this process starts next listen on 127.0.0.1 only."""
+    os.environ.update(LOCAL_ONLY_ENV)  # inherited by every process the new Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported ray
 
 
 def init_ray() -> None:
-    """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray."""
+    """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray on 127.0.0.1."""
     if ray.is_initialized():
         return
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if services.canonicalize_bootstrap_address(None) is None:  # ray.init's own test for "start a new one"
+        bind_to_loopback()
     ray.init(logging_level=logging.WARNING, log_to_driver=True)
 
 

@@ -81,3 +81,20 @@ def shared_hymenoptera() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real-data test needs ../shared/data/hymenoptera, which is absent here ({SHARED_DATA})")
     return SHARED_DATA
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def listening_sockets(processes) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP socket these psutil processes listen on."""
+    import psutil
+
+    found = []
+    for proc in processes:
+        try:
+            found += [(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:  # a worker that exited meanwhile
+            pass
+    return found
