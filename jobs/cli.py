@@ -11,6 +11,7 @@ from pipeline.errors import UsageError
 
 COMMANDS = {
     "train": "fine-tune a pretrained classifier with Ray Train",
+    "submit": "run train or label on a Ray cluster through the Ray Jobs API",
 }
 
 

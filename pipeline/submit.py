@@ -1,0 +1,117 @@
+"""Running imgjobs commands on a Ray cluster through the Jobs API: the code package, the address and the token."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray._raylet import AuthenticationTokenLoader
+from ray.job_submission import JobInfo, JobStatus, JobSubmissionClient
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# What a job carries to the cluster: the code and the configs, nothing else (no data, runs, labels, checkpoints,
+# caches, .git or .venv). Dependencies are installed on the nodes (cluster.yaml setup_commands).
+PACKAGE_CONTENT = ("pyproject.toml", "jobs", "pipeline", "configs")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Ray's client lets these override the address it is given; `--address` must win.
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+TOKEN_HELP = ("the cluster's token (`ray get-auth-token` on the head prints it) belongs in ~/.ray/auth_token, "
+              "RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH")
+
+
+@dataclass
+class Package:
+    path: str
+    files: list[str]
+    size: int
+
+
+def package_files() -> list[str]:
+    """Project-relative POSIX paths of the files a job carries."""
+    files = []
+    for entry in PACKAGE_CONTENT:
+        path = PROJECT_ROOT / entry
+        candidates = [path] if path.is_file() else sorted(path.rglob("*"))
+        files += [p.relative_to(PROJECT_ROOT).as_posix() for p in candidates
+                  if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")]
+    return files
+
+
+def build_package(directory: str) -> Package:
+    """Zip the project's code for the runtime_env working_dir. Entries have fixed dates, so an unchanged project
+    gives the same bytes, the same content hash and no second upload."""
+    files = package_files()
+    path = os.path.join(directory, "imgjobs.zip")
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in files:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, (PROJECT_ROOT / name).read_bytes())
+    return Package(path, files, os.path.getsize(path))
+
+
+def resolve_address(flag: str | None) -> str:
+    return flag or next((os.environ[v] for v in ADDRESS_VARIABLES if os.environ.get(v)), DEFAULT_ADDRESS)
+
+
+def auth_headers() -> dict:
+    """The cluster token from wherever Ray keeps it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
+
+    `ray start --head` and ray.init() turn token authentication on whenever a token exists, but Ray's job client
+    sends the token only when RAY_AUTH_MODE=token is set on the client; without it a default local cluster answers
+    "Unauthorized: Missing authentication token". An explicit RAY_AUTH_MODE=disabled is respected.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    return AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)
+
+
+def connect(address: str) -> JobSubmissionClient:
+    hidden = {v: os.environ.pop(v) for v in ADDRESS_VARIABLES if v in os.environ}
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    finally:
+        os.environ.update(hidden)
+
+
+def entrypoint(job_argv: list[str]) -> str:
+    """The same CLI on the cluster, run from the uploaded package (the job's working directory), so the code that
+    runs is the code submitted, whatever version setup_commands installed on the nodes."""
+    return shlex.join(["python", "-m", "jobs.cli", *job_argv])
+
+
+def submit(client: JobSubmissionClient, package: Package, job_argv: list[str]) -> str:
+    return client.submit_job(entrypoint=entrypoint(job_argv), runtime_env={"working_dir": package.path},
+                             metadata={"imgjobs": shlex.join(job_argv)})
+
+
+def follow(client: JobSubmissionClient, job_id: str, write) -> tuple[JobInfo, str]:
+    """Stream the job's logs to write() until it ends; return its final info and its last log line (the error,
+    when it failed)."""
+    last_line = ""
+
+    async def tail():
+        nonlocal last_line
+        async for chunk in client.tail_job_logs(job_id):
+            write(chunk)
+            last_line = next((line for line in reversed(chunk.splitlines()) if line.strip()), last_line)
+
+    asyncio.run(tail())
+    info = client.get_job_info(job_id)
+    while not info.status.is_terminal():  # the log stream can close a moment before the status is final
+        time.sleep(0.5)
+        info = client.get_job_info(job_id)
+    return info, last_line
+
+
+def exit_code(info: JobInfo) -> int:
+    """0 when the job succeeded; else the driver's own exit code (2 for a usage error), or 1."""
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    return info.driver_exit_code if info.driver_exit_code and info.driver_exit_code > 0 else 1
