@@ -50,7 +50,7 @@ def run(args) -> int:
     print(f"job {job_id} submitted to {address}", flush=True)
     if args.no_wait:
         # Ray's own CLI sends the token only when told to.
-        auth = "RAY_AUTH_MODE=token " if submit.auth_headers() else ""
+        auth = "RAY_AUTH_MODE=token " if submit.auth_headers(address) else ""
         print(f"follow it with: {auth}ray job logs --follow {job_id} --address {address}")
         print(job_id)
         return 0

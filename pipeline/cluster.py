@@ -7,6 +7,7 @@ import os
 
 import ray
 from ray._private import ray_constants, services
+from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 
 # Ray's single-node mode (meant for macOS/Windows): the node address becomes 127.0.0.1, so the GCS, raylet,
 # agents, workers and dashboard listen on loopback only instead of on every interface. For `ray start`, pass it
@@ -26,8 +27,13 @@ def init_ray() -> None:
         return
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if services.canonicalize_bootstrap_address(None) is None:  # ray.init's own test for "start a new one"
+    address = services.canonicalize_bootstrap_address(None)  # None: ray.init will start a new Ray
+    if address is None:
         bind_to_loopback()
+    elif address in services.find_gcs_addresses():
+        # Ray presents the token by itself only to a cluster it finds without RAY_ADDRESS; a cluster that runs on
+        # this machine gets it when RAY_ADDRESS names it, too. An explicit RAY_AUTH_MODE still decides.
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     ray.init(logging_level=logging.WARNING, log_to_driver=True)
 
 

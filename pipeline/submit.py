@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import shlex
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ray._raylet import AuthenticationTokenLoader
 from ray.job_submission import JobInfo, JobStatus, JobSubmissionClient
@@ -21,7 +23,8 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Ray's client lets these override the address it is given; `--address` must win.
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TOKEN_HELP = ("the cluster's token (`ray get-auth-token` on the head prints it) belongs in ~/.ray/auth_token, "
-              "RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH")
+              "RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH; it goes to addresses other than 127.0.0.1 "
+              "only with RAY_AUTH_MODE=token")
 
 
 @dataclass
@@ -60,22 +63,36 @@ def resolve_address(flag: str | None) -> str:
     return flag or next((os.environ[v] for v in ADDRESS_VARIABLES if os.environ.get(v)), DEFAULT_ADDRESS)
 
 
-def auth_headers() -> dict:
+def auth_headers(address: str) -> dict:
     """The cluster token from wherever Ray keeps it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
 
     `ray start --head` and ray.init() turn token authentication on whenever a token exists, but Ray's job client
     sends the token only when RAY_AUTH_MODE=token is set on the client; without it a default local cluster answers
-    "Unauthorized: Missing authentication token". An explicit RAY_AUTH_MODE=disabled is respected.
+    "Unauthorized: Missing authentication token". So the token goes by default to this machine's dashboards: a
+    local cluster, or a remote one through `ray dashboard cluster.yaml`'s tunnel. Elsewhere, as for Ray's own
+    clients, only with RAY_AUTH_MODE=token; and never with RAY_AUTH_MODE=disabled.
     """
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode == "disabled" or (mode != "token" and not is_loopback(address)):
         return {}
     return AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether an address (URL or host:port) is this machine's loopback."""
+    host = urlsplit(address if "://" in address else f"//{address}").hostname
+    if host == "localhost" or address == "auto":  # auto: a cluster of this machine
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or no host at all
+        return False
 
 
 def connect(address: str) -> JobSubmissionClient:
     hidden = {v: os.environ.pop(v) for v in ADDRESS_VARIABLES if v in os.environ}
     try:
-        return JobSubmissionClient(address, headers=auth_headers())
+        return JobSubmissionClient(address, headers=auth_headers(address))
     finally:
         os.environ.update(hidden)
 

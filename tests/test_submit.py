@@ -45,6 +45,7 @@ def environment(**extra: str) -> dict:
 @dataclass
 class Head:
     address: str
+    gcs_port: int
     process: subprocess.Popen
     token_path: Path
 
@@ -55,8 +56,8 @@ def ray_head():
     tmp = Path(tempfile.mkdtemp(prefix="imgjobs-head-"))  # short: Ray's socket paths below it must fit 107 bytes
     token_path = tmp / "auth_token"
     token_path.write_text(secrets.token_hex(32))
-    dashboard_port = free_port()
-    ports = ["--port", free_port(), "--dashboard-port", dashboard_port, "--ray-client-server-port", free_port(),
+    gcs_port, dashboard_port = free_port(), free_port()
+    ports = ["--port", gcs_port, "--dashboard-port", dashboard_port, "--ray-client-server-port", free_port(),
              "--dashboard-agent-listen-port", free_port(), "--dashboard-agent-grpc-port", free_port(),
              "--runtime-env-agent-port", free_port(), "--metrics-export-port", free_port()]
     env = environment(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), **LOCAL_ONLY_ENV,
@@ -70,7 +71,7 @@ def ray_head():
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         wait_for_jobs_api(address, token_path.read_text(), process, log)
-        yield Head(address, process, token_path)
+        yield Head(address, gcs_port, process, token_path)
     finally:
         stop_session(process)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -205,6 +206,16 @@ def test_head_and_its_workers_listen_on_loopback_only(ray_head, trained):
     assert [s for s in sockets if s[1] not in LOOPBACK] == []
 
 
+def test_init_ray_joins_a_token_cluster_of_this_machine_named_by_ray_address(ray_head):
+    """ray.init presents the token by itself only to a cluster it finds without RAY_ADDRESS."""
+    script = "import ray\nfrom pipeline.cluster import init_ray\ninit_ray()\nprint(ray.cluster_resources()['CPU'])"
+    env = environment(RAY_ADDRESS=f"127.0.0.1:{ray_head.gcs_port}", RAY_AUTH_TOKEN_PATH=str(ray_head.token_path),
+                      **LOCAL_ONLY_ENV)  # the head listens on 127.0.0.1 only: look for it there
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "2.0"
+
+
 def test_package_holds_only_code_and_configs(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     package = submit.build_package(str(tmp_path / "a"))
@@ -223,6 +234,23 @@ def test_address_comes_from_flag_then_environment_then_default(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     assert submit.resolve_address(None) == "http://head:8265"
     assert submit.resolve_address("http://other:8265") == "http://other:8265"
+
+
+def test_token_goes_to_this_machine_by_default_and_elsewhere_only_when_asked():
+    """In a fresh process: Ray's token loader caches, and this one may hold the session's Ray."""
+    script = ("import json\nfrom pipeline.submit import auth_headers\n"
+              "print(json.dumps([auth_headers(a) for a in ('http://127.0.0.1:8265', 'http://head.example:8265')]))")
+
+    def headers(**env: str) -> list[dict]:
+        result = subprocess.run([sys.executable, "-c", script], env=environment(RAY_AUTH_TOKEN="a" * 64, **env),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    bearer = {"authorization": "Bearer " + "a" * 64}
+    assert headers() == [bearer, {}]
+    assert headers(RAY_AUTH_MODE="token") == [bearer, bearer]
+    assert headers(RAY_AUTH_MODE="disabled") == [{}, {}]
 
 
 @pytest.mark.parametrize("job, message", [
