@@ -16,6 +16,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from pipeline.cluster import LOCAL_ONLY_ENV
 from tests.conftest import LOOPBACK, REPO, listening_sockets
 
 
@@ -70,7 +71,8 @@ def test_local_ray_from_init_ray_listens_on_loopback_only():
               "ray.get(ray.remote(lambda: 1).remote())\nprint('ready', flush=True)\nsys.stdin.read()\n")
     # Its own Ray temp dir (short: socket paths), so it cannot find and join a `ray start` cluster of this machine.
     tmp = tempfile.mkdtemp(prefix="imgjobs-ray-")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": tmp}
+    # Nor may it inherit the loopback setting from this process: init_ray has to make it.
+    env = {**{k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", *LOCAL_ONLY_ENV}}, "RAY_TMPDIR": tmp}
     try:
         with subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) as driver:
