@@ -12,6 +12,7 @@ from pipeline.errors import UsageError
 COMMANDS = {
     "train": "fine-tune a pretrained classifier with Ray Train",
     "submit": "run train or label on a Ray cluster through the Ray Jobs API",
+    "label": "label an image collection into Parquet with a trained checkpoint (Ray Data)",
 }
 
 

@@ -1,0 +1,91 @@
+"""Exactly-once Parquet output of `imgjobs label`.
+
+A row counts as done only once it is in a complete `*.parquet` file in the output folder. Files are
+written under a hidden temporary name and renamed when complete, so a job killed at any moment (kill -9
+included) leaves complete files plus, at worst, a hidden temporary that the next run deletes. The next
+run reads the `path` column of the complete files and labels only the rest. Files get a run-unique
+name, so a rerun never overwrites what an earlier run committed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import UsageError
+from pipeline.predictor import OUTPUT_SCHEMA
+
+SUMMARY = "_summary.json"
+TEMP_PREFIX = ".writing-"
+
+
+class LabelWriter:
+    def __init__(self, out_dir: str, rows_per_file: int, overwrite: bool):
+        self.fs, self.base = storage.resolve(out_dir)
+        self.rows_per_file = rows_per_file
+        try:
+            self.fs.create_dir(self.base, recursive=True)
+            entries = self.fs.get_file_info(pafs.FileSelector(self.base))
+        except OSError as e:
+            raise UsageError(f"output {out_dir} cannot be written: {str(e).splitlines()[0]}") from None
+        self.done: set[str] = set()  # keys already in a committed file, including this run's
+        for entry in entries:
+            if entry.base_name.startswith(TEMP_PREFIX) or overwrite and (_is_part(entry) or entry.base_name == SUMMARY):
+                self.fs.delete_file(entry.path)  # a killed run's unfinished file, or --overwrite
+            elif _is_part(entry):
+                self.done.update(read_column(self.fs, entry.path, "path"))
+        self.existing = len(self.done)
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.files_written = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def add(self, table: pa.Table) -> pa.Table:
+        """Buffer rows not yet done and commit full files; returns the rows taken."""
+        keep = [key not in self.done for key in table.column("path").to_pylist()]
+        if not all(keep):  # Ray may re-run a task after a worker failure; its rows must not repeat
+            table = table.filter(pa.array(keep))
+        self.done.update(table.column("path").to_pylist())
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self.rows_per_file:
+            rows = pa.concat_tables(self._pending)
+            while rows.num_rows >= self.rows_per_file:
+                self._commit(rows.slice(0, self.rows_per_file))
+                rows = rows.slice(self.rows_per_file)
+            self._pending, self._pending_rows = [rows], rows.num_rows
+        return table
+
+    def close(self) -> None:
+        """Commit the last, partly filled file."""
+        if self._pending_rows:
+            self._commit(pa.concat_tables(self._pending))
+        self._pending, self._pending_rows = [], 0
+
+    def _commit(self, table: pa.Table) -> None:
+        name = f"part-{self.run_id}-{self.files_written:05d}.parquet"
+        temp = f"{self.base}/{TEMP_PREFIX}{name}"
+        pq.write_table(table.cast(OUTPUT_SCHEMA), temp, filesystem=self.fs)
+        self.fs.move(temp, f"{self.base}/{name}")  # atomic on local disks; object stores publish whole objects
+        self.files_written += 1
+
+    def read_all(self, columns: list[str]) -> pa.Table:
+        parts = [e.path for e in self.fs.get_file_info(pafs.FileSelector(self.base)) if _is_part(e)]
+        tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in sorted(parts)]
+        return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table().select(columns)
+
+
+def _is_part(entry: pafs.FileInfo) -> bool:
+    return entry.type == pafs.FileType.File and entry.base_name.endswith(".parquet") and entry.base_name[0] not in "._"
+
+
+def read_column(fs: pafs.FileSystem, path: str, column: str) -> list:
+    try:
+        return pq.read_table(path, columns=[column], filesystem=fs).column(column).to_pylist()
+    except (pa.ArrowInvalid, KeyError) as e:
+        raise UsageError(f"output folder holds {path}, which is not a labels file ({e}); use another --output") from None

@@ -1,0 +1,94 @@
+"""Read and decode stage of `imgjobs label`: work units in, fixed-size uint8 CHW crops out.
+
+Pixels travel as uint8 (a quarter of float32's bytes through Ray's object store); the predictor does
+ToTensor's /255 and Normalize with the same tensor operations torchvision uses, so the model sees
+exactly what `eval_transform` would give it. A file that cannot be read or decoded becomes a row with
+`error` set and zero pixels: nothing here raises for bad data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from torchvision import transforms as T
+
+from pipeline.images import decode_image, image_error
+from pipeline.sources import Reader
+
+ROWS_PER_BLOCK = 32  # output block size: small enough to keep the predictor fed early, big enough to be cheap
+
+
+def make_unit(files: list[str] = (), archive: str | None = None, done: list[str] = ()) -> dict:
+    """One read task's work: some image files, or one archive (minus the members already labeled)."""
+    return {"unit": json.dumps({"files": list(files), "archive": archive, "done": list(done)})}
+
+
+class Preprocess:
+    def __init__(self, resize_size: int, input_size: int, fast_decode: bool):
+        self.crop = T.Compose([T.Resize(resize_size), T.CenterCrop(input_size)])
+        self.input_size = input_size
+        # Reduced-size JPEG decoding keeps at least resize_size pixels on the short side, so Resize still
+        # downsamples; only the anti-aliasing source differs.
+        self.draft_size = resize_size if fast_decode else None
+
+    def __call__(self, data: bytes) -> tuple[np.ndarray, int, int]:
+        """(3×S×S uint8, width, height) where width and height are the upright image's full size."""
+        img = decode_image(data, draft_size=self.draft_size)
+        width, height = img.size
+        if self.draft_size:  # the reduced decode hides the real size; the header has it, before EXIF rotation
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+            if (width - height) * (img.width - img.height) < 0:
+                width, height = height, width
+        return np.asarray(self.crop(img)).transpose(2, 0, 1), width, height
+
+    def rows(self, items: Iterator[tuple[str, bytes | None, str | None]]) -> Iterator[dict]:
+        """Blocks of decoded rows from (key, bytes, read error) items."""
+        block = []
+        for key, data, error in items:
+            pixels, width, height = None, 0, 0
+            if error is None:
+                try:
+                    pixels, width, height = self(data)
+                except Exception as e:  # any bad file becomes an error row; the job goes on
+                    error = image_error(e)
+            block.append((key, pixels, width, height, error or ""))
+            if len(block) == ROWS_PER_BLOCK:
+                yield self._block(block)
+                block = []
+        if block:
+            yield self._block(block)
+
+    def _block(self, rows: list) -> dict:
+        blank = np.zeros((3, self.input_size, self.input_size), dtype=np.uint8)
+        return {
+            "path": np.array([r[0] for r in rows], dtype=object),
+            "pixels": np.stack([blank if r[1] is None else r[1] for r in rows]),
+            "width": np.array([r[2] for r in rows], dtype=np.int32),
+            "height": np.array([r[3] for r in rows], dtype=np.int32),
+            "error": np.array([r[4] for r in rows], dtype=object),  # "" means decoded
+        }
+
+
+def read_units(batch, resize_size: int, input_size: int, fast_decode: bool) -> Iterator[dict]:
+    """Ray Data map_batches function (a generator, so an archive's members stream out block by block)."""
+    preprocess = Preprocess(resize_size, input_size, fast_decode)
+    reader = Reader()
+    for text in batch["unit"].to_pylist():
+        unit = json.loads(text)
+        if unit["archive"]:
+            yield from preprocess.rows(reader.archive_members(unit["archive"], set(unit["done"])))
+        else:
+            yield from preprocess.rows(_read_files(reader, unit["files"]))
+
+
+def _read_files(reader: Reader, keys: list[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
+    for key in keys:
+        try:
+            yield key, reader.read(key), None
+        except Exception as e:  # missing (manifest lines), unreadable, a folder named like an image
+            yield key, None, image_error(e)

@@ -1,0 +1,235 @@
+"""What `imgjobs label` reads: image files found in directories, archives and manifests, local or by URI.
+
+Every input image has a key, the `path` written to the output: an absolute local path, a URI, or
+`ARCHIVE!MEMBER` for an archive member. Directories are walked with os.scandir (much faster than
+per-file stat calls on a million-file tree); symlinked directories are not followed, so links cannot loop.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+from pipeline import storage
+from pipeline.errors import UsageError
+from pipeline.images import image_error, is_image_name
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+ZIP_SUFFIX = ".zip"
+MANIFEST_SUFFIX = ".txt"
+MEMBER_SEPARATOR = "!"
+
+
+def archive_kind(name: str) -> str | None:
+    lower = name.lower()
+    if lower.endswith(ZIP_SUFFIX):
+        return "zip"
+    return "tar" if lower.endswith(TAR_SUFFIXES) else None
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+@dataclass
+class Listing:
+    files: list[str] = field(default_factory=list)  # keys of image files, each listed once
+    archives: list[str] = field(default_factory=list)  # keys of archives, streamed by the read tasks
+    roots: list[str] = field(default_factory=list)  # keys of directory inputs (class-folder trees for --evaluate)
+
+    def add_file(self, key: str, seen: set[str]) -> None:
+        if key not in seen:  # the same image named by two inputs is still labeled once
+            seen.add(key)
+            self.files.append(key)
+
+
+def list_inputs(paths: list[str]) -> Listing:
+    """Expand the command's inputs. Every path is checked before any listing starts."""
+    resolved = []
+    for path in paths:
+        fs, fs_path = _resolve(path)
+        info = _file_info(fs, fs_path, path)
+        if info.type == pafs.FileType.NotFound:
+            raise UsageError(f"input {path} not found")
+        if info.type == pafs.FileType.File and not (
+            is_image_name(path) or archive_kind(path) or path.lower().endswith(MANIFEST_SUFFIX)
+        ):
+            raise UsageError(
+                f"input {path} is not an image, archive (.tar .tar.gz .tgz .zip), manifest (.txt) or directory"
+            )
+        resolved.append((path, fs, fs_path, info.type))
+    listing, seen = Listing(), set()
+    for path, fs, fs_path, kind in resolved:
+        prefix = _uri_prefix(path, fs_path)
+        key = prefix + fs_path
+        if kind == pafs.FileType.Directory:
+            listing.roots.append(key)
+            for found in walk(fs, fs_path):
+                listing.add_file(prefix + found, seen)
+        elif archive_kind(path):
+            if key not in seen:
+                seen.add(key)
+                listing.archives.append(key)
+        elif path.lower().endswith(MANIFEST_SUFFIX):
+            for entry in _manifest_entries(fs, fs_path, path):
+                if archive_kind(entry):
+                    if entry not in seen:
+                        seen.add(entry)
+                        listing.archives.append(entry)
+                else:
+                    listing.add_file(entry, seen)
+        else:
+            listing.add_file(key, seen)
+    return listing
+
+
+def walk(fs: pafs.FileSystem, root: str) -> Iterator[str]:
+    """Image files under `root` in sorted order, hidden names skipped."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield from _walk_local(root)
+        return
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    prefix = len(root.rstrip("/")) + 1
+    for info in sorted(infos, key=lambda i: i.path):
+        rel = info.path[prefix:]
+        if info.type == pafs.FileType.File and is_image_name(rel) and not any(map(_hidden, rel.split("/"))):
+            yield info.path
+
+
+def _walk_local(root: str) -> Iterator[str]:
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:  # an unreadable folder must not stop the listing, but it must not be silent
+            print(f"warning: cannot list {folder}: {e.strerror or e}", file=sys.stderr)
+            continue
+        subdirs = []
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not entry.is_symlink():  # symlinked folders may loop; their targets can be inputs themselves
+                    subdirs.append(entry.path)
+            elif is_image_name(entry.name):  # broken links stay in, and get an error row
+                yield entry.path
+        stack.extend(reversed(subdirs))
+
+
+def _manifest_entries(fs: pafs.FileSystem, fs_path: str, path: str) -> Iterator[str]:
+    """Keys listed in a manifest; relative lines are relative to the manifest's folder. Lines are not checked
+    for existence (a million stat calls on object storage would stall): a missing file gets an error row."""
+    text = storage.read_bytes(fs, fs_path).decode("utf-8", errors="replace")
+    base = (_uri_prefix(path, fs_path) + fs_path).rsplit("/", 1)[0]
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if storage.is_uri(line):
+            yield line
+        elif storage.is_uri(base):
+            yield f"{base}/{line}"
+        else:
+            yield os.path.normpath(os.path.join(base, os.path.expanduser(line)))
+
+
+def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return storage.resolve(path)
+    except Exception as e:  # pyarrow raises for unknown schemes or unreachable stores
+        raise UsageError(f"input {path} cannot be opened: {str(e).splitlines()[0]}") from None
+
+
+def _file_info(fs: pafs.FileSystem, fs_path: str, path: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(fs_path)
+    except Exception as e:
+        raise UsageError(f"input {path} cannot be opened: {str(e).splitlines()[0]}") from None
+
+
+def _uri_prefix(path: str, fs_path: str) -> str:
+    """What goes in front of a filesystem path to make its key: nothing for local paths, `s3://`,
+    `file://` or `hdfs://host:port` for URIs, so keys stay URIs that any reader can open."""
+    if not storage.is_uri(path):
+        return ""
+    path = path.rstrip("/")
+    return path[: len(path) - len(fs_path)] if path.endswith(fs_path) else path.split("://", 1)[0] + "://"
+
+
+class Reader:
+    """Reads keys' bytes; one filesystem object per URI host, because creating one can cost a network call."""
+
+    def __init__(self):
+        self._filesystems: dict[str, tuple[pafs.FileSystem, int]] = {}
+
+    def open(self, key: str):
+        if not storage.is_uri(key):
+            return open(key, "rb")
+        fs, fs_path = self._resolve(key)
+        return fs.open_input_file(fs_path)
+
+    def read(self, key: str) -> bytes:
+        with self.open(key) as f:
+            return f.read()
+
+    def _resolve(self, key: str) -> tuple[pafs.FileSystem, str]:
+        scheme, rest = key.split("://", 1)
+        host = f"{scheme}://{rest.split('/', 1)[0]}"
+        if host not in self._filesystems:
+            fs, fs_path = pafs.FileSystem.from_uri(key)
+            self._filesystems[host] = (fs, len(key) - len(fs_path))
+        fs, prefix = self._filesystems[host]
+        return fs, key[prefix:]
+
+    def archive_members(self, key: str, done: set[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
+        """(member key, bytes, None) for each image member not in `done`, streamed without extracting to disk.
+        A member that cannot be read gives (key, None, reason); a broken archive ends with (archive key, None,
+        reason). Member names are only labels, so `../` or absolute names cannot write anywhere."""
+        try:
+            with self.open(key) as f:
+                if archive_kind(key) == "zip":
+                    yield from self._zip_members(key, f, done)
+                else:
+                    yield from self._tar_members(key, f, done)
+        except Exception as e:
+            if key not in done:
+                yield key, None, f"unreadable archive: {image_error(e)}"
+
+    @staticmethod
+    def _tar_members(key: str, f, done: set[str]):
+        with tarfile.open(fileobj=f, mode="r|*") as tar:  # stream mode: one pass, no seeking, works on URIs
+            for member in tar:
+                member_key = f"{key}{MEMBER_SEPARATOR}{member.name}"
+                if not member.isfile() or not _image_member(member.name) or member_key in done:
+                    continue
+                done.add(member_key)  # a tar may hold the same name twice; label it once
+                yield member_key, tar.extractfile(member).read(), None
+
+    @staticmethod
+    def _zip_members(key: str, f, done: set[str]):
+        with zipfile.ZipFile(f) as archive:  # zip needs seeks: pyarrow's input files and local files have them
+            for info in archive.infolist():
+                member_key = f"{key}{MEMBER_SEPARATOR}{info.filename}"
+                if info.is_dir() or not _image_member(info.filename) or member_key in done:
+                    continue
+                done.add(member_key)
+                try:
+                    yield member_key, archive.read(info), None
+                except Exception as e:  # a bad member (CRC, encryption) does not spoil the others
+                    yield member_key, None, image_error(e)
+
+
+def _image_member(name: str) -> bool:
+    return is_image_name(name) and not any(map(_hidden, name.split("/")))
