@@ -34,7 +34,7 @@ def archive_kind(name: str) -> str | None:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".")
+    return name.startswith(".") and name not in (".", "..")
 
 
 @dataclass

@@ -1,0 +1,218 @@
+"""`imgjobs label` end to end on real Ray, real images and real Parquet."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from jobs.cli import main
+from pipeline import checkpoint
+from pipeline.images import decode_image
+from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from pipeline.transforms import eval_transform
+from tests.conftest import REPO, make_image_folder
+
+CLASSES = ["blue", "red"]
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> str:
+    """A random-weight MobileNetV3-small checkpoint in the training job's format, at a small input size."""
+    torch.manual_seed(0)
+    model, head = build_model("mobilenet_v3_small", len(CLASSES), "none")
+    folder = tmp_path_factory.mktemp("ckpt")
+    spec = {"arch": "mobilenet_v3_small", "head": head, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "resize_size": 72, "input_size": 64}
+    return checkpoint.save({"model": spec, "classes": CLASSES, "model_state": model.eval().state_dict()}, str(folder))
+
+
+def reference_probs(ckpt: str, paths: list) -> np.ndarray:
+    """The plain PyTorch way: PIL decode, torchvision eval transform, eager fp32 forward."""
+    state = checkpoint.load(ckpt)
+    spec = state["model"]
+    tf = eval_transform(spec["mean"], spec["std"], spec["resize_size"], spec["input_size"])
+    x = torch.stack([tf(decode_image(Path(p).read_bytes())) for p in paths])
+    with torch.inference_mode():
+        return checkpoint.build_from(state)(x).softmax(1).numpy()
+
+
+def read_output(out: Path):
+    files = sorted(out.glob("*.parquet"))
+    return pq.read_table(files).to_pylist() if files else []
+
+
+def bomb_png() -> bytes:
+    """A tiny PNG whose header claims 20000×20000 pixels: past PIL's decompression-bomb limit."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", 20000, 20000) + bytes(data[24:29])
+    data[16:24] = ihdr[4:12]
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+def broken_and_odd_corpus(root: Path) -> tuple[dict, list]:
+    """Files that must each get an error row, and unusual images that must be labeled."""
+    root.mkdir(parents=True)
+    good = io.BytesIO()
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(good, "JPEG")
+    bad = {
+        "zero.jpg": b"",
+        "truncated.jpg": good.getvalue()[: len(good.getvalue()) // 2],
+        "text.png": b"this is not an image\n",
+        "bomb.png": bomb_png(),
+    }
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")  # unreadable: the target does not exist
+    bad["dangling.jpg"] = None
+    odd = {
+        "cmyk.jpg": Image.new("CMYK", (70, 50), (0, 200, 200, 0)),
+        "deep16.png": Image.fromarray(np.linspace(0, 65535, 64 * 64, dtype=np.uint16).reshape(64, 64)),
+        "palette.gif": Image.new("RGB", (60, 60), (20, 40, 220)).convert("P"),
+        "alpha.png": Image.new("RGBA", (60, 40), (20, 200, 20, 128)),
+        "bilevel.bmp": Image.new("1", (50, 50), 1),
+    }
+    for name, img in odd.items():
+        img.save(root / name)
+    return bad, sorted(odd)
+
+
+def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, small_checkpoint, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", train_per_class=6, val_per_class=0) / "train"
+    bad, odd = broken_and_odd_corpus(tmp_path / "corpus")
+    shard = tmp_path / "shard.tar.gz"
+    with tarfile.open(shard, "w:gz") as tar:
+        tar.add(folder / "red" / "red_000.jpg", arcname="../up/red_000.jpg")
+        tar.add(tmp_path / "corpus" / "text.png", arcname="inner/text.png")
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("imgs/train/blue/blue_000.jpg\nimgs/train/blue/missing.jpg\n")
+    out = tmp_path / "out"
+    args = ["label", "--checkpoint", small_checkpoint, "--output", str(out), "--top-k", "2", "--min-confidence", "0.7",
+            "--rows-per-file", "7", "--batch-size", "4",
+            "--input", f"file://{folder}", str(tmp_path / "corpus"), str(shard), str(manifest)]
+    assert main(args) == 0
+
+    rows = {r["path"]: r for r in read_output(out)}
+    images = sorted(str(p) for p in folder.rglob("*.jpg"))
+    expected_keys = (
+        {f"file://{p}" for p in images}
+        | {str(tmp_path / "corpus" / n) for n in [*bad, *odd]}
+        | {f"{shard}!../up/red_000.jpg", f"{shard}!inner/text.png"}
+        | {str(tmp_path / "imgs/train/blue" / n) for n in ("blue_000.jpg", "missing.jpg")}  # the manifest's lines
+    )
+    assert set(rows) == expected_keys
+    errors = {k for k, r in rows.items() if r["error"]}
+    assert errors == {str(tmp_path / "corpus" / n) for n in bad} | {
+        f"{shard}!inner/text.png", str(tmp_path / "imgs/train/blue/missing.jpg")}
+    assert "DecompressionBomb" in rows[str(tmp_path / "corpus" / "bomb.png")]["error"]
+    for key in errors:
+        r = rows[key]
+        assert "\n" not in r["error"] and r["label"] is None and r["label_index"] is None and r["score"] is None
+    for key in expected_keys - errors:
+        r = rows[key]
+        assert r["label"] == CLASSES[r["label_index"]] == r["topk_labels"][0] and len(r["topk_scores"]) == 2
+        assert r["score"] == r["topk_scores"][0] >= r["topk_scores"][1] and r["uncertain"] == (r["score"] < 0.7)
+        assert r["width"] > 0 and r["height"] > 0
+
+    # Same labels and scores as the plain PyTorch way, for plain photos and the odd modes alike.
+    plain = images + [str(tmp_path / "corpus" / n) for n in odd]
+    probs = reference_probs(small_checkpoint, plain)
+    got = [rows[f"file://{p}" if p in images else p] for p in plain]
+    assert [r["label_index"] for r in got] == probs.argmax(1).tolist()
+    np.testing.assert_allclose([r["score"] for r in got], probs.max(1), atol=1e-4)
+
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["total"] == len(rows) and summary["errors"] == len(errors)
+    assert summary["labeled"] == len(rows) - len(errors) and summary["skipped_existing"] == 0
+    assert summary["classes"] == CLASSES and summary["images_per_s"] > 0 and summary["checkpoint"] == small_checkpoint
+    assert [pq.ParquetFile(f).metadata.num_rows for f in sorted(out.glob("*.parquet"))].count(7) == len(rows) // 7
+
+    # Rerun: everything is already there. --overwrite: everything again, in fresh files.
+    assert main(args) == 0
+    again = json.loads((out / "_summary.json").read_text())
+    assert again["skipped_existing"] == len(rows) and again["labeled"] == again["errors"] == 0
+    assert len(read_output(out)) == len(rows)
+    assert main([*args, "--overwrite", "--precision", "bf16", "--fast-decode"]) == 0
+    bf16 = {r["path"]: r for r in read_output(out)}
+    assert set(bf16) == set(rows) and {k for k, r in bf16.items() if r["error"]} == errors
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-k", "0"], "--top-k 0 must be between 1"),
+    (["--top-k", "3"], "--top-k 3 must be between 1"),
+    (["--input", "no/such/dir"], "input no/such/dir not found"),
+    (["--checkpoint", "pyproject.toml"], "checkpoint pyproject.toml"),
+    (["--evaluate", "--input", "tests"], "--evaluate: "),
+])
+def test_user_errors_are_one_line_exit_2_before_any_work(small_checkpoint, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    args = ["label", "--checkpoint", small_checkpoint, "--input", str(REPO / "data" / "hymenoptera" / "val"),
+            "--output", str(out), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def run_label(args: list, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "label", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_local, small_checkpoint, tmp_path):
+    images = make_image_folder(tmp_path / "imgs", train_per_class=40, val_per_class=0)
+    out = tmp_path / "out"
+    args = ["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(out),
+            "--rows-per-file", "8", "--batch-size", "4"]
+    # Join the session's Ray instead of starting one per run; the killed driver's workers die with it.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    committed = 0
+    for new_files in (0, 1, 3):  # killed once the output folder exists but holds nothing, after one file, after three
+        proc = run_label(args, env)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not (
+            out.exists() and len(list(out.glob("*.parquet"))) >= committed + new_files
+        ):
+            time.sleep(0.02)
+        assert proc.poll() is None, "the job finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        committed = len(list(out.glob("*.parquet")))
+    (out / ".writing-part-left-over.parquet").write_bytes(b"half a file")  # what a kill mid-write leaves
+    proc = run_label(args, env)
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+
+    keys = [r["path"] for r in read_output(out)]
+    assert sorted(keys) == sorted(str(p) for p in images.rglob("*.jpg"))  # no gaps and no duplicates
+    assert not list(out.glob(".writing-*"))
+    summary = json.loads((out / "_summary.json").read_text())
+    assert committed >= 4 and summary["skipped_existing"] == 8 * committed and summary["total"] == len(keys)
+
+
+def test_evaluate_the_demo_checkpoint_on_the_ants_bees_val_set(demo_run, tmp_path, capsys):
+    out = tmp_path / "labels"
+    val = REPO / "data" / "hymenoptera" / "val"
+    assert main(["label", "--checkpoint", demo_run["best_checkpoint"], "--input", str(val), "--output", str(out),
+                 "--evaluate"]) == 0
+    summary = json.loads((out / "_summary.json").read_text())
+    images = len(list(val.rglob("*.jpg")))
+    assert summary["accuracy"] >= 0.93 and summary["evaluated"] == images == summary["labeled"]
+    assert sum(map(sum, summary["confusion_matrix"])) == images and summary["classes"] == ["ants", "bees"]
+    assert f"accuracy {summary['accuracy']:.4f} on {images} images" in capsys.readouterr().out

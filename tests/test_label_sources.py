@@ -1,0 +1,106 @@
+"""Listing and archive streaming for `imgjobs label` (no Ray needed)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+
+import pytest
+
+from pipeline.errors import UsageError
+from pipeline.sources import Reader, list_inputs
+
+
+def touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_walk_finds_images_case_insensitively_and_skips_hidden_and_other_files(tmp_path):
+    for name in ("a/one.JPG", "a/b/two.jpeg", "three.PnG", "c/four.webp", "c/five.TIFF", "six.gif", "seven.bmp"):
+        touch(tmp_path / name)
+    for name in ("notes.txt", "a/.hidden.jpg", ".cache/x.jpg", "a/model.pt", "noext"):
+        touch(tmp_path / name)
+    (tmp_path / "folder.jpg").mkdir()  # a folder named like an image is searched, never read as an image
+    touch(tmp_path / "folder.jpg" / "inner.png")
+    listing = list_inputs([str(tmp_path)])
+    rel = sorted(os.path.relpath(k, tmp_path) for k in listing.files)
+    assert rel == sorted(["a/one.JPG", "a/b/two.jpeg", "three.PnG", "c/four.webp", "c/five.TIFF", "six.gif",
+                          "seven.bmp", "folder.jpg/inner.png"])
+    assert listing.roots == [str(tmp_path)]
+
+
+def test_symlink_loops_do_not_hang_and_broken_links_are_kept(tmp_path):
+    touch(tmp_path / "d" / "a.jpg")
+    (tmp_path / "d" / "loop").symlink_to(tmp_path)  # would recurse forever if followed
+    (tmp_path / "d" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    listing = list_inputs([str(tmp_path)])
+    assert sorted(os.path.basename(k) for k in listing.files) == ["a.jpg", "gone.jpg"]
+
+
+def test_manifest_relative_lines_comments_and_duplicates_across_inputs(tmp_path):
+    a = touch(tmp_path / "imgs" / "a.jpg")
+    touch(tmp_path / "imgs" / "b.jpg")
+    manifest = tmp_path / "lists" / "m.txt"
+    manifest.parent.mkdir()
+    manifest.write_text(f"# a comment\n../imgs/a.jpg\n\n{tmp_path}/imgs/b.jpg\n../imgs/missing.jpg\nshards.tar.gz\n")
+    listing = list_inputs([str(manifest), str(tmp_path / "imgs"), str(a)])
+    assert listing.files == [str(a), str(tmp_path / "imgs" / "b.jpg"), str(tmp_path / "imgs" / "missing.jpg")]
+    assert listing.archives == [str(tmp_path / "lists" / "shards.tar.gz")]
+
+
+def test_file_uri_inputs_keep_uri_keys(tmp_path):
+    touch(tmp_path / "x" / "a.jpg", b"abc")
+    listing = list_inputs([f"file://{tmp_path}/x"])
+    assert listing.files == [f"file://{tmp_path}/x/a.jpg"]
+    assert Reader().read(listing.files[0]) == b"abc"
+
+
+@pytest.mark.parametrize("bad, message", [("missing-dir", "not found"), ("data.csv", "is not an image, archive")])
+def test_bad_inputs_are_usage_errors_before_any_listing(tmp_path, bad, message):
+    touch(tmp_path / "data.csv")
+    with pytest.raises(UsageError, match=message):
+        list_inputs([str(tmp_path), str(tmp_path / bad)])
+
+
+def make_tar(path, members: dict, mode="w:gz"):
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_zip(path, members: dict):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "tgz", "zip"])
+def test_archives_stream_members_without_extracting_and_skip_done_ones(tmp_path, kind):
+    members = {"a/1.jpg": b"1", "../../evil.jpg": b"2", "/abs/3.PNG": b"3", "readme.txt": b"no", "a/._mac.jpg": b"no"}
+    path = tmp_path / f"shard.{kind}"
+    if kind == "zip":
+        make_zip(path, members)
+    else:
+        make_tar(path, members, "w" if kind == "tar" else "w:gz")
+    key = str(path)
+    got = {k: data for k, data, err in Reader().archive_members(key, {f"{key}!a/1.jpg"})}
+    assert got == {f"{key}!../../evil.jpg": b"2", f"{key}!/abs/3.PNG": b"3"}
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # nothing was written next to (or above) the archive
+    assert not (tmp_path.parent / "evil.jpg").exists()
+
+
+def test_a_truncated_archive_yields_its_members_then_one_error_row(tmp_path):
+    data = make_tar(tmp_path / "s.tar.gz", {f"{i}.jpg": os.urandom(20000) for i in range(5)}).read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    rows = list(Reader().archive_members(str(cut), set()))
+    assert 1 <= len(rows) - 1 < 5 and all(err is None for _, _, err in rows[:-1])
+    assert rows[-1][0] == str(cut) and rows[-1][1] is None and rows[-1][2].startswith("unreadable archive:")
