@@ -84,7 +84,7 @@ def run(args) -> int:
         "best_checkpoint": best_path,
         "latest_checkpoint": latest_path,
         "classes": dataset.classes,
-        "world_size": cfg.scaling.num_workers,
+        "world_size": latest["history"][-1]["world_size"],
         "use_gpu": use_gpu,
         "skipped_files": len(latest["skipped"]),
         "skipped": latest["skipped"],

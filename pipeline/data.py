@@ -10,7 +10,8 @@ from torch.utils.data import Dataset
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.images import decode_image, image_error, is_image_name
+from pipeline.images import decode_image, image_error
+from pipeline.sources import walk
 
 
 @dataclass
@@ -66,10 +67,7 @@ def _class_dirs(fs: pafs.FileSystem, split_dir: str) -> dict[str, list[str]]:
     classes = {}
     for entry in entries:
         if entry.type == pafs.FileType.Directory and not entry.base_name.startswith("."):
-            files = fs.get_file_info(pafs.FileSelector(entry.path, recursive=True))
-            classes[entry.base_name] = sorted(
-                f.path for f in files if f.type == pafs.FileType.File and is_image_name(f.base_name)
-            )
+            classes[entry.base_name] = list(walk(fs, entry.path))
     return classes
 
 

@@ -136,6 +136,7 @@ def train_loop_per_worker(job: dict) -> None:
             "images_per_s": train_sums[2] / train_seconds,
             "train_images": int(train_sums[2]),
             "val_images": int(val_sums[2]),
+            "world_size": world,
         }
         if startup_seconds is not None:
             metrics["startup_seconds"] = startup_seconds

@@ -19,7 +19,10 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "hymenoptera"
 @pytest.fixture(scope="session")
 def ray_local():
     """One real Ray instance for every test that needs it (start-up costs seconds); stopped at the end."""
+    from pipeline.cluster import bind_to_loopback
+
     os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    bind_to_loopback()
     # With the dashboard: Ray Train's placement-group cleaner queries the state API it serves, and
     # without it decides the run is dead and tears the workers down.
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")

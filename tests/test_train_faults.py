@@ -1,0 +1,93 @@
+"""Training under bad input and faults: nothing crashes, nothing is lost, no epoch is run twice."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import psutil
+
+from jobs.cli import main
+from pipeline.data import ImageDataset, scan_image_folder
+from pipeline.transforms import eval_transform
+from tests.conftest import REPO, make_image_folder, write_config
+from tests.corpus import make_corpus
+from tests.test_train_job import train
+
+
+def wait_for_checkpoint(run_dir, timeout=180):
+    """Until Ray has recorded a checkpoint in its run snapshot (the file a rerun resumes from)."""
+    deadline = time.time() + timeout
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+        assert time.time() < deadline, f"no checkpoint in {run_dir} after {timeout}s"
+        time.sleep(0.1)
+
+
+def test_bad_files_are_skipped_and_counted(ray_local, tmp_path, capfd):
+    root = make_image_folder(tmp_path / "data", train_per_class=6, val_per_class=3)
+    corpus = root / "train" / "blue" / "corpus"
+    expected = make_corpus(corpus)
+    summary = train(write_config(tmp_path / "c.yaml", "bad", root, tmp_path / "runs"))
+
+    bad = {str(corpus / rel) for rel, kind in expected.items() if kind == "error"}
+    good = sum(kind == "ok" for kind in expected.values())
+    assert set(summary["skipped"]) == bad and summary["skipped_files"] == len(bad)
+    assert summary["epochs"][0]["train_images"] == 12 + good  # every decodable file trained once, loop or not
+    assert capfd.readouterr().out.count("warning: skipped") == len(bad)
+
+
+def test_a_file_that_vanishes_after_listing_is_skipped(tmp_path):
+    root = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    folder = scan_image_folder(str(root))
+    os.remove(folder.val.paths[0])
+    image, path, reason = ImageDataset(str(root), folder.val, eval_transform((0.5,) * 3, (0.5,) * 3))[0]
+    assert image is None and path == folder.val.paths[0] and "FileNotFoundError" in reason
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path, capfd):
+    root = make_image_folder(tmp_path / "data", train_per_class=40, val_per_class=10)
+    config = write_config(tmp_path / "c.yaml", "kw", root, tmp_path / "runs", train={"epochs": 4})
+    outcome, started = {}, time.time()
+    runner = threading.Thread(target=lambda: outcome.update(code=main(["train", "-c", str(config)])))
+    runner.start()
+    wait_for_checkpoint(tmp_path / "runs" / "kw")
+    workers = [
+        p for p in psutil.process_iter(["name", "create_time"])
+        if p.info["name"] == "ray::RayTrainWorker" and p.info["create_time"] >= started
+    ]
+    assert len(workers) == 1
+    workers[0].send_signal(signal.SIGKILL)
+    runner.join(timeout=600)
+    assert outcome["code"] == 0
+
+    out = capfd.readouterr().out
+    assert "resuming after epoch" in out
+    summary = train(config)  # already finished: re-running just rewrites the outputs
+    assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3, 4]
+    assert [m["lr"] for m in summary["epochs"]] == [0.01, 0.005, 0.0025, 0.00125]
+
+
+def test_killed_driver_then_rerun_resumes(ray_local, tmp_path):
+    root = make_image_folder(tmp_path / "data", train_per_class=40, val_per_class=10)
+    config = write_config(tmp_path / "c.yaml", "kd", root, tmp_path / "runs", train={"epochs": 3})
+    # The driver runs in its own session with its own local Ray; kill -9 all of it, like a lost machine.
+    driver = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "imgjobs"), "train", "-c", str(config)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_checkpoint(tmp_path / "runs" / "kd")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (tmp_path / "runs" / "kd" / "summary.json").exists()
+
+    rerun = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "imgjobs"), "train", "-c", str(config)], capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming after epoch" in rerun.stdout and "epoch 1/3" not in rerun.stdout
+    summary = train(config)
+    assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3]
