@@ -9,12 +9,15 @@ setup: $(STAMP)
 # Re-install only when the dependency list changes, so `make setup` is quick once done.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Train the offline demo from scratch, then label the val folder with its best checkpoint.
 demo: setup
+	rm -rf runs/demo
 	$(VENV)/bin/imgjobs train -c configs/demo.yaml
+	$(VENV)/bin/imgjobs label --checkpoint "$$($(PY) -c 'import json; print(json.load(open("runs/demo/summary.json"))["best_checkpoint"])')" \
+		--input data/hymenoptera/val --output runs/demo/labels --evaluate
 
 test: setup
 	$(VENV)/bin/pytest
