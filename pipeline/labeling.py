@@ -66,8 +66,10 @@ def label(opts: LabelOptions, started_at: float | None = None, log=print) -> dic
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             progress.add(writer.add(table), started)
     writer.close()
-    seconds = time.perf_counter() - progress.started
+    end = time.perf_counter()
+    seconds = end - progress.started
     done_now = progress.labeled + progress.errors
+    steady_rows, steady_s = done_now - progress.first_batch[1], end - progress.first_batch[0]
     summary = {
         "total": done_now + skipped,
         "labeled": progress.labeled,
@@ -76,6 +78,7 @@ def label(opts: LabelOptions, started_at: float | None = None, log=print) -> dic
         "seconds": round(seconds, 3),
         "images_per_s": round(done_now / seconds, 2) if done_now else 0.0,
         "startup_seconds": progress.startup_s,
+        "images_per_s_after_startup": round(steady_rows / steady_s, 2) if progress.startup_s and steady_rows else None,
         "checkpoint": opts.checkpoint,
         "classes": classes,
         "precision": opts.precision,
@@ -167,6 +170,7 @@ class Progress:
         self.started = self.last = time.perf_counter()
         self.labeled = self.errors = 0
         self.startup_s = None  # command start to first labeled batch
+        self.first_batch = (0.0, 0)  # (time, rows) at the first batch: throughput after start-up counts from here
 
     def add(self, table, job_started_at: float) -> None:
         errors = table.num_rows - table.column("error").null_count
@@ -175,6 +179,7 @@ class Progress:
         now = time.perf_counter()
         if self.startup_s is None:
             self.startup_s = round(time.time() - job_started_at, 2)
+            self.first_batch = (now, self.labeled + self.errors)
             self.log(f"label: first labeled batch after {self.startup_s:.1f}s")
         if now - self.last >= PROGRESS_EVERY_S:
             self.last = now

@@ -1,0 +1,282 @@
+"""Throughput of `imgjobs label` against the plain PyTorch way and model-only ceilings, in one run.
+
+    .venv/bin/python benchmarks/label_throughput.py                      # all cases
+    .venv/bin/python benchmarks/label_throughput.py --cases main 12mp    # some of them
+
+Cases:
+  main      3,000+ real photos (../shared/data/hymenoptera copied 8 times), ResNet18 checkpoint:
+            (a) the plain PyTorch way, (b) model-only ceilings, then the job at fp32 and bf16; ratios,
+            label/score agreement and start-up (command start to first labeled batch).
+  12mp      a few hundred of the photos upscaled to ~12 MP: plain way vs the job with full and draft decoding.
+  accuracy  the demo's trained checkpoint (runs/demo/summary.json) on the full-resolution val set:
+            fp32 vs bf16 vs --fast-decode.
+  memory    peak memory (RSS of the driver and all Ray processes) labeling 3k and 30k images.
+Nothing here is a pass/fail test: it prints numbers for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import checkpoint  # noqa: E402
+from pipeline.images import decode_image, is_image_name  # noqa: E402
+from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
+from pipeline.transforms import eval_transform  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data" / "hymenoptera"
+BATCH = 32
+
+
+def resnet18_checkpoint(folder: Path) -> str:
+    """Random weights: throughput does not depend on them, and no offline ResNet18 ImageNet weights exist."""
+    torch.manual_seed(0)
+    model, head = build_model("resnet18", 2, "none")
+    spec = {"arch": "resnet18", "head": head, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "resize_size": 256, "input_size": 224}
+    return checkpoint.save({"model": spec, "classes": ["ants", "bees"], "model_state": model.state_dict()}, str(folder))
+
+
+def replicate(src: Path, dst: Path, copies: int) -> list[str]:
+    """`copies` hard-linked copies of every image under src (same bytes, distinct paths)."""
+    files = sorted(p for p in src.rglob("*") if p.is_file() and is_image_name(p.name))
+    out = []
+    for c in range(copies):
+        for p in files:
+            target = dst / f"copy{c}" / p.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(p, target)
+            out.append(str(target))
+    return out
+
+
+class Files(torch.utils.data.Dataset):
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(decode_image(Path(self.paths[i]).read_bytes())), i
+        except Exception:
+            return torch.zeros(3, 224, 224), -1
+
+
+def plain_pytorch(ckpt: str, paths: list[str], workers: int, out: Path) -> tuple[float, np.ndarray, np.ndarray]:
+    """(a): file list, PIL decode, torchvision transforms, DataLoader, eager fp32 at batch 32, one Parquet file.
+    Returns (images/s end to end, labels, scores)."""
+    start = time.perf_counter()
+    state = checkpoint.load(ckpt)
+    model = checkpoint.build_from(state)
+    spec = state["model"]
+    loader = torch.utils.data.DataLoader(
+        Files(paths, eval_transform(spec["mean"], spec["std"], spec["resize_size"], spec["input_size"])),
+        batch_size=BATCH, num_workers=workers,
+    )
+    labels, scores = [], []
+    with torch.inference_mode():
+        for x, _ in loader:
+            p = model(x).softmax(1)
+            s, i = p.max(1)
+            labels.append(i.numpy())
+            scores.append(s.numpy())
+    labels, scores = np.concatenate(labels), np.concatenate(scores)
+    pq.write_table(pa.table({"path": paths, "label_index": labels, "score": scores}), out)
+    return len(paths) / (time.perf_counter() - start), labels, scores
+
+
+def ceilings(ckpt: str) -> dict:
+    """(b): model-only images/s on ready tensors, batch 32, 2 threads."""
+    model = checkpoint.build_from(checkpoint.load(ckpt))
+    x = torch.randn(BATCH, 3, 224, 224)
+    cl = model.to(memory_format=torch.channels_last)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+
+    def bf16(t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return cl(t)
+
+    with torch.inference_mode():
+        eager = checkpoint.build_from(checkpoint.load(ckpt))
+        frozen = torch.jit.optimize_for_inference(torch.jit.trace(eager, x[:1]))
+        variants = {"eager fp32": (eager, x), "channels_last fp32": (cl, xcl),
+                    "torch.jit.optimize_for_inference": (frozen, x), "channels_last + bf16 autocast": (bf16, xcl)}
+        result = {}
+        for name, (f, t) in variants.items():
+            f(t), f(t)
+            start, n = time.perf_counter(), 0
+            while time.perf_counter() - start < 8:
+                f(t)
+                n += BATCH
+            result[name] = n / (time.perf_counter() - start)
+    return result
+
+
+class PeakRss:
+    """Peak summed RSS of this process's children (the job's driver) and all Ray processes."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.wait(0.2):
+            total = 0
+            for p in psutil.process_iter(["name", "cmdline"]):
+                try:
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if "ray" in (p.info["name"] or "") or "ray::" in cmd or "jobs.cli" in cmd or "/ray/" in cmd:
+                        total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def label_job(ckpt: str, inputs: list[str], out: Path, *extra: str) -> tuple[dict, float]:
+    """Run `imgjobs label` as a fresh command (its own local Ray), as a user would. Returns (summary, peak RSS)."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with PeakRss() as rss:
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", "label", "--checkpoint", ckpt, "--input", *inputs,
+                               "--output", str(out), *extra], cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"label failed:\n{proc.stdout}\n{proc.stderr}")
+    return json.loads((out / "_summary.json").read_text()), rss.peak / 2**30
+
+
+def job_labels(out: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(sorted(out.glob("*.parquet")), columns=["path", "label_index", "score"]).to_pylist()
+    rows = {r["path"]: r for r in table}
+    return (np.array([rows[p]["label_index"] for p in paths]), np.array([rows[p]["score"] for p in paths]))
+
+
+def report_job(name: str, summary: dict, plain: float) -> None:
+    steady = summary["images_per_s_after_startup"]
+    print(f"  {name:<28} {steady:7.1f} images/s after start-up ({steady / plain:.2f}x plain), "
+          f"{summary['images_per_s']:.1f} end to end ({summary['images_per_s'] / plain:.2f}x), "
+          f"start-up {summary['startup_seconds']:.1f}s")
+
+
+def case_main(tmp: Path, ckpt: str) -> None:
+    paths = replicate(SHARED, tmp / "photos", 8)
+    print(f"main: {len(paths)} photos (hymenoptera x8), ResNet18, batch {BATCH}, torch threads {torch.get_num_threads()}")
+    plain = {}
+    for workers in (1, 2):
+        plain[workers] = plain_pytorch(ckpt, paths, workers, tmp / "plain.parquet")
+        print(f"  (a) plain PyTorch, {workers} DataLoader worker(s): {plain[workers][0]:.1f} images/s")
+    best = max(plain.values(), key=lambda r: r[0])
+    rate, ref_labels, ref_scores = best
+    for name, value in ceilings(ckpt).items():
+        print(f"  (b) {name:<32} {value:6.1f} images/s ({value / rate:.2f}x plain)")
+    inputs = [str(tmp / "photos")]
+    fp32, _ = label_job(ckpt, inputs, tmp / "out-fp32")
+    report_job("imgjobs label (fp32)", fp32, rate)
+    labels, scores = job_labels(tmp / "out-fp32", paths)
+    print(f"    fp32 labels equal plain's: {(labels == ref_labels).mean() * 100:.2f}%, "
+          f"max |score diff| {np.abs(scores - ref_scores).max():.2e}")
+    bf16, _ = label_job(ckpt, inputs, tmp / "out-bf16", "--precision", "bf16")
+    report_job("imgjobs label (bf16)", bf16, rate)
+    labels16, _ = job_labels(tmp / "out-bf16", paths)
+    print(f"    bf16 labels equal fp32's: {(labels16 == labels).mean() * 100:.2f}%")
+
+
+def case_12mp(tmp: Path, ckpt: str, count: int = 300) -> None:
+    sources = sorted(p for p in SHARED.rglob("*.jpg"))[:: max(1, len(list(SHARED.rglob("*.jpg"))) // count)][:count]
+    folder = tmp / "12mp"
+    folder.mkdir()
+    for i, p in enumerate(sources):
+        img = decode_image(p.read_bytes())
+        scale = (12e6 / (img.width * img.height)) ** 0.5
+        img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC).save(
+            folder / f"{i:04d}.jpg", quality=90)
+    paths = sorted(str(p) for p in folder.glob("*.jpg"))
+    print(f"12mp: {len(paths)} photos upscaled to ~12 MP")
+    rate = max(plain_pytorch(ckpt, paths, w, tmp / "plain12.parquet")[0] for w in (1, 2))
+    print(f"  (a) plain PyTorch (best of 1, 2 workers): {rate:.1f} images/s")
+    for name, extra in (("fp32, full decode", ()), ("fp32, --fast-decode", ("--fast-decode",)),
+                        ("bf16, --fast-decode", ("--precision", "bf16", "--fast-decode"))):
+        summary, _ = label_job(ckpt, [str(folder)], tmp / "out12", *extra)
+        report_job(f"imgjobs label ({name})", summary, rate)
+
+
+def case_accuracy(tmp: Path, demo_ckpt: str) -> None:
+    print(f"accuracy: {demo_ckpt} on {SHARED / 'val'} (full resolution)")
+    base = None
+    for name, extra in (("fp32", ()), ("bf16", ("--precision", "bf16")), ("fp32 --fast-decode", ("--fast-decode",)),
+                        ("bf16 --fast-decode", ("--precision", "bf16", "--fast-decode"))):
+        out = tmp / "acc"
+        summary, _ = label_job(demo_ckpt, [str(SHARED / "val")], out, "--evaluate", *extra)
+        labels = pq.read_table(sorted(out.glob("*.parquet")), columns=["path", "label_index"]).to_pydict()
+        labels = dict(zip(labels["path"], labels["label_index"]))
+        base = base or labels
+        agree = np.mean([labels[k] == base[k] for k in base]) * 100
+        print(f"  {name:<20} accuracy {summary['accuracy']:.4f}, labels equal fp32's {agree:.1f}%")
+
+
+def case_memory(tmp: Path, ckpt: str) -> None:
+    small = REPO / "data" / "hymenoptera"
+    for copies in (8, 80):
+        inputs = tmp / f"mem{copies}"
+        replicate(small, inputs, copies)
+        summary, peak = label_job(ckpt, [str(inputs)], tmp / "outmem", "--precision", "bf16")
+        print(f"memory: {summary['total']} images: peak RSS of driver + Ray processes {peak:.2f} GiB "
+              f"({summary['images_per_s']:.1f} images/s)")
+        shutil.rmtree(inputs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["main", "12mp", "accuracy", "memory"],
+                        choices=["main", "12mp", "accuracy", "memory"])
+    parser.add_argument("--demo-checkpoint", help="trained checkpoint for the accuracy case "
+                        "(default: best_checkpoint of runs/demo/summary.json)")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        sys.exit(f"needs the full-resolution photos in {SHARED}")
+    torch.set_num_threads(os.cpu_count())
+    print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "|", os.cpu_count(), "CPUs |",
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB | torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = resnet18_checkpoint(tmp)
+        if "main" in args.cases:
+            case_main(tmp, ckpt)
+        if "12mp" in args.cases:
+            case_12mp(tmp, ckpt)
+        if "accuracy" in args.cases:
+            demo = args.demo_checkpoint or json.loads((REPO / "runs/demo/summary.json").read_text())["best_checkpoint"]
+            case_accuracy(tmp, demo)
+        if "memory" in args.cases:
+            case_memory(tmp, ckpt)
+
+
+if __name__ == "__main__":
+    main()
