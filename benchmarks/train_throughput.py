@@ -1,5 +1,6 @@
 """Training throughput: `imgjobs train` (Ray Train, DDP) against a plain single-process PyTorch loop.
 
+Images/s, with the model-only ceiling (training steps on ready tensors) beside them.
 Same data (data/hymenoptera train), same transforms, ResNet18 with random weights, same cores. Both sides
 report their second epoch's images/s (the first warms up caches and allocators); Ray's start-up is left
 out of the ratio and reported on its own (command start to first training step).
@@ -51,6 +52,22 @@ def plain_loop(data_root: str, batch_size: int, epochs: int, loader_workers: int
     return rate
 
 
+def model_only(batch_size: int, steps: int = 5) -> float:
+    """The ceiling: forward, backward and SGD step on ready tensors, no data loading at all."""
+    torch.manual_seed(0)
+    model, _ = build_model("resnet18", 2, "none")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    images, targets = torch.randn(batch_size, 3, 224, 224), torch.randint(0, 2, (batch_size,))
+    model.train()
+    for step in range(steps + 1):
+        if step == 1:  # the first step warms up
+            start = time.perf_counter()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+    return batch_size * steps / (time.perf_counter() - start)
+
+
 def imgjobs_train(data_root: str, batch_size: int, workers: int, epochs: int, loader_workers: int) -> dict:
     with tempfile.TemporaryDirectory() as storage:
         cmd = [
@@ -72,15 +89,17 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=2)
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"{'batch':>5} {'workers':>7} {'plain img/s':>11} {'imgjobs img/s':>13} {'ratio':>6} {'start-up s':>10}")
-    plain = {}
+    print(f"{'batch':>5} {'workers':>7} {'ceiling':>8} {'plain':>6} {'imgjobs':>7} {'vs plain':>8} {'vs ceiling':>10} {'start-up s':>10}")
+    plain, ceiling = {}, {}
     for case in args.cases.split(","):
         batch, workers = map(int, case.split("x"))
         if batch not in plain:
+            ceiling[batch] = model_only(batch)
             plain[batch] = plain_loop(args.data, batch, args.epochs, args.loader_workers)
         job = imgjobs_train(args.data, batch, workers, args.epochs, args.loader_workers)
-        print(f"{batch:>5} {workers:>7} {plain[batch]:>11.1f} {job['images_per_s']:>13.1f} "
-              f"{job['images_per_s'] / plain[batch]:>6.2f} {job['startup_s']:>10.1f}", flush=True)
+        rate = job["images_per_s"]
+        print(f"{batch:>5} {workers:>7} {ceiling[batch]:>8.1f} {plain[batch]:>6.1f} {rate:>7.1f} "
+              f"{rate / plain[batch]:>8.2f} {rate / ceiling[batch]:>10.2f} {job['startup_s']:>10.1f}", flush=True)
 
 
 if __name__ == "__main__":
