@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+import warnings
+
 import numpy as np
 import pyarrow as pa
 import ray
@@ -42,6 +46,19 @@ class Predictor:
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
         # channels_last: oneDNN's convolutions run ~1.3x faster on CPU with the same fp32 arithmetic.
         self.model = checkpoint.build_from(spec).to(self.device, memory_format=torch.channels_last)
+        if self.device.type == "cpu" and not self.bf16:
+            threading.Thread(target=self._freeze, args=(spec["model"]["input_size"],), daemon=True).start()
+
+    def _freeze(self, size: int) -> None:
+        """Swap in a frozen copy: BatchNorm folded into the convolutions and oneDNN layouts fixed, ~1.15x faster
+        fp32 on CPU with the same labels (scores move by ~1e-7). Built beside the eager model, which labels the
+        first batches meanwhile, so freezing adds nothing to start-up."""
+        example = torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last)
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, yet still the fastest here
+            frozen = torch.jit.optimize_for_inference(torch.jit.trace(copy.deepcopy(self.model), example))
+            frozen(example)  # the first call specialises the graph
+        self.model = frozen
 
     @torch.inference_mode()
     def logits(self, pixels: np.ndarray) -> torch.Tensor:
