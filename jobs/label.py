@@ -13,7 +13,7 @@ from pipeline.labeling import LabelOptions, label
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt from imgjobs train (summary.json best_checkpoint)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt from imgjobs train, or a training run's folder (its best_checkpoint)")
     parser.add_argument("--input", nargs="+", required=True, dest="inputs", metavar="PATH",
                         help="directories, archives (.tar .tar.gz .tgz .zip), manifests (.txt), images; local or URI")
     parser.add_argument("--output", required=True, help="folder (or URI) for the Parquet files and _summary.json")

@@ -45,6 +45,7 @@ def label(opts: LabelOptions, started_at: float | None = None, log=print) -> dic
     """Run the job and return the summary it writes to OUTPUT/_summary.json. User mistakes raise UsageError
     before any work starts. `started_at` (time.time() at command start) is where start-up is counted from."""
     started = started_at or time.time()
+    opts.checkpoint = best_checkpoint(opts.checkpoint)
     state = checkpoint.load(opts.checkpoint)
     classes = state["classes"]
     top_k = min(5, len(classes)) if opts.top_k is None else opts.top_k
@@ -93,6 +94,16 @@ def label(opts: LabelOptions, started_at: float | None = None, log=print) -> dic
     fs, base = storage.resolve(opts.output)
     storage.write_bytes(fs, f"{base}/{SUMMARY}", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def best_checkpoint(path: str) -> str:
+    """A training run's folder (holding summary.json) stands for its best checkpoint."""
+    fs, base = storage.resolve(path)
+    summary = f"{base}/summary.json"
+    if fs.get_file_info(f"{base}/{checkpoint.FILENAME}").type == pafs.FileType.NotFound and \
+            fs.get_file_info(summary).type == pafs.FileType.File:
+        return json.loads(storage.read_bytes(fs, summary))["best_checkpoint"]
+    return path
 
 
 def _dataset(opts: LabelOptions, state: dict, todo: list[str], archives: list[str], done: set[str], top_k: int):
