@@ -31,6 +31,10 @@ class LabelWriter:
         try:
             self.fs.create_dir(self.base, recursive=True)
             entries = self.fs.get_file_info(pafs.FileSelector(self.base))
+            probe = f"{self.base}/{TEMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"  # fail now, not after the first batch
+            with self.fs.open_output_stream(probe):
+                pass
+            self.fs.delete_file(probe)
         except OSError as e:
             raise UsageError(f"output {out_dir} cannot be written: {str(e).splitlines()[0]}") from None
         self.done: set[str] = set()  # keys already in a committed file, including this run's
@@ -70,8 +74,18 @@ class LabelWriter:
     def _commit(self, table: pa.Table) -> None:
         name = f"part-{self.run_id}-{self.files_written:05d}.parquet"
         temp = f"{self.base}/{TEMP_PREFIX}{name}"
-        pq.write_table(table.cast(OUTPUT_SCHEMA), temp, filesystem=self.fs)
-        self.fs.move(temp, f"{self.base}/{name}")  # atomic on local disks; object stores publish whole objects
+        try:
+            pq.write_table(table.cast(OUTPUT_SCHEMA), temp, filesystem=self.fs)
+            self.fs.move(temp, f"{self.base}/{name}")  # atomic on local disks; object stores publish whole objects
+        except OSError as e:  # disk full, file too large, permissions changed: earlier files stay complete
+            try:
+                self.fs.delete_file(temp)
+            except OSError:
+                pass  # the next run deletes it
+            raise UsageError(
+                f"writing {self.base}/{name} failed: {str(e).splitlines()[0]}; {self.files_written} file(s) of this run "
+                f"are complete; free space or fix {self.base}, then run the same command again to resume"
+            ) from None
         self.files_written += 1
 
     def read_all(self, columns: list[str]) -> pa.Table:
