@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -108,8 +109,10 @@ def best_checkpoint(path: str) -> str:
 
 def _dataset(opts: LabelOptions, state: dict, todo: list[str], archives: list[str], done: set[str], top_k: int):
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the job prints its own images/s line
+    ctx.enable_progress_bars = False  # the job prints its own images/s line; Ray's notices about it are noise
     ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     plan = actor_plan(opts.batch_size)
     size = unit_size(len(todo))
     units = [make_unit(files=todo[i : i + size]) for i in range(0, len(todo), size)]

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tarfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from jobs.cli import main
 from pipeline import checkpoint
@@ -26,6 +22,7 @@ from pipeline.images import decode_image
 from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from pipeline.transforms import eval_transform
 from tests.conftest import REPO, make_image_folder
+from tests.corpus import make_corpus
 
 CLASSES = ["blue", "red"]
 
@@ -56,51 +53,17 @@ def read_output(out: Path):
     return pq.read_table(files).to_pylist() if files else []
 
 
-def bomb_png() -> bytes:
-    """A tiny PNG whose header claims 20000×20000 pixels: past PIL's decompression-bomb limit."""
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = bytes(data[12:16]) + struct.pack(">II", 20000, 20000) + bytes(data[24:29])
-    data[16:24] = ihdr[4:12]
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
-
-
-def broken_and_odd_corpus(root: Path) -> tuple[dict, list]:
-    """Files that must each get an error row, and unusual images that must be labeled."""
-    root.mkdir(parents=True)
-    good = io.BytesIO()
-    Image.new("RGB", (80, 60), (200, 30, 30)).save(good, "JPEG")
-    bad = {
-        "zero.jpg": b"",
-        "truncated.jpg": good.getvalue()[: len(good.getvalue()) // 2],
-        "text.png": b"this is not an image\n",
-        "bomb.png": bomb_png(),
-    }
-    for name, data in bad.items():
-        (root / name).write_bytes(data)
-    (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")  # unreadable: the target does not exist
-    bad["dangling.jpg"] = None
-    odd = {
-        "cmyk.jpg": Image.new("CMYK", (70, 50), (0, 200, 200, 0)),
-        "deep16.png": Image.fromarray(np.linspace(0, 65535, 64 * 64, dtype=np.uint16).reshape(64, 64)),
-        "palette.gif": Image.new("RGB", (60, 60), (20, 40, 220)).convert("P"),
-        "alpha.png": Image.new("RGBA", (60, 40), (20, 200, 20, 128)),
-        "bilevel.bmp": Image.new("1", (50, 50), 1),
-    }
-    for name, img in odd.items():
-        img.save(root / name)
-    return bad, sorted(odd)
-
-
 def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, small_checkpoint, tmp_path):
     folder = make_image_folder(tmp_path / "imgs", train_per_class=6, val_per_class=0) / "train"
-    bad, odd = broken_and_odd_corpus(tmp_path / "corpus")
+    corpus = make_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")  # unreadable: no target
+    corpus["dangling.jpg"] = "error"
+    bad = [name for name, expect in corpus.items() if expect == "error"]
+    odd = [name for name, expect in corpus.items() if expect == "ok"]
     shard = tmp_path / "shard.tar.gz"
     with tarfile.open(shard, "w:gz") as tar:
         tar.add(folder / "red" / "red_000.jpg", arcname="../up/red_000.jpg")
-        tar.add(tmp_path / "corpus" / "text.png", arcname="inner/text.png")
+        tar.add(tmp_path / "corpus" / "text.jpg", arcname="inner/text.png")
     manifest = tmp_path / "list.txt"
     manifest.write_text("imgs/train/blue/blue_000.jpg\nimgs/train/blue/missing.jpg\n")
     out = tmp_path / "out"
