@@ -82,15 +82,15 @@ def make_zip(path, members: dict):
     return path
 
 
-@pytest.mark.parametrize("kind", ["tar", "tar.gz", "tgz", "zip"])
-def test_archives_stream_members_without_extracting_and_skip_done_ones(tmp_path, kind):
+@pytest.mark.parametrize("kind, uri", [("tar", False), ("tar.gz", False), ("tgz", True), ("zip", False), ("zip", True)])
+def test_archives_stream_members_without_extracting_and_skip_done_ones(tmp_path, kind, uri):
     members = {"a/1.jpg": b"1", "../../evil.jpg": b"2", "/abs/3.PNG": b"3", "readme.txt": b"no", "a/._mac.jpg": b"no"}
     path = tmp_path / f"shard.{kind}"
     if kind == "zip":
         make_zip(path, members)
     else:
         make_tar(path, members, "w" if kind == "tar" else "w:gz")
-    key = str(path)
+    key = f"file://{path}" if uri else str(path)
     got = {k: data for k, data, err in Reader().archive_members(key, {f"{key}!a/1.jpg"})}
     assert got == {f"{key}!../../evil.jpg": b"2", f"{key}!/abs/3.PNG": b"3"}
     assert sorted(os.listdir(tmp_path)) == [path.name]  # nothing was written next to (or above) the archive
