@@ -3,6 +3,7 @@ disk, an output folder that cannot be written, bad checkpoints, and a 20,000-ima
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -210,34 +211,31 @@ def tiny_jpegs(root: Path, count: int) -> list[Path]:
     return paths
 
 
-class PeakMemory:
-    """Peak summed RSS and PSS of a set of processes, sampled every 0.5 s in a thread."""
+@contextlib.contextmanager
+def peak_memory(processes):
+    """Yields a dict whose "rss" and "pss" become the peak sums over `processes()`, sampled every 0.5 s."""
+    peak = {"rss": 0, "pss": 0}
+    stop = threading.Event()
 
-    def __init__(self, processes):
-        self.processes = processes
-        self.rss = self.pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            rss = pss = 0
-            for p in self.processes():
+    def sample():
+        while not stop.wait(0.5):
+            now = {"rss": 0, "pss": 0}
+            for p in processes():
                 try:
                     info = p.memory_full_info()
-                    rss, pss = rss + info.rss, pss + info.pss
                 except psutil.Error:  # exited meanwhile
-                    pass
-            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
-            self._stop.wait(0.5)
+                    continue
+                now["rss"] += info.rss
+                now["pss"] += info.pss
+            peak.update({k: max(peak[k], now[k]) for k in peak})
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
 
 
 @pytest.mark.slow
@@ -252,14 +250,14 @@ def test_20000_images_in_one_run_each_exactly_once_with_flat_memory(ray_local, s
         proc = start_label(["--checkpoint", small_checkpoint, "--input", str(tmp_path / f"imgs{count}"),
                             "--output", str(out), "--rows-per-file", "5000"], env)
         # The whole job: the driver and every Ray process (raylet, GCS, dashboard, workers) under this test.
-        with PeakMemory(lambda: me.children(recursive=True)) as peak:
+        with peak_memory(lambda: me.children(recursive=True)) as peak:
             stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stdout + stderr
         seconds = time.perf_counter() - start
         keys = [r["path"] for r in read_output(out)]
         assert len(keys) == len(set(keys)) == count and set(keys) == {str(p) for p in paths}
         assert [pq.ParquetFile(f).metadata.num_rows for f in sorted(out.glob("*.parquet"))].count(5000) == count // 5000
-        figures[count] = {"seconds": round(seconds, 1), "peak_rss_mib": peak.rss >> 20, "peak_pss_mib": peak.pss >> 20}
+        figures[count] = {"seconds": round(seconds, 1), "peak_rss_mib": peak["rss"] >> 20, "peak_pss_mib": peak["pss"] >> 20}
         shutil.rmtree(tmp_path / f"imgs{count}")
     print(f"\nlabel load: {json.dumps(figures)}")
     # Flat: ten times the images may not double the memory (measured 2026-11-24, 2 CPUs: ~4.7 GiB RSS, ~2.6 GiB
