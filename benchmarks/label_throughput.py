@@ -132,44 +132,37 @@ def ceilings(ckpt: str) -> dict:
     return result
 
 
-class PeakRss:
-    """Peak summed RSS of this process's children (the job's driver) and all Ray processes."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while not self._stop.wait(0.2):
-            total = 0
-            for p in psutil.process_iter(["name", "cmdline"]):
-                try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if "ray" in (p.info["name"] or "") or "ray::" in cmd or "jobs.cli" in cmd or "/ray/" in cmd:
-                        total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def label_job(ckpt: str, inputs: list[str], out: Path, *extra: str) -> tuple[dict, float]:
-    """Run `imgjobs label` as a fresh command (its own local Ray), as a user would. Returns (summary, peak RSS)."""
+    """Run `imgjobs label` as a fresh command (its own local Ray), as a user would. Returns (summary, peak GiB):
+    the peak summed RSS of the command and its descendants (its Ray head processes and workers), not of
+    other Ray clusters on the machine."""
     shutil.rmtree(out, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with PeakRss() as rss:
-        proc = subprocess.run([sys.executable, "-m", "jobs.cli", "label", "--checkpoint", ckpt, "--input", *inputs,
-                               "--output", str(out), *extra], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "label", "--checkpoint", ckpt, "--input", *inputs,
+                             "--output", str(out), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    peak, root = 0, psutil.Process(proc.pid)
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.wait(0.2):
+            total = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    total += p.memory_info().rss
+            except psutil.Error:  # a process ended between listing and reading: skip this sample
+                continue
+            peak = max(peak, total)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = proc.communicate()[0]
+    stop.set()
+    sampler.join()
     if proc.returncode:
-        sys.exit(f"label failed:\n{proc.stdout}\n{proc.stderr}")
-    return json.loads((out / "_summary.json").read_text()), rss.peak / 2**30
+        sys.exit(f"label failed:\n{output}")
+    return json.loads((out / "_summary.json").read_text()), peak / 2**30
 
 
 def job_labels(out: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -57,14 +57,15 @@ def label(opts: LabelOptions, started_at: float | None = None, log=print) -> dic
         _check_class_folders(listing.roots, classes)
     writer = LabelWriter(opts.output, opts.rows_per_file, opts.overwrite)
     todo = [key for key in listing.files if key not in writer.done]
-    skipped = len(listing.files) - len(todo) + _done_members(writer.done, listing.archives)
+    archive_done = _done_members(writer.done, listing.archives)
+    skipped = len(listing.files) - len(todo) + sum(map(len, archive_done.values()))
     log(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
         f"{time.time() - started:.1f}s; {skipped} already in {opts.output}")
 
     progress = Progress(log, len(todo))
     if todo or listing.archives:
         init_ray()
-        dataset = _dataset(opts, state, todo, listing.archives, writer.done, top_k)
+        dataset = _dataset(opts, state, todo, archive_done, top_k)
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             progress.add(writer.add(table), started)
     writer.close()
@@ -107,7 +108,7 @@ def best_checkpoint(path: str) -> str:
     return path
 
 
-def _dataset(opts: LabelOptions, state: dict, todo: list[str], archives: list[str], done: set[str], top_k: int):
+def _dataset(opts: LabelOptions, state: dict, todo: list[str], archive_done: dict[str, list[str]], top_k: int):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own images/s line; Ray's notices about it are noise
     ctx.print_on_execution_start = False
@@ -116,7 +117,7 @@ def _dataset(opts: LabelOptions, state: dict, todo: list[str], archives: list[st
     plan = actor_plan(opts.batch_size)
     size = unit_size(len(todo))
     units = [make_unit(files=todo[i : i + size]) for i in range(0, len(todo), size)]
-    units += [make_unit(archive=a, done=[k for k in done if k.startswith(a + MEMBER_SEPARATOR)]) for a in archives]
+    units += [make_unit(archive=a, done=keys) for a, keys in archive_done.items()]
     model = state["model"]
     return (
         ray.data.from_items(units, override_num_blocks=len(units))
@@ -170,10 +171,18 @@ def unit_size(files: int) -> int:
     return max(8, min(256, math.ceil(files / (4 * cpus))))
 
 
-def _done_members(done: set[str], archives: list[str]) -> int:
-    """Members of these archives that the output already holds."""
-    prefixes = tuple(a + MEMBER_SEPARATOR for a in archives)
-    return sum(1 for key in done if key.startswith(prefixes)) if prefixes else 0
+def _done_members(done: set[str], archives: list[str]) -> dict[str, list[str]]:
+    """For each archive, the keys of it (members, or its own error row) that the output already holds.
+    One pass over `done`; a member key is ARCHIVE!MEMBER, and either part may itself contain a '!'."""
+    by_archive = {a: [a] if a in done else [] for a in archives}
+    for key in done:
+        cut = key.find(MEMBER_SEPARATOR)
+        while cut >= 0:
+            if key[:cut] in by_archive:
+                by_archive[key[:cut]].append(key)
+                break
+            cut = key.find(MEMBER_SEPARATOR, cut + 1)
+    return by_archive
 
 
 class Progress:
