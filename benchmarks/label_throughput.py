@@ -178,11 +178,11 @@ def report_job(name: str, summary: dict, plain: float) -> None:
           f"start-up {summary['startup_seconds']:.1f}s")
 
 
-def case_main(tmp: Path, ckpt: str) -> None:
+def case_main(tmp: Path, ckpt: str, worker_counts: list[int]) -> None:
     paths = replicate(SHARED, tmp / "photos", 8)
     print(f"main: {len(paths)} photos (hymenoptera x8), ResNet18, batch {BATCH}, torch threads {torch.get_num_threads()}")
     plain = {}
-    for workers in (1, 2):
+    for workers in worker_counts:
         plain[workers] = plain_pytorch(ckpt, paths, workers, tmp / "plain.parquet")
         print(f"  (a) plain PyTorch, {workers} DataLoader worker(s): {plain[workers][0]:.1f} images/s")
     best = max(plain.values(), key=lambda r: r[0])
@@ -201,8 +201,9 @@ def case_main(tmp: Path, ckpt: str) -> None:
     print(f"    bf16 labels equal fp32's: {(labels16 == labels).mean() * 100:.2f}%")
 
 
-def case_12mp(tmp: Path, ckpt: str, count: int = 300) -> None:
-    sources = sorted(p for p in SHARED.rglob("*.jpg"))[:: max(1, len(list(SHARED.rglob("*.jpg"))) // count)][:count]
+def case_12mp(tmp: Path, ckpt: str, worker_counts: list[int], count: int = 200) -> None:
+    photos = sorted(SHARED.rglob("*.jpg"))
+    sources = photos[:: max(1, len(photos) // count)][:count]
     folder = tmp / "12mp"
     folder.mkdir()
     for i, p in enumerate(sources):
@@ -212,8 +213,8 @@ def case_12mp(tmp: Path, ckpt: str, count: int = 300) -> None:
             folder / f"{i:04d}.jpg", quality=90)
     paths = sorted(str(p) for p in folder.glob("*.jpg"))
     print(f"12mp: {len(paths)} photos upscaled to ~12 MP")
-    rate = max(plain_pytorch(ckpt, paths, w, tmp / "plain12.parquet")[0] for w in (1, 2))
-    print(f"  (a) plain PyTorch (best of 1, 2 workers): {rate:.1f} images/s")
+    rate = max(plain_pytorch(ckpt, paths, w, tmp / "plain12.parquet")[0] for w in worker_counts)
+    print(f"  (a) plain PyTorch (best of {worker_counts} DataLoader workers): {rate:.1f} images/s")
     for name, extra in (("fp32, full decode", ()), ("fp32, --fast-decode", ("--fast-decode",)),
                         ("bf16, --fast-decode", ("--precision", "bf16", "--fast-decode"))):
         summary, _ = label_job(ckpt, [str(folder)], tmp / "out12", *extra)
@@ -249,6 +250,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["main", "12mp", "accuracy", "memory"],
                         choices=["main", "12mp", "accuracy", "memory"])
+    parser.add_argument("--plain-workers", type=int, nargs="+", default=[1, 2],
+                        help="DataLoader worker counts to try for the plain way; the best one is the reference")
     parser.add_argument("--demo-checkpoint", help="trained checkpoint or run folder for the accuracy case "
                         "(default: runs/demo, the best checkpoint of `make demo`)")
     args = parser.parse_args()
@@ -261,9 +264,9 @@ def main() -> None:
         tmp = Path(tmp)
         ckpt = resnet18_checkpoint(tmp)
         if "main" in args.cases:
-            case_main(tmp, ckpt)
+            case_main(tmp, ckpt, args.plain_workers)
         if "12mp" in args.cases:
-            case_12mp(tmp, ckpt)
+            case_12mp(tmp, ckpt, args.plain_workers)
         if "accuracy" in args.cases:
             case_accuracy(tmp, args.demo_checkpoint or str(REPO / "runs" / "demo"))
         if "memory" in args.cases:
