@@ -70,11 +70,16 @@ def train_loop_per_worker(job: dict) -> None:
     def autocast():
         return torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
-    def to_device(images, targets):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, targets.to(device, non_blocking=True)
+    def batches(loader):
+        """Batches on the device; files that did not decode are recorded and left out."""
+        for images, targets, indices, skipped in loader:
+            state["skipped"].update(skipped)
+            if images is None:
+                continue
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, targets.to(device, non_blocking=True), indices
 
     start_epoch = state["epoch"]
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -86,13 +91,9 @@ def train_loop_per_worker(job: dict) -> None:
         set_train_mode(ddp_model)
         train_sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
         startup_seconds = None
-        for images, targets, _, skipped in train_loader:
+        for images, targets, _ in batches(train_loader):
             if startup_seconds is None and epoch == start_epoch:
                 startup_seconds = time.time() - job["started_at"]  # command start to first training step
-            state["skipped"].update(skipped)
-            if images is None:
-                continue
-            images, targets = to_device(images, targets)
             with autocast():
                 logits = ddp_model(images)
                 loss = criterion(logits.float(), targets)
@@ -108,11 +109,7 @@ def train_loop_per_worker(job: dict) -> None:
         val_sums = torch.zeros(3, dtype=torch.float64)
         predictions = {}
         with torch.no_grad():
-            for images, targets, indices, skipped in val_loader:
-                state["skipped"].update(skipped)
-                if images is None:
-                    continue
-                images, targets = to_device(images, targets)
+            for images, targets, indices in batches(val_loader):
                 with autocast():
                     logits = ddp_model(images)
                 preds = logits.argmax(1)
