@@ -16,14 +16,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	rm -rf runs/demo
 	$(VENV)/bin/imgjobs train -c configs/demo.yaml
-	$(VENV)/bin/imgjobs label --checkpoint "$$($(PY) -c 'import json; print(json.load(open("runs/demo/summary.json"))["best_checkpoint"])')" \
-		--input data/hymenoptera/val --output runs/demo/labels --evaluate
+	$(VENV)/bin/imgjobs label --checkpoint runs/demo --input data/hymenoptera/val --output runs/demo/labels --evaluate
 
 test: setup
 	$(VENV)/bin/pytest
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/label_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache
