@@ -38,9 +38,10 @@ def run(args) -> int:
 
     init_ray()
     use_gpu = gpus_available() if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
-    if not storage.is_uri(storage_path) and alive_nodes() > 1:
+    nodes = alive_nodes()
+    if not storage.is_uri(storage_path) and nodes > 1:
         raise UsageError(
-            f"storage.path {cfg.storage.path} is local but the cluster has {alive_nodes()} nodes, so checkpoints "
+            f"storage.path {cfg.storage.path} is local but the cluster has {nodes} nodes, so checkpoints "
             "would be scattered; set storage.path to shared storage (s3://bucket/runs, gs://..., or an NFS mount)"
         )
     job = {

@@ -103,10 +103,10 @@ def _replace_head(model: nn.Module, num_classes: int) -> str:
     return name
 
 
-def configure_trainable(model: nn.Module, head: str, mode: str, trainable) -> list[str]:
-    """Freeze all but the trained modules and return their names. The new head always trains."""
+def configure_trainable(model: nn.Module, head: str, mode: str, trainable) -> None:
+    """Freeze all but the trained modules. The new head always trains."""
     if mode == "finetune" and trainable == "all":
-        return [""]
+        return
     names = [head] if mode == "feature_extraction" else list(dict.fromkeys([*trainable, head]))
     for p in model.parameters():
         p.requires_grad = False
@@ -118,7 +118,6 @@ def configure_trainable(model: nn.Module, head: str, mode: str, trainable) -> li
             raise UsageError(f"model.trainable: no module {name!r}; top-level modules are: {top}") from None
         for p in module.parameters():
             p.requires_grad = True
-    return names
 
 
 def set_train_mode(model: nn.Module) -> None:
