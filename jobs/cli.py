@@ -20,14 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     started_at = time.time()  # before the heavy imports: start-up figures count from here
     parser = argparse.ArgumentParser(prog="imgjobs", description="Distributed image classification jobs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
-    for name, help_text in COMMANDS.items():
-        modules[name] = importlib.import_module(f"jobs.{name}")
-        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS.items()}
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the named command's module is imported: each pulls in torch or Ray, seconds of imports.
+    module = importlib.import_module(f"jobs.{argv[0]}") if argv and argv[0] in COMMANDS else None
+    if module:
+        module.add_arguments(parsers[argv[0]])
     args = parser.parse_args(argv)
     args.started_at = started_at
     try:
-        return modules[args.command].run(args)
+        return module.run(args)
     except UsageError as e:
         print(f"imgjobs {args.command}: error: {e}", file=sys.stderr)
         return 2
