@@ -7,7 +7,7 @@ import os
 
 import ray
 from ray._private import ray_constants, services
-from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+from ray._private.authentication import authentication_token_setup
 
 # Ray's single-node mode (meant for macOS/Windows): the node address becomes 127.0.0.1, so the GCS, raylet,
 # agents, workers and dashboard listen on loopback only instead of on every interface. For `ray start`, pass it
@@ -30,11 +30,15 @@ def init_ray() -> None:
     address = services.canonicalize_bootstrap_address(None)  # None: ray.init will start a new Ray
     if address is None:
         bind_to_loopback()
+        # Ray announces on every local start that token auth is on (it is, and stays on): noise in a job's output.
+        logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
     elif address in services.find_gcs_addresses():
         # Ray presents the token by itself only to a cluster it finds without RAY_ADDRESS; a cluster that runs on
         # this machine gets it when RAY_ADDRESS names it, too. An explicit RAY_AUTH_MODE still decides.
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        authentication_token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    # A local Ray gets no dashboard: nobody opens it for a one-command run, and on a 2-CPU machine its processes
+    # cost a second of start-up and CPU throughout. `ray start --head` gives one, and imgjobs then joins it.
+    ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False if address is None else None)
 
 
 def gpus_available() -> bool:
