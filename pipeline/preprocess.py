@@ -14,9 +14,8 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
-from torchvision import transforms as T
 
-from pipeline.images import decode_image, image_error
+from pipeline.images import decode_image, image_error, resize_center_crop
 from pipeline.sources import Reader
 
 ROWS_PER_BLOCK = 32  # output block size: small enough to keep the predictor fed early, big enough to be cheap
@@ -29,8 +28,7 @@ def make_unit(files: list[str] = (), archive: str | None = None, done: list[str]
 
 class Preprocess:
     def __init__(self, resize_size: int, input_size: int, fast_decode: bool):
-        self.crop = T.Compose([T.Resize(resize_size), T.CenterCrop(input_size)])
-        self.input_size = input_size
+        self.resize_size, self.input_size = resize_size, input_size
         # Reduced-size JPEG decoding keeps at least resize_size pixels on the short side, so Resize still
         # downsamples; only the anti-aliasing source differs.
         self.draft_size = resize_size if fast_decode else None
@@ -44,7 +42,8 @@ class Preprocess:
                 width, height = header.size
             if (width - height) * (img.width - img.height) < 0:
                 width, height = height, width
-        return np.asarray(self.crop(img)).transpose(2, 0, 1), width, height
+        crop = resize_center_crop(img, self.resize_size, self.input_size)
+        return np.asarray(crop).transpose(2, 0, 1), width, height
 
     def rows(self, items: Iterator[tuple[str, bytes | None, str | None]]) -> Iterator[dict]:
         """Blocks of decoded rows from (key, bytes, read error) items."""

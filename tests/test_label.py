@@ -15,10 +15,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
+from torchvision import transforms as T
 
 from jobs.cli import main
 from pipeline import checkpoint
-from pipeline.images import decode_image
+from pipeline.images import decode_image, resize_center_crop
 from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from pipeline.transforms import eval_transform
 from tests.conftest import REPO, make_image_folder
@@ -132,6 +134,35 @@ def test_user_errors_are_one_line_exit_2_before_any_work(small_checkpoint, tmp_p
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_arch_is_exit_2(small_checkpoint, tmp_path, capsys):
+    state = checkpoint.load(small_checkpoint)
+    state["model_state"] = build_model("resnet18", len(CLASSES), "none")[0].state_dict()
+    wrong = checkpoint.save(state, str(tmp_path))
+    out = tmp_path / "out"
+    assert main(["label", "--checkpoint", wrong, "--input", str(REPO / "data/hymenoptera/val"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "weights do not fit model.arch 'mobilenet_v3_small'" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_read_crop_is_torchvision_resize_then_center_crop():
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224)])
+    rng = np.random.default_rng(0)
+    sizes = [(256, 256), (224, 300), (500, 375), (375, 500), (257, 1023), (1001, 333), (640, 480), (225, 225)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    images += [decode_image(p.read_bytes()) for p in sorted((REPO / "data/hymenoptera/val/bees").glob("*"))[:20]]
+    for img in images:
+        assert np.array_equal(np.asarray(resize_center_crop(img, 256, 224)), np.asarray(reference(img))), img.size
+
+
+def test_read_workers_do_not_import_torch_and_predictors_not_torchvision():
+    """Each is a process Ray starts per job: torch costs a read worker, torchvision or timm a predictor, seconds
+    of start-up on a small machine."""
+    code = ("import sys, pipeline.preprocess; assert 'torch' not in sys.modules; "
+            "import pipeline.predictor; assert not {'torchvision', 'timm'} & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 def run_label(args: list, env: dict) -> subprocess.Popen:
