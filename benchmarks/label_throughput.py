@@ -10,7 +10,7 @@ Cases:
   12mp      a few hundred of the photos upscaled to ~12 MP: plain way vs the job with full and draft decoding.
   accuracy  the demo's trained checkpoint (runs/demo) on the full-resolution val set:
             fp32 vs bf16 vs --fast-decode.
-  memory    peak memory (RSS of the driver and all Ray processes) labeling 3k and 30k images.
+  memory    peak memory (PSS and RSS of the driver and all Ray processes) labeling 3k and 30k images.
 Nothing here is a pass/fail test: it prints numbers for the README.
 """
 
@@ -132,28 +132,30 @@ def ceilings(ckpt: str) -> dict:
     return result
 
 
-def label_job(ckpt: str, inputs: list[str], out: Path, *extra: str) -> tuple[dict, float]:
+def label_job(ckpt: str, inputs: list[str], out: Path, *extra: str) -> tuple[dict, dict]:
     """Run `imgjobs label` as a fresh command (its own local Ray), as a user would. Returns (summary, peak GiB):
-    the peak summed RSS of the command and its descendants (its Ray head processes and workers), not of
-    other Ray clusters on the machine."""
+    the peak sums of RSS and of PSS over the command and its descendants (its Ray processes and workers), not
+    over other Ray clusters on the machine. PSS splits pages that processes share (torch's libraries, mapped by
+    every worker) among them; RSS counts them once per process."""
     shutil.rmtree(out, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "label", "--checkpoint", ckpt, "--input", *inputs,
                              "--output", str(out), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    peak, root = 0, psutil.Process(proc.pid)
+    peak, root = {"rss": 0, "pss": 0}, psutil.Process(proc.pid)
     stop = threading.Event()
 
     def sample():
-        nonlocal peak
-        while not stop.wait(0.2):
-            total = 0
+        while not stop.wait(0.5):
+            now = {"rss": 0, "pss": 0}
             try:
                 for p in [root, *root.children(recursive=True)]:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()
+                    now["rss"] += info.rss
+                    now["pss"] += info.pss
             except psutil.Error:  # a process ended between listing and reading: skip this sample
                 continue
-            peak = max(peak, total)
+            peak.update({k: max(peak[k], now[k]) for k in peak})
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -162,7 +164,7 @@ def label_job(ckpt: str, inputs: list[str], out: Path, *extra: str) -> tuple[dic
     sampler.join()
     if proc.returncode:
         sys.exit(f"label failed:\n{output}")
-    return json.loads((out / "_summary.json").read_text()), peak / 2**30
+    return json.loads((out / "_summary.json").read_text()), {k: v / 2**30 for k, v in peak.items()}
 
 
 def job_labels(out: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -241,8 +243,8 @@ def case_memory(tmp: Path, ckpt: str) -> None:
         inputs = tmp / f"mem{copies}"
         replicate(small, inputs, copies)
         summary, peak = label_job(ckpt, [str(inputs)], tmp / "outmem", "--precision", "bf16")
-        print(f"memory: {summary['total']} images: peak RSS of driver + Ray processes {peak:.2f} GiB "
-              f"({summary['images_per_s']:.1f} images/s)")
+        print(f"memory: {summary['total']} images: peak of driver + Ray processes {peak['pss']:.2f} GiB PSS, "
+              f"{peak['rss']:.2f} GiB RSS ({summary['images_per_s']:.1f} images/s)")
         shutil.rmtree(inputs)
 
 
