@@ -21,6 +21,8 @@ from torchvision import transforms as T
 from jobs.cli import main
 from pipeline import checkpoint
 from pipeline.images import decode_image, resize_center_crop
+from pipeline.labeling import model_payload
+from pipeline.predictor import cpu_model
 from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from pipeline.transforms import eval_transform
 from tests.conftest import REPO, make_image_folder
@@ -163,6 +165,31 @@ def test_read_workers_do_not_import_torch_and_predictors_not_torchvision():
     code = ("import sys, pipeline.preprocess; assert 'torch' not in sys.modules; "
             "import pipeline.predictor; assert not {'torchvision', 'timm'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 5e-2)])
+def test_cpu_and_gpu_payloads_hold_the_checkpoints_model(precision, tolerance):
+    """CPU actors run the driver's TorchScript; GPU actors rebuild the model from the GPU payload, as
+    predictor.gpu_model does (here on the CPU: CI has no GPU). Both must compute the checkpoint's logits.
+    ResNet18: its random-weight logits depend on the input (MobileNetV3's collapse to one value)."""
+    torch.manual_seed(0)
+    model, head = build_model("resnet18", len(CLASSES), "none")
+    spec = {"arch": "resnet18", "head": head, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "resize_size": 72, "input_size": 64}
+    state = {"model": spec, "classes": CLASSES, "model_state": model.eval().state_dict()}
+    gpu_payload = model_payload(state, checkpoint.build_from(state), precision, gpu=True)
+    assert gpu_payload["device"] == "cuda" and "torchscript" not in gpu_payload
+    x = torch.rand(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    try:
+        scripted = cpu_model(model_payload(state, checkpoint.build_from(state), precision, gpu=False), batch_size=4)
+        with torch.inference_mode():
+            expected = checkpoint.build_from(state)(x)
+            got = {"cpu": scripted(x).float(), "gpu": checkpoint.build_from(gpu_payload)(x)}
+    finally:
+        torch.jit.enable_onednn_fusion(False)  # cpu_model turns it on for the whole process
+    for name, logits in got.items():
+        error = (logits - expected).abs().max() / expected.abs().max()
+        assert error <= tolerance, (name, error)
 
 
 def run_label(args: list, env: dict) -> subprocess.Popen:
