@@ -176,6 +176,7 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's notice on reading the crafted file
 def test_crafted_pickle_checkpoint_is_refused_and_its_code_never_runs(tmp_path, capsys):
     marker = tmp_path / "pwned"
     crafted = tmp_path / "checkpoint.pt"
