@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fast-decode", action="store_true",
                         help="decode JPEGs at reduced size (PIL draft): much faster for big photos")
     parser.add_argument("--rows-per-file", type=int, default=100_000, help="rows per Parquet file (default 100000)")
-    parser.add_argument("--batch-size", type=int, help="images per model call (default 32 on CPU, 256 on GPU)")
+    parser.add_argument("--batch-size", type=int, help="images per model call (default 8 on CPU, 256 on GPU)")
     parser.add_argument("--overwrite", action="store_true", help="delete DIR's labels first instead of resuming")
     parser.add_argument("--evaluate", action="store_true",
                         help="the input is a class-folder tree: report accuracy and the confusion matrix")
