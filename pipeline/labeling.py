@@ -29,10 +29,7 @@ PROGRESS_EVERY_S = 5.0
 CPU_BATCH, GPU_BATCH = 8, 256
 # A read task is one decoding thread that also waits on storage. Its reservation must differ from the
 # predictor's, or Ray Data fuses reading into the predictor actors and decoding stops running in parallel.
-READ_CPUS = 0.25
-# CPU each predictor actor leaves unreserved: room for two read tasks, so that decoding big photos, which can
-# take longer than the model, runs on two cores (1.5x the images/s of one read task for 12 MP photos on 2 CPUs).
-READ_ROOM = 2 * READ_CPUS
+READ_CPUS = 0.5
 
 
 @dataclass
@@ -185,8 +182,8 @@ def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool
 
 def actor_plan(batch_size: int | None) -> dict:
     """How many predictor actors, with what resources. A GPU each where there are GPUs. On CPUs, an actor
-    reserves READ_ROOM less than its threads use, so read tasks always find room: a pool that reserves every
-    CPU starves the read tasks and the pipeline stalls forever (seen on 2 CPUs)."""
+    reserves half a CPU less than its threads use, so a read task always finds room: a pool that reserves
+    every CPU starves the read tasks and the pipeline stalls forever (seen on 2 CPUs)."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
@@ -196,7 +193,7 @@ def actor_plan(batch_size: int | None) -> dict:
     return {
         "actors": max(1, int(resources["CPU"]) // (threads + 1)),
         "num_gpus": 0,
-        "num_cpus": threads - READ_ROOM,
+        "num_cpus": threads - READ_CPUS,
         "threads": threads,
         "batch_size": batch_size or CPU_BATCH,
     }
