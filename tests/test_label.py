@@ -31,15 +31,19 @@ from tests.corpus import make_corpus
 CLASSES = ["blue", "red"]
 
 
+def random_weight_state(arch: str) -> dict:
+    """A checkpoint's contents in the training job's format, with random weights, at a small input size."""
+    torch.manual_seed(0)
+    model, head = build_model(arch, len(CLASSES), "none")
+    spec = {"arch": arch, "head": head, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "resize_size": 72, "input_size": 64}
+    return {"model": spec, "classes": CLASSES, "model_state": model.eval().state_dict()}
+
+
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory) -> str:
-    """A random-weight MobileNetV3-small checkpoint in the training job's format, at a small input size."""
-    torch.manual_seed(0)
-    model, head = build_model("mobilenet_v3_small", len(CLASSES), "none")
-    folder = tmp_path_factory.mktemp("ckpt")
-    spec = {"arch": "mobilenet_v3_small", "head": head, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "resize_size": 72, "input_size": 64}
-    return checkpoint.save({"model": spec, "classes": CLASSES, "model_state": model.eval().state_dict()}, str(folder))
+    """A random-weight MobileNetV3-small checkpoint."""
+    return checkpoint.save(random_weight_state("mobilenet_v3_small"), str(tmp_path_factory.mktemp("ckpt")))
 
 
 def reference_probs(ckpt: str, paths: list) -> np.ndarray:
@@ -172,11 +176,7 @@ def test_cpu_and_gpu_payloads_hold_the_checkpoints_model(precision, tolerance):
     """CPU actors run the driver's TorchScript; GPU actors rebuild the model from the GPU payload, as
     predictor.gpu_model does (here on the CPU: CI has no GPU). Both must compute the checkpoint's logits.
     ResNet18: its random-weight logits depend on the input (MobileNetV3's collapse to one value)."""
-    torch.manual_seed(0)
-    model, head = build_model("resnet18", len(CLASSES), "none")
-    spec = {"arch": "resnet18", "head": head, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "resize_size": 72, "input_size": 64}
-    state = {"model": spec, "classes": CLASSES, "model_state": model.eval().state_dict()}
+    state = random_weight_state("resnet18")
     gpu_payload = model_payload(state, checkpoint.build_from(state), precision, gpu=True)
     assert gpu_payload["device"] == "cuda" and "torchscript" not in gpu_payload
     x = torch.rand(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
