@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,24 +36,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import checkpoint  # noqa: E402
 from pipeline.images import decode_image, is_image_name  # noqa: E402
-from pipeline.labeling import CPU_BATCH, model_payload  # noqa: E402
-from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
-from pipeline.predictor import cpu_model  # noqa: E402
-from pipeline.transforms import eval_transform  # noqa: E402
+from pipeline.label.plan import CPU_BATCH, model_payload  # noqa: E402
+from pipeline.label.predictor import torchscript_model  # noqa: E402
+from pipeline.train import checkpoint  # noqa: E402
+from pipeline.train.transforms import eval_transform  # noqa: E402
+from tests.helpers import peak_memory, random_weight_checkpoint, start_label  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "hymenoptera"
 BATCH = 32
-
-
-def resnet18_checkpoint(folder: Path) -> str:
-    """Random weights: throughput does not depend on them, and no offline ResNet18 ImageNet weights exist."""
-    torch.manual_seed(0)
-    model, head = build_model("resnet18", 2, "none")
-    spec = {"arch": "resnet18", "head": head, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "resize_size": 256, "input_size": 224}
-    return checkpoint.save({"model": spec, "classes": ["ants", "bees"], "model_state": model.state_dict()}, str(folder))
 
 
 def replicate(src: Path, dst: Path, copies: int) -> list[str]:
@@ -92,7 +82,7 @@ def plain_pytorch(ckpt: str, paths: list[str], workers: int, out: Path) -> tuple
     model = checkpoint.build_from(state)
     spec = state["model"]
     loader = torch.utils.data.DataLoader(
-        Files(paths, eval_transform(spec["mean"], spec["std"], spec["resize_size"], spec["input_size"])),
+        Files(paths, eval_transform(spec)),
         batch_size=BATCH, num_workers=workers,
     )
     labels, scores = [], []
@@ -127,7 +117,7 @@ def ceilings(ckpt: str) -> dict:
         return forward
 
     def imgjobs(precision):
-        return cpu_model(model_payload(state, checkpoint.build_from(state), precision, gpu=False), CPU_BATCH)
+        return torchscript_model(model_payload(state, checkpoint.build_from(state), precision, gpu=False), CPU_BATCH)
 
     variants = {
         "eager fp32": (lambda: checkpoint.build_from(state), x),
@@ -154,33 +144,14 @@ def ceilings(ckpt: str) -> dict:
 def label_job(ckpt: str, inputs: list[str], out: Path, *extra: str) -> tuple[dict, dict]:
     """Run `imgjobs label` as a fresh command (its own local Ray), as a user would. Returns (summary, peak GiB):
     the peak sums of RSS and of PSS over the command and its descendants (its Ray processes and workers), not
-    over other Ray clusters on the machine. PSS splits pages that processes share (torch's libraries, mapped by
-    every worker) among them; RSS counts them once per process."""
+    over other Ray clusters on the machine."""
     shutil.rmtree(out, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "label", "--checkpoint", ckpt, "--input", *inputs,
-                             "--output", str(out), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    peak, root = {"rss": 0, "pss": 0}, psutil.Process(proc.pid)
-    stop = threading.Event()
-
-    def sample():
-        while not stop.wait(0.5):
-            now = {"rss": 0, "pss": 0}
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    info = p.memory_full_info()
-                    now["rss"] += info.rss
-                    now["pss"] += info.pss
-            except psutil.Error:  # a process ended between listing and reading: skip this sample
-                continue
-            peak.update({k: max(peak[k], now[k]) for k in peak})
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output = proc.communicate()[0]
-    stop.set()
-    sampler.join()
+    proc = start_label(["--checkpoint", ckpt, "--input", *inputs, "--output", str(out), *extra], env,
+                       stderr=subprocess.STDOUT)
+    root = psutil.Process(proc.pid)
+    with peak_memory(lambda: [root, *root.children(recursive=True)]) as peak:
+        output = proc.communicate()[0]
     if proc.returncode:
         sys.exit(f"label failed:\n{output}")
     return json.loads((out / "_summary.json").read_text()), {k: v / 2**30 for k, v in peak.items()}
@@ -286,7 +257,7 @@ def main() -> None:
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB | torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpt = resnet18_checkpoint(tmp)
+        ckpt = random_weight_checkpoint("resnet18", ["ants", "bees"], tmp)  # throughput does not depend on weights
         if "main" in args.cases:
             case_main(tmp, ckpt, args.plain_workers)
         if "12mp" in args.cases:

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.sources import list_inputs  # noqa: E402
+from pipeline.label.sources import list_inputs  # noqa: E402
 
 
 def make_tree(root: Path, files: int, per_folder: int = 1000) -> None:

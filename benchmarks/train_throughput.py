@@ -26,18 +26,19 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.data import ImageDataset, collate_skipping, scan_image_folder  # noqa: E402
-from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
-from pipeline.transforms import train_transform  # noqa: E402
+from pipeline.train.data import ImageDataset, collate_skipping, scan_image_folder  # noqa: E402
+from pipeline.train.models import build_model  # noqa: E402
+from pipeline.train.transforms import train_transform  # noqa: E402
 
 
 def plain_loop(data_root: str, batch_size: int, epochs: int, loader_workers: int) -> float:
     """The notebook way: one process, DataLoader, SGD. Returns the last epoch's images/s."""
     torch.manual_seed(0)
     folder = scan_image_folder(data_root)
-    dataset = ImageDataset(data_root, folder.train, train_transform(IMAGENET_MEAN, IMAGENET_STD))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=loader_workers, collate_fn=collate_skipping)
-    model, _ = build_model("resnet18", len(folder.classes), "none")
+    model, spec = build_model("resnet18", len(folder.classes), "none")
+    dataset = ImageDataset(data_root, folder.train, train_transform(spec))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=loader_workers,
+                        collate_fn=collate_skipping)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     criterion = torch.nn.CrossEntropyLoss()
     model.train()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 
 from pipeline.errors import UsageError
-from pipeline.labeling import LabelOptions, label
 
 
 def add_arguments(parser) -> None:
@@ -32,6 +31,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.label.job import LabelOptions, label
+
     if args.rows_per_file < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise UsageError("--rows-per-file and --batch-size must be at least 1")
     if not 0.0 <= args.min_confidence <= 1.0:

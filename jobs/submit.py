@@ -10,13 +10,12 @@ import importlib
 import logging
 import os
 import sys
-import tempfile
 
 from ray.exceptions import AuthenticationError
 
 from jobs.cli import COMMANDS
 from pipeline import submit
-from pipeline.config import load_config
+from pipeline.train.config import load_config
 from pipeline.errors import UsageError
 
 USAGE = "name the job after --, e.g. imgjobs submit -- train -c configs/train.yaml [key=value ...]"
@@ -31,22 +30,24 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)  # not every upload and closed socket
+    # Packing the working_dir: notes on files our excludes already leave out, and "now ignored by default".
+    for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     job_argv = args.job[1:] if args.job[:1] == ["--"] else args.job
     check_job(job_argv)
     address = submit.resolve_address(args.address)
-    with tempfile.TemporaryDirectory(prefix="imgjobs-submit-") as tmp:
-        package = submit.build_package(tmp)
-        print(f"working_dir: {len(package.files)} files, {package.size / 1024:.1f} KiB "
-              f"({', '.join(submit.PACKAGE_CONTENT)})")
-        try:
-            client = submit.connect(address)
-            job_id = submit.submit(client, package, job_argv)
-        except ConnectionError:
-            raise UsageError(f"no Ray dashboard answers at {address}; start a cluster (ray start --head, "
-                             "ray up cluster.yaml) or pass --address / set RAY_ADDRESS") from None
-        except AuthenticationError as e:
-            raise UsageError(f"Ray at {address} refused the request ({str(e).splitlines()[0]}); "
-                             f"{submit.TOKEN_HELP}") from None
+    files = submit.package_files()
+    size = sum((submit.PROJECT_ROOT / name).stat().st_size for name in files)
+    print(f"working_dir: {len(files)} files, {size / 1024:.1f} KiB ({', '.join(submit.PACKAGE_CONTENT)})")
+    try:
+        client = submit.connect(address)
+        job_id = submit.submit(client, job_argv)
+    except ConnectionError:
+        raise UsageError(f"no Ray dashboard answers at {address}; start a cluster (ray start --head, "
+                         "ray up cluster.yaml) or pass --address / set RAY_ADDRESS") from None
+    except AuthenticationError as e:
+        raise UsageError(f"Ray at {address} refused the request ({str(e).splitlines()[0]}); "
+                         f"{submit.TOKEN_HELP}") from None
     print(f"job {job_id} submitted to {address}", flush=True)
     if args.no_wait:
         # Ray's own CLI sends the token only when told to.

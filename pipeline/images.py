@@ -15,6 +15,10 @@ def is_image_name(name: str) -> bool:
     return dot >= 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") and name not in (".", "..")
+
+
 def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     """Decode bytes to RGB with EXIF orientation applied. Raises on anything that is not a whole image.
 
@@ -45,14 +49,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, resize_size: int, crop_size: int) -> Image.Image:
+# torchvision's InterpolationMode values, as PIL filters (what torchvision's Resize uses on PIL images).
+PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+               "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def resize_center_crop(img: Image.Image, resize_size: int, crop_size: int, interpolation: str = "bilinear") -> Image.Image:
     """torchvision's Resize(resize_size) then CenterCrop(crop_size) on a PIL image, pixel for pixel (the tests
-    compare them), for resize_size >= crop_size. Without torch: a labeling read worker that imported torchvision
-    for this would spend seconds of a small machine's start-up on it."""
+    compare them), for resize_size >= crop_size. Without torch, so labeling's read workers need not import it."""
     w, h = img.size
     size = (resize_size, int(resize_size * h / w)) if w <= h else (int(resize_size * w / h), resize_size)
     if size != img.size:
-        img = img.resize(size, Image.BILINEAR)  # PIL always antialiases, as torchvision's Resize does for PIL
+        img = img.resize(size, PIL_FILTERS[interpolation])  # PIL always antialiases, as torchvision does for PIL
     left, top = round((img.width - crop_size) / 2), round((img.height - crop_size) / 2)
     return img.crop((left, top, left + crop_size, top + crop_size))
 

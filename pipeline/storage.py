@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
+from typing import Iterator
 
 import pyarrow.fs as pafs
+
+from pipeline.images import is_hidden, is_image_name
 
 
 def is_uri(path: str) -> bool:
@@ -41,3 +45,44 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
+
+
+def walk_images(fs: pafs.FileSystem, root: str) -> Iterator[str]:
+    """Image files under `root` in sorted order, hidden names skipped."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield from _walk_local(root)
+        return
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    prefix = len(root.rstrip("/")) + 1
+    for info in sorted(infos, key=lambda i: i.path):
+        rel = info.path[prefix:]
+        if info.type == pafs.FileType.File and is_image_name(rel) and not any(map(is_hidden, rel.split("/"))):
+            yield info.path
+
+
+def _walk_local(root: str) -> Iterator[str]:
+    """os.scandir, much faster than a stat call per file on a million-file tree. Symlinked folders are not
+    followed, so links cannot loop."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:  # an unreadable folder must not stop the listing, but it must not be silent
+            print(f"warning: cannot list {folder}: {e.strerror or e}", file=sys.stderr)
+            continue
+        subdirs = []
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not entry.is_symlink():  # their targets can be inputs themselves
+                    subdirs.append(entry.path)
+            elif is_image_name(entry.name):  # broken links stay in, and get an error row
+                yield entry.path
+        stack.extend(reversed(subdirs))

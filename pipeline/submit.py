@@ -7,13 +7,12 @@ import ipaddress
 import os
 import shlex
 import time
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ray._raylet import AuthenticationTokenLoader
 from ray.job_submission import JobInfo, JobStatus, JobSubmissionClient
+
+from pipeline import ray_internals
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a job carries to the cluster: the code and the configs, nothing else (no data, runs, labels, checkpoints,
@@ -27,13 +26,6 @@ TOKEN_HELP = ("the cluster's token (`ray get-auth-token` on the head prints it) 
               "only with RAY_AUTH_MODE=token")
 
 
-@dataclass
-class Package:
-    path: str
-    files: list[str]
-    size: int
-
-
 def package_files() -> list[str]:
     """Project-relative POSIX paths of the files a job carries."""
     files = []
@@ -45,18 +37,13 @@ def package_files() -> list[str]:
     return files
 
 
-def build_package(directory: str) -> Package:
-    """Zip the project's code for the runtime_env working_dir. Entries have fixed dates, so an unchanged project
-    gives the same bytes, the same content hash and no second upload."""
-    files = package_files()
-    path = os.path.join(directory, "imgjobs.zip")
-    with zipfile.ZipFile(path, "w") as zf:
-        for name in files:
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, (PROJECT_ROOT / name).read_bytes())
-    return Package(path, files, os.path.getsize(path))
+def runtime_env() -> dict:
+    """The project as the job's working_dir, less everything but PACKAGE_CONTENT (gitignore-style excludes that
+    leave the same files as package_files). Ray zips it, names it by a hash of its content and uploads it only
+    when that hash is new to the cluster."""
+    others = sorted(name for name in os.listdir(PROJECT_ROOT) if name not in PACKAGE_CONTENT)
+    excludes = [*(f"/{name}" for name in others), "__pycache__", ".[!.]*"]  # not ".*": it matches the root, "."
+    return {"working_dir": str(PROJECT_ROOT), "excludes": excludes}
 
 
 def resolve_address(flag: str | None) -> str:
@@ -75,7 +62,7 @@ def auth_headers(address: str) -> dict:
     mode = os.environ.get("RAY_AUTH_MODE", "").lower()
     if mode == "disabled" or (mode != "token" and not is_loopback(address)):
         return {}
-    return AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)
+    return ray_internals.token_header()
 
 
 def is_loopback(address: str) -> bool:
@@ -103,8 +90,8 @@ def entrypoint(job_argv: list[str]) -> str:
     return shlex.join(["python", "-m", "jobs.cli", *job_argv])
 
 
-def submit(client: JobSubmissionClient, package: Package, job_argv: list[str]) -> str:
-    return client.submit_job(entrypoint=entrypoint(job_argv), runtime_env={"working_dir": package.path},
+def submit(client: JobSubmissionClient, job_argv: list[str]) -> str:
+    return client.submit_job(entrypoint=entrypoint(job_argv), runtime_env=runtime_env(),
                              metadata={"imgjobs": shlex.join(job_argv)})
 
 

@@ -19,7 +19,7 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "hymenoptera"
 @pytest.fixture(scope="session")
 def ray_local():
     """One real Ray instance for every test that needs it (start-up costs seconds); stopped at the end."""
-    from pipeline.cluster import bind_to_loopback
+    from pipeline.ray_internals import bind_to_loopback
 
     os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     bind_to_loopback()
@@ -77,6 +77,14 @@ def demo_run(ray_local, tmp_path_factory) -> dict:
     storage = tmp_path_factory.mktemp("demo-runs")
     assert main(["train", "-c", str(REPO / "configs" / "demo.yaml"), "train.epochs=2", f"data.root={DEMO_DATA}", f"storage.path={storage}"]) == 0
     return json.loads((storage / "demo" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> str:
+    """A random-weight MobileNetV3-small checkpoint for classes blue and red, at 64 pixels."""
+    from tests.helpers import random_weight_checkpoint
+
+    return random_weight_checkpoint("mobilenet_v3_small", ["blue", "red"], tmp_path_factory.mktemp("ckpt"), input_size=64)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline.train import checkpoint
 from pipeline.errors import UsageError
-from pipeline.models import build_model
+from pipeline.train.models import build_model
 
 
 class _Payload:
@@ -42,7 +42,7 @@ def test_non_checkpoint_files_are_refused(tmp_path):
 
 
 def test_unknown_arch_is_refused(tmp_path):
-    model, head = build_model("resnet18", 2, "none")
+    model, _ = build_model("resnet18", 2, "none")
     state = {"model": {"arch": "resnet9000"}, "classes": ["a", "b"], "model_state": model.state_dict()}
     checkpoint.save(state, str(tmp_path))
     with pytest.raises(UsageError, match="unknown model.arch 'resnet9000'"):
@@ -50,8 +50,8 @@ def test_unknown_arch_is_refused(tmp_path):
 
 
 def test_round_trip_from_a_folder_or_file(tmp_path):
-    model, head = build_model("resnet18", 3, "none")
-    state = {"model": {"arch": "resnet18", "head": head}, "classes": ["a", "b", "c"], "model_state": model.state_dict()}
+    model, spec = build_model("resnet18", 3, "none")
+    state = {"model": spec, "classes": ["a", "b", "c"], "model_state": model.state_dict()}
     path = checkpoint.save(state, str(tmp_path))
     for where in (str(tmp_path), path, f"file://{path}"):
         rebuilt = checkpoint.build_from(checkpoint.load(where))

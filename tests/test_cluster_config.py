@@ -16,7 +16,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipeline.cluster import LOCAL_ONLY_ENV
+from pipeline.ray_internals import LOCAL_ONLY_ENV
 from tests.conftest import LOOPBACK, REPO, listening_sockets
 
 

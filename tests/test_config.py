@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from jobs.cli import main
-from pipeline.config import load_config
+from pipeline.train.config import load_config
 from tests.conftest import REPO, make_image_folder, write_config
 
 

@@ -19,46 +19,27 @@ from PIL import Image
 from torchvision import transforms as T
 
 from jobs.cli import main
-from pipeline import checkpoint
+from pipeline.train import checkpoint
 from pipeline.images import decode_image, resize_center_crop
-from pipeline.labeling import model_payload
-from pipeline.predictor import cpu_model
-from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-from pipeline.transforms import eval_transform
+from pipeline.label.plan import model_payload
+from pipeline.label.predictor import torchscript_model
+from pipeline.train.models import build_model
+from pipeline.train.transforms import eval_transform
 from tests.conftest import REPO, make_image_folder
 from tests.corpus import make_corpus
+from tests.helpers import read_output, random_weight_state, start_label
 
 CLASSES = ["blue", "red"]
-
-
-def random_weight_state(arch: str) -> dict:
-    """A checkpoint's contents in the training job's format, with random weights, at a small input size."""
-    torch.manual_seed(0)
-    model, head = build_model(arch, len(CLASSES), "none")
-    spec = {"arch": arch, "head": head, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "resize_size": 72, "input_size": 64}
-    return {"model": spec, "classes": CLASSES, "model_state": model.eval().state_dict()}
-
-
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory) -> str:
-    """A random-weight MobileNetV3-small checkpoint."""
-    return checkpoint.save(random_weight_state("mobilenet_v3_small"), str(tmp_path_factory.mktemp("ckpt")))
 
 
 def reference_probs(ckpt: str, paths: list) -> np.ndarray:
     """The plain PyTorch way: PIL decode, torchvision eval transform, eager fp32 forward."""
     state = checkpoint.load(ckpt)
     spec = state["model"]
-    tf = eval_transform(spec["mean"], spec["std"], spec["resize_size"], spec["input_size"])
+    tf = eval_transform(spec)
     x = torch.stack([tf(decode_image(Path(p).read_bytes())) for p in paths])
     with torch.inference_mode():
         return checkpoint.build_from(state)(x).softmax(1).numpy()
-
-
-def read_output(out: Path):
-    files = sorted(out.glob("*.parquet"))
-    return pq.read_table(files).to_pylist() if files else []
 
 
 def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, small_checkpoint, tmp_path):
@@ -166,35 +147,30 @@ def test_read_crop_is_torchvision_resize_then_center_crop():
 def test_read_workers_do_not_import_torch_and_predictors_not_torchvision():
     """Each is a process Ray starts per job: torch costs a read worker, torchvision or timm a predictor, seconds
     of start-up on a small machine."""
-    code = ("import sys, pipeline.preprocess; assert 'torch' not in sys.modules; "
-            "import pipeline.predictor; assert not {'torchvision', 'timm'} & set(sys.modules)")
+    code = ("import sys, pipeline.label.reading; assert 'torch' not in sys.modules; "
+            "import pipeline.label.predictor; assert not {'torchvision', 'timm'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 5e-2)])
 def test_cpu_and_gpu_payloads_hold_the_checkpoints_model(precision, tolerance):
     """CPU actors run the driver's TorchScript; GPU actors rebuild the model from the GPU payload, as
-    predictor.gpu_model does (here on the CPU: CI has no GPU). Both must compute the checkpoint's logits.
+    predictor.eager_model does (here on the CPU: CI has no GPU). Both must compute the checkpoint's logits.
     ResNet18: its random-weight logits depend on the input (MobileNetV3's collapse to one value)."""
-    state = random_weight_state("resnet18")
+    state = random_weight_state("resnet18", CLASSES, input_size=64)
     gpu_payload = model_payload(state, checkpoint.build_from(state), precision, gpu=True)
     assert gpu_payload["device"] == "cuda" and "torchscript" not in gpu_payload
     x = torch.rand(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     try:
-        scripted = cpu_model(model_payload(state, checkpoint.build_from(state), precision, gpu=False), batch_size=4)
+        scripted = torchscript_model(model_payload(state, checkpoint.build_from(state), precision, gpu=False), batch_size=4)
         with torch.inference_mode():
             expected = checkpoint.build_from(state)(x)
             got = {"cpu": scripted(x).float(), "gpu": checkpoint.build_from(gpu_payload)(x)}
     finally:
-        torch.jit.enable_onednn_fusion(False)  # cpu_model turns it on for the whole process
+        torch.jit.enable_onednn_fusion(False)  # torchscript_model turns it on for the whole process
     for name, logits in got.items():
         error = (logits - expected).abs().max() / expected.abs().max()
         assert error <= tolerance, (name, error)
-
-
-def run_label(args: list, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "label", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_local, small_checkpoint, tmp_path):
@@ -206,7 +182,7 @@ def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_loc
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     committed = 0
     for new_files in (0, 1, 3):  # killed once the output folder exists but holds nothing, after one file, after three
-        proc = run_label(args, env)
+        proc = start_label(args, env, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline and not (
             out.exists() and len(list(out.glob("*.parquet"))) >= committed + new_files
@@ -217,7 +193,7 @@ def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_loc
         proc.wait()
         committed = len(list(out.glob("*.parquet")))
     (out / ".writing-part-left-over.parquet").write_bytes(b"half a file")  # what a kill mid-write leaves
-    proc = run_label(args, env)
+    proc = start_label(args, env, stderr=subprocess.STDOUT)
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
 
     keys = [r["path"] for r in read_output(out)]

@@ -3,7 +3,6 @@ disk, an output folder that cannot be written, bad checkpoints, and a 20,000-ima
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -12,8 +11,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,19 +21,14 @@ import torch
 from PIL import Image
 
 from jobs.cli import main
-from pipeline import checkpoint
-from tests.conftest import REPO, make_image_folder
-from tests.test_label import read_output, small_checkpoint  # noqa: F401  (small_checkpoint is a fixture)
+from pipeline.train import checkpoint
+from tests.conftest import make_image_folder
+from tests.helpers import peak_memory, read_output, start_label
 
 
 def joined_env(ray_local) -> dict:
     """Drivers started from here join the session's Ray, as a driver on a cluster would."""
     return {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-
-
-def start_label(args: list, env: dict, preexec_fn=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "label", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
 
 
 def predictor_actors() -> list[psutil.Process]:
@@ -210,33 +202,6 @@ def tiny_jpegs(root: Path, count: int) -> list[Path]:
         path.write_bytes(blobs[i % 16])
         paths.append(path)
     return paths
-
-
-@contextlib.contextmanager
-def peak_memory(processes):
-    """Yields a dict whose "rss" and "pss" become the peak sums over `processes()`, sampled every 0.5 s."""
-    peak = {"rss": 0, "pss": 0}
-    stop = threading.Event()
-
-    def sample():
-        while not stop.wait(0.5):
-            now = {"rss": 0, "pss": 0}
-            for p in processes():
-                try:
-                    info = p.memory_full_info()
-                except psutil.Error:  # exited meanwhile
-                    continue
-                now["rss"] += info.rss
-                now["pss"] += info.pss
-            peak.update({k: max(peak[k], now[k]) for k in peak})
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        thread.join()
 
 
 @pytest.mark.slow

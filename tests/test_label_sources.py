@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from pipeline.errors import UsageError
-from pipeline.sources import Reader, list_inputs
+from pipeline.label.sources import Reader, list_inputs
 
 
 def touch(path, data=b"x"):

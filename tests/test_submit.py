@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import pytest
 import requests
 
 from jobs.cli import main
-from pipeline import checkpoint, submit
-from pipeline.cluster import LOCAL_ONLY_ENV
+from pipeline import submit
+from pipeline.train import checkpoint
+from pipeline.ray_internals import LOCAL_ONLY_ENV
 from tests.conftest import DEMO_DATA, LOOPBACK, REPO, listening_sockets
 
 BIN = Path(sys.executable).parent
@@ -216,15 +216,16 @@ def test_init_ray_joins_a_token_cluster_of_this_machine_named_by_ray_address(ray
     assert result.stdout.split()[-1] == "2.0"
 
 
-def test_package_holds_only_code_and_configs(tmp_path):
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    package = submit.build_package(str(tmp_path / "a"))
-    names = zipfile.ZipFile(package.path).namelist()
-    assert {"pyproject.toml", "jobs/cli.py", "jobs/submit.py", "pipeline/submit.py", "configs/demo.yaml"} <= set(names)
-    assert not [n for n in names if n.split("/")[0] in {".git", ".venv", "data", "runs", "tests"} or "__pycache__" in n]
-    assert package.size < 1024 * 1024  # Ray's limit is 100 MiB
-    again = submit.build_package(str(tmp_path / "b"))
-    assert Path(again.path).read_bytes() == Path(package.path).read_bytes()  # same code, same package: no re-upload
+def test_the_job_s_working_dir_holds_only_code_and_configs(ray_head, trained):
+    """What Ray unpacked on the cluster for the submitted job: exactly package_files(), no data, runs or tests."""
+    packages = ray_head.token_path.parent / "session_latest" / "runtime_resources" / "working_dir_files"
+    unpacked = [p for p in packages.glob("_ray_pkg_*") if p.is_dir()]
+    assert len(unpacked) == 1, unpacked
+    names = sorted(p.relative_to(unpacked[0]).as_posix() for p in unpacked[0].rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts)
+    assert names == sorted(submit.package_files())
+    assert {"pyproject.toml", "jobs/cli.py", "pipeline/submit.py", "pipeline/train/loop.py", "configs/demo.yaml"} <= set(names)
+    assert not [n for n in names if n.split("/")[0] in {".git", ".venv", "data", "runs", "tests"}]
 
 
 def test_address_comes_from_flag_then_environment_then_default(monkeypatch):

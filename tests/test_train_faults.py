@@ -9,8 +9,9 @@ import time
 import psutil
 
 from jobs.cli import main
-from pipeline.data import ImageDataset, scan_image_folder
-from pipeline.transforms import eval_transform
+from pipeline.train.data import ImageDataset, scan_image_folder
+from pipeline.train.models import build_model
+from pipeline.train.transforms import eval_transform
 from tests.conftest import REPO, make_image_folder, write_config
 from tests.corpus import make_corpus
 from tests.test_train_job import train
@@ -42,7 +43,7 @@ def test_a_file_that_vanishes_after_listing_is_skipped(tmp_path):
     root = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
     folder = scan_image_folder(str(root))
     os.remove(folder.val.paths[0])
-    image, path, reason = ImageDataset(str(root), folder.val, eval_transform((0.5,) * 3, (0.5,) * 3))[0]
+    image, path, reason = ImageDataset(str(root), folder.val, eval_transform(build_model("efficientnet_lite0", 2)[1]))[0]
     assert image is None and path == folder.val.paths[0] and "FileNotFoundError" in reason
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from jobs.cli import main
-from pipeline import checkpoint
-from pipeline.config import load_config
-from pipeline.data import ImageDataset, collate_skipping, scan_image_folder
-from pipeline.transforms import eval_transform
+from pipeline.train import checkpoint
+from pipeline.train.config import load_config
+from pipeline.train.data import ImageDataset, collate_skipping, scan_image_folder
+from pipeline.train.transforms import eval_transform
 from tests.conftest import REPO, make_image_folder, write_config
 
 
@@ -25,7 +25,7 @@ def single_process_accuracy(ckpt_path: str, data_root) -> float:
     state = checkpoint.load(ckpt_path)
     model = checkpoint.build_from(state)
     folder = scan_image_folder(str(data_root))
-    dataset = ImageDataset(str(data_root), folder.val, eval_transform(state["model"]["mean"], state["model"]["std"]))
+    dataset = ImageDataset(str(data_root), folder.val, eval_transform(state["model"]))
     correct = 0
     with torch.no_grad():
         for images, targets, _, _ in torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=collate_skipping):
@@ -69,7 +69,7 @@ def test_checkpoint_is_self_describing(ray_local, tmp_path, tiny_folder):
     assert state["classes"] == ["blue", "red"] and state["epoch"] == 1 and state["best_val_acc"] == summary["best_val_acc"]
     assert state["model"] == {
         "arch": "mobilenet_v3_small", "head": "classifier.3", "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225], "resize_size": 256, "input_size": 224,
+        "std": [0.229, 0.224, 0.225], "resize_size": 256, "input_size": 224, "interpolation": "bilinear",
     }
     assert state["config"]["train"]["lr"] == 0.01 and state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 1
     # A round trip through the file gives the same model.

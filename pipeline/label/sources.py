@@ -1,14 +1,12 @@
 """What `imgjobs label` reads: image files found in directories, archives and manifests, local or by URI.
 
 Every input image has a key, the `path` written to the output: an absolute local path, a URI, or
-`ARCHIVE!MEMBER` for an archive member. Directories are walked with os.scandir (much faster than
-per-file stat calls on a million-file tree); symlinked directories are not followed, so links cannot loop.
+`ARCHIVE!MEMBER` for an archive member.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.images import image_error, is_image_name
+from pipeline.images import image_error, is_hidden, is_image_name
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 ZIP_SUFFIX = ".zip"
@@ -31,10 +29,6 @@ def archive_kind(name: str) -> str | None:
     if lower.endswith(ZIP_SUFFIX):
         return "zip"
     return "tar" if lower.endswith(TAR_SUFFIXES) else None
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") and name not in (".", "..")
 
 
 @dataclass
@@ -70,7 +64,7 @@ def list_inputs(paths: list[str]) -> Listing:
         key = prefix + fs_path
         if kind == pafs.FileType.Directory:
             listing.roots.append(key)
-            for found in walk(fs, fs_path):
+            for found in storage.walk_images(fs, fs_path):
                 listing.add_file(prefix + found, seen)
         elif archive_kind(path):
             if key not in seen:
@@ -87,45 +81,6 @@ def list_inputs(paths: list[str]) -> Listing:
         else:
             listing.add_file(key, seen)
     return listing
-
-
-def walk(fs: pafs.FileSystem, root: str) -> Iterator[str]:
-    """Image files under `root` in sorted order, hidden names skipped."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        yield from _walk_local(root)
-        return
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    prefix = len(root.rstrip("/")) + 1
-    for info in sorted(infos, key=lambda i: i.path):
-        rel = info.path[prefix:]
-        if info.type == pafs.FileType.File and is_image_name(rel) and not any(map(_hidden, rel.split("/"))):
-            yield info.path
-
-
-def _walk_local(root: str) -> Iterator[str]:
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:  # an unreadable folder must not stop the listing, but it must not be silent
-            print(f"warning: cannot list {folder}: {e.strerror or e}", file=sys.stderr)
-            continue
-        subdirs = []
-        for entry in entries:
-            if _hidden(entry.name):
-                continue
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
-                if not entry.is_symlink():  # symlinked folders may loop; their targets can be inputs themselves
-                    subdirs.append(entry.path)
-            elif is_image_name(entry.name):  # broken links stay in, and get an error row
-                yield entry.path
-        stack.extend(reversed(subdirs))
 
 
 def _manifest_entries(fs: pafs.FileSystem, fs_path: str, path: str) -> Iterator[str]:
@@ -232,4 +187,4 @@ class Reader:
 
 
 def _image_member(name: str) -> bool:
-    return is_image_name(name) and not any(map(_hidden, name.split("/")))
+    return is_image_name(name) and not any(map(is_hidden, name.split("/")))

@@ -1,6 +1,6 @@
 """Model stage of `imgjobs label`: a Ray Data callable class that loads the checkpoint's model once per actor.
 
-This module runs in every predictor actor, so it imports torch alone (see labeling.model_payload)."""
+This module runs in every predictor actor, so it imports torch alone (see plan.model_payload)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,8 @@ import pyarrow as pa
 import ray
 import torch
 
-OUTPUT_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("label", pa.string()),
-    ("label_index", pa.int32()),
-    ("score", pa.float32()),
-    ("topk_labels", pa.list_(pa.string())),
-    ("topk_scores", pa.list_(pa.float32())),
-    ("uncertain", pa.bool_()),
-    ("error", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-])
+from pipeline.label.output import OUTPUT_SCHEMA
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -39,7 +29,7 @@ class Predictor:
         spec = payload["model"]
         mean, std = (torch.tensor(spec[k], dtype=torch.float32, device=self.device) for k in ("mean", "std"))
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
-        self.model = cpu_model(payload, batch_size) if self.device.type == "cpu" else gpu_model(payload)
+        self.model = torchscript_model(payload, batch_size) if "torchscript" in payload else eager_model(payload)
 
     @torch.inference_mode()
     def logits(self, pixels: np.ndarray) -> torch.Tensor:
@@ -90,10 +80,9 @@ def example_batch(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(n, 3, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
-def cpu_model(payload: dict, batch_size: int):
-    """The frozen TorchScript model. oneDNN Graph fuses its convolutions, biases and activations into single
-    kernels on the first calls. Measured on a 2-core EPYC, against eager channels_last: 1.1x in fp32, with the same
-    labels (scores move by ~1e-7); 1.3x bf16 autocast's speed in bf16."""
+def torchscript_model(payload: dict, batch_size: int):
+    """The frozen TorchScript model that CPU actors run. oneDNN Graph fuses its convolutions, biases and activations into single
+    kernels on the first calls: faster than eager channels_last, with the same labels (README, Performance)."""
     dtype = DTYPES[payload["precision"]]
     torch.jit.enable_onednn_fusion(True)
     with warnings.catch_warnings(), torch.inference_mode():
@@ -104,15 +93,17 @@ def cpu_model(payload: dict, batch_size: int):
     return lambda x: frozen(x.to(dtype))
 
 
-def gpu_model(payload: dict):
-    """The eager model on the GPU in channels_last (cuDNN's fastest layout), under bf16 autocast for bf16."""
-    from pipeline import checkpoint  # here, not at the top: CPU actors never import torchvision or timm
+def eager_model(payload: dict):
+    """The eager model in channels_last (cuDNN's and oneDNN's fastest layout), under bf16 autocast for bf16: what
+    GPU actors run, and CPU actors for a model that TorchScript cannot freeze faithfully."""
+    from pipeline.train import checkpoint  # here, not at the top: most CPU actors never import torchvision or timm
 
+    device = torch.device(payload["device"])
     bf16 = payload["precision"] == "bf16"
-    model = checkpoint.build_from(payload).to("cuda", memory_format=torch.channels_last)
+    model = checkpoint.build_from(payload).to(device, memory_format=torch.channels_last)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return model(x)
 
     return forward

@@ -11,7 +11,6 @@ from torch.utils.data import Dataset
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.images import decode_image, image_error
-from pipeline.sources import walk
 
 
 @dataclass
@@ -67,7 +66,7 @@ def _class_dirs(fs: pafs.FileSystem, split_dir: str) -> dict[str, list[str]]:
     classes = {}
     for entry in entries:
         if entry.type == pafs.FileType.Directory and not entry.base_name.startswith("."):
-            classes[entry.base_name] = list(walk(fs, entry.path))
+            classes[entry.base_name] = list(storage.walk_images(fs, entry.path))
     return classes
 
 

@@ -18,8 +18,19 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.predictor import OUTPUT_SCHEMA
 
+OUTPUT_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("label", pa.string()),
+    ("label_index", pa.int32()),
+    ("score", pa.float32()),
+    ("topk_labels", pa.list_(pa.string())),
+    ("topk_scores", pa.list_(pa.float32())),
+    ("uncertain", pa.bool_()),
+    ("error", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
 SUMMARY = "_summary.json"
 TEMP_PREFIX = ".writing-"
 

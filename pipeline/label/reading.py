@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.images import decode_image, image_error, resize_center_crop
-from pipeline.sources import Reader
+from pipeline.label.sources import Reader
 
 ROWS_PER_BLOCK = 32  # output block size: small enough to keep the predictor fed early, big enough to be cheap
 
@@ -27,11 +27,12 @@ def make_unit(files: list[str] = (), archive: str | None = None, done: list[str]
 
 
 class Preprocess:
-    def __init__(self, resize_size: int, input_size: int, fast_decode: bool):
-        self.resize_size, self.input_size = resize_size, input_size
+    def __init__(self, spec: dict, fast_decode: bool):
+        self.resize_size, self.input_size = spec["resize_size"], spec["input_size"]
+        self.interpolation = spec["interpolation"]
         # Reduced-size JPEG decoding keeps at least resize_size pixels on the short side, so Resize still
         # downsamples; only the anti-aliasing source differs.
-        self.draft_size = resize_size if fast_decode else None
+        self.draft_size = self.resize_size if fast_decode else None
 
     def __call__(self, data: bytes) -> tuple[np.ndarray, int, int]:
         """(3×S×S uint8, width, height) where width and height are the upright image's full size."""
@@ -42,7 +43,7 @@ class Preprocess:
                 width, height = header.size
             if (width - height) * (img.width - img.height) < 0:
                 width, height = height, width
-        crop = resize_center_crop(img, self.resize_size, self.input_size)
+        crop = resize_center_crop(img, self.resize_size, self.input_size, self.interpolation)
         return np.asarray(crop).transpose(2, 0, 1), width, height
 
     def rows(self, items: Iterator[tuple[str, bytes | None, str | None]]) -> Iterator[dict]:
@@ -73,9 +74,10 @@ class Preprocess:
         }
 
 
-def read_units(batch, resize_size: int, input_size: int, fast_decode: bool) -> Iterator[dict]:
-    """Ray Data map_batches function (a generator, so an archive's members stream out block by block)."""
-    preprocess = Preprocess(resize_size, input_size, fast_decode)
+def read_units(batch, spec: dict, fast_decode: bool) -> Iterator[dict]:
+    """Ray Data map_batches function (a generator, so an archive's members stream out block by block).
+    `spec` is the checkpoint's model spec: sizes and interpolation."""
+    preprocess = Preprocess(spec, fast_decode)
     reader = Reader()
     for text in batch["unit"].to_pylist():
         unit = json.loads(text)

@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.models import build_model, known_arch
+from pipeline.train.models import build_model, known_arch
 
 FILENAME = "checkpoint.pt"
 FORMAT = "imgjobs.checkpoint/1"
@@ -46,6 +46,7 @@ def load(path: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"checkpoint {path} is not an imgjobs checkpoint; pass one written by imgjobs train")
     arch = state["model"]["arch"]
+    state["model"].setdefault("interpolation", "bilinear")  # checkpoints of imgjobs 0.1 resized bilinearly
     if not known_arch(arch):
         raise UsageError(f"checkpoint {path} has unknown model.arch {arch!r}; this imgjobs cannot build it")
     return state
@@ -55,5 +56,9 @@ def build_from(state: dict) -> nn.Module:
     """The trained model of a checkpoint, in eval mode on the CPU."""
     spec = state["model"]
     model, _ = build_model(spec["arch"], len(state["classes"]), weights="none")
-    model.load_state_dict(state["model_state"])
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint weights do not fit model.arch {spec['arch']!r} "
+                         f"({str(e).splitlines()[0]}); pass a checkpoint written by imgjobs train") from None
     return model.eval()

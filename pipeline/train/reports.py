@@ -10,22 +10,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: plots go to files only
 import matplotlib.pyplot as plt  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
 
 from pipeline import storage  # noqa: E402
-from pipeline.data import ImageFolder  # noqa: E402
-from pipeline.images import decode_image  # noqa: E402
+from pipeline.images import decode_image, resize_center_crop  # noqa: E402
+from pipeline.train.data import ImageFolder  # noqa: E402
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s"]
-
-
-def confusion_matrix(targets: list[int], predictions: list[int], num_classes: int) -> list[list[int]]:
-    """Rows are true classes, columns predicted ones. Predictions of -1 (skipped images) are left out."""
-    matrix = [[0] * num_classes for _ in range(num_classes)]
-    for t, p in zip(targets, predictions):
-        if p >= 0:
-            matrix[t][p] += 1
-    return matrix
 
 
 def epoch_table(history: list[dict]) -> str:
@@ -99,14 +89,13 @@ def _prediction_grid(predictions: list[int], dataset: ImageFolder, count: int = 
     right = right[:: max(1, len(right) // (count - len(wrong)))][: count - len(wrong)]
     shown = wrong + right
     fs, _ = storage.resolve(dataset.root)
-    crop = T.Compose([T.Resize(128), T.CenterCrop(128)])
     cols = 4
     rows = max(1, (len(shown) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, shown):
-        ax.imshow(crop(decode_image(storage.read_bytes(fs, val.paths[i]))))
+        ax.imshow(resize_center_crop(decode_image(storage.read_bytes(fs, val.paths[i])), 128, 128))
         wrong = predictions[i] != val.targets[i]
         ax.set_title(
             f"{'WRONG ' if wrong else ''}pred: {dataset.classes[predictions[i]]}\ntrue: {dataset.classes[val.targets[i]]}",

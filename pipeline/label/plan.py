@@ -1,0 +1,93 @@
+"""How a labeling job runs on the cluster: the predictor actors, the read units and the model they load."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import ray
+import torch
+
+from pipeline.label.predictor import DTYPES, example_batch, torchscript_model
+
+# Images per model call. On CPU, small batches keep a ResNet's activations in cache (README, Performance);
+# a GPU needs big ones to stay busy.
+CPU_BATCH, GPU_BATCH = 8, 256
+# A read task is one decoding thread that also waits on storage. Its reservation must differ from the
+# predictor's, or Ray Data fuses reading into the predictor actors and decoding stops running in parallel.
+READ_CPUS = 0.5
+
+
+def actor_plan(batch_size: int | None) -> dict:
+    """How many predictor actors, with what resources. A GPU each where there are GPUs. On CPUs, an actor
+    reserves half a CPU less than its threads use, so a read task always finds room: a pool that reserves
+    every CPU starves the read tasks and the pipeline stalls forever."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return {"actors": gpus, "num_gpus": 1, "num_cpus": 1, "threads": 2, "read_cpus": READ_CPUS,
+                "batch_size": batch_size or GPU_BATCH}
+    node_cpus = min(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU"))
+    threads = int(min(4, node_cpus))  # intra-op scaling flattens beyond about 4 threads at CPU batch sizes
+    return {
+        "actors": max(1, int(resources["CPU"]) // (threads + 1)),
+        "num_gpus": 0,
+        "num_cpus": threads - READ_CPUS,
+        "threads": threads,
+        "read_cpus": READ_CPUS,
+        "batch_size": batch_size or CPU_BATCH,
+    }
+
+
+def split_files(files: list[str], batch_size: int) -> list[list[str]]:
+    """Files per read task: first a model batch's worth, so labels start to flow at once, then doubling up to
+    about four tasks per CPU (8 to 256 files each), so reads spread over the cluster at little per-task cost."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    largest = max(8, min(256, math.ceil(len(files) / (4 * cpus))))
+    parts, start, size = [], 0, min(batch_size, largest)
+    while start < len(files):
+        parts.append(files[start : start + size])
+        start, size = start + size, min(2 * size, largest)
+    return parts
+
+
+def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool, log=print) -> dict:
+    """What the predictors need of a checkpoint, built once here and put once in the object store.
+
+    GPU predictors build the model from its weights. CPU predictors get it as TorchScript instead: traced in
+    channels_last (oneDNN's fastest layout), frozen (BatchNorm folded into the convolutions), with bf16 weights
+    for bf16. They load it with torch alone, without torchvision or timm, which saves each actor seconds.
+    Freezing changes some models' results (inception_v3's, for one); those run eagerly on CPUs too."""
+    payload = {"classes": state["classes"], "model": state["model"], "precision": precision,
+               "device": "cuda" if gpu else "cpu"}
+    if not gpu:
+        example = torch.randn(2, 3, state["model"]["input_size"], state["model"]["input_size"])
+        with torch.inference_mode():
+            expected = model(example)
+        frozen = payload | {"torchscript": torchscript(model, state["model"]["input_size"], precision)}
+        if _computes(frozen, example, expected, tolerance=1e-3 if precision == "fp32" else 5e-2):
+            return frozen
+        log(f"label: TorchScript changes {state['model']['arch']}'s results; CPU actors run it eagerly")
+    return payload | {"model_state": state["model_state"]}
+
+
+def torchscript(model: torch.nn.Module, input_size: int, precision: str) -> bytes:
+    model = model.to(DTYPES[precision], memory_format=torch.channels_last)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, yet still the fastest on CPU
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # model_payload checks the trace's results
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.freeze(torch.jit.trace(model, example_batch(1, input_size, DTYPES[precision]))), buffer)
+    return buffer.getvalue()
+
+
+def _computes(payload: dict, example: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
+    """Whether the actors' TorchScript model, fused as they fuse it, gives the eager model's logits."""
+    try:
+        forward = torchscript_model(payload, len(example))
+        with torch.inference_mode():
+            got = forward(example.contiguous(memory_format=torch.channels_last)).float()
+    except RuntimeError:  # oneDNN Graph cannot fuse some graphs (swin_t's, for one)
+        return False
+    return bool(((got - expected).abs().max() <= tolerance * expected.abs().max()).item())

@@ -1,0 +1,52 @@
+"""The private Ray APIs imgjobs uses, each only where no public API does the job, each behind one small function.
+tests/test_ray_internals.py fails when a Ray release changes one of them."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ray._private import ray_constants, services
+from ray._private.authentication import authentication_token_setup
+from ray._raylet import AuthenticationTokenLoader
+
+# Ray's single-node mode (meant for macOS/Windows): the node address becomes 127.0.0.1, so the GCS, raylet,
+# agents, workers and dashboard listen on loopback only instead of on every interface. ray.init has no public
+# option for it (_node_ip_address="127.0.0.1" still binds the machine's address). For `ray start`, pass it in
+# the environment together with --node-ip-address=127.0.0.1.
+LOCAL_ONLY_ENV = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
+
+
+def bind_to_loopback() -> None:
+    """Make the local Ray this process starts next listen on 127.0.0.1 only."""
+    os.environ.update(LOCAL_ONLY_ENV)  # inherited by every process the new Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported ray
+
+
+def existing_cluster_address() -> str | None:
+    """What ray.init() would join: RAY_ADDRESS, or the cluster `ray start` left on this machine; None when it would
+    start a new Ray. Ray decides this inside ray.init and exposes no public way to ask first."""
+    return services.canonicalize_bootstrap_address(None)
+
+
+def runs_on_this_machine(address: str) -> bool:
+    """Whether a GCS address belongs to a Ray running on this machine."""
+    return address in services.find_gcs_addresses()
+
+
+def present_token_if_any() -> None:
+    """Ray presents the token by itself only to a cluster it finds without RAY_ADDRESS; this makes it present it to
+    any cluster that runs on this machine. An explicit RAY_AUTH_MODE still decides."""
+    authentication_token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def quiet_token_notice() -> None:
+    """Ray announces on every local start that token auth is on (it is, and stays on): noise in a job's output."""
+    logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
+
+
+def token_header() -> dict:
+    """The cluster token from wherever Ray keeps it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), as
+    the HTTP header Ray's dashboard checks; {} without a token. Ray's job client sends it only with
+    RAY_AUTH_MODE=token set, and has no public accessor."""
+    return AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)

@@ -1,0 +1,113 @@
+"""`imgjobs train`: check everything the user can get wrong, run Ray Train, then write the run's outputs."""
+
+from __future__ import annotations
+
+import os
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from pipeline import storage
+from pipeline.cluster import alive_nodes, gpus_available, init_ray
+from pipeline.errors import UsageError
+from pipeline.metrics import confusion_matrix
+from pipeline.train import checkpoint
+from pipeline.train.config import Config
+from pipeline.train.data import ImageFolder, scan_image_folder
+from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.models import build_model, configure_trainable
+from pipeline.train.reports import epoch_table, write_run_outputs
+
+
+class TrainingFailed(Exception):
+    """Ray Train gave up after its failure budget."""
+
+
+def train(cfg: Config, started_at: float, log=print) -> dict:
+    """Run the job and return the summary it writes to <storage.path>/<name>/summary.json."""
+    dataset = check(cfg)
+    log(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
+    init_ray()
+    use_gpu = gpus_available() if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
+    storage_path = storage.absolute(cfg.storage.path)
+    check_storage(cfg, storage_path)
+    job = {
+        "config": cfg.model_dump(mode="json"),
+        "classes": dataset.classes,
+        "train": vars(dataset.train),
+        "val": vars(dataset.val),
+        "started_at": started_at,
+    }
+    job["config"]["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
+    result = fit(cfg, job, storage_path, use_gpu)
+    summary = summarise(cfg, job, dataset, result, storage.join(storage_path, cfg.name), use_gpu)
+    log(epoch_table(summary["epochs"]))
+    log(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
+        f"{summary['skipped_files']} unreadable file(s) skipped")
+    return summary
+
+
+def check(cfg: Config) -> ImageFolder:
+    """The data and the model, before Ray starts: a bad folder, arch, weights file or trainable list fails here."""
+    dataset = scan_image_folder(cfg.data.root)
+    model, spec = build_model(cfg.model.arch, len(dataset.classes), cfg.model.weights)
+    configure_trainable(model, spec["head"], cfg.model.mode, cfg.model.trainable)
+    return dataset
+
+
+def check_storage(cfg: Config, storage_path: str) -> None:
+    nodes = alive_nodes()
+    if not storage.is_uri(storage_path) and nodes > 1:
+        raise UsageError(
+            f"storage.path {cfg.storage.path} is local but the cluster has {nodes} nodes, so checkpoints "
+            "would be scattered; set storage.path to shared storage (s3://bucket/runs, gs://..., or an NFS mount)"
+        )
+
+
+def fit(cfg: Config, job: dict, storage_path: str, use_gpu: bool) -> ray.train.Result:
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # Keeps the best checkpoint by val accuracy; Ray never deletes the latest one, which resume needs.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
+            ),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingFailed(str(e).strip().splitlines()[-1]) from None
+
+
+def summarise(cfg: Config, job: dict, dataset: ImageFolder, result: ray.train.Result, run_dir: str,
+              use_gpu: bool) -> dict:
+    """summary.json, metrics.csv and the plots, from the best and the latest checkpoints."""
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_acc"], -cm[1]["epoch"]))
+    best_path = storage.join(run_dir, os.path.basename(best_ckpt.path), checkpoint.FILENAME)
+    latest_path = storage.join(run_dir, os.path.basename(result.checkpoint.path), checkpoint.FILENAME)
+    best, latest = checkpoint.load(best_path), checkpoint.load(latest_path)
+    summary = {
+        "name": cfg.name,
+        "run_dir": run_dir,
+        "best_val_acc": best_metrics["val_acc"],
+        "best_epoch": best_metrics["epoch"],
+        "best_checkpoint": best_path,
+        "latest_checkpoint": latest_path,
+        "classes": dataset.classes,
+        "world_size": latest["history"][-1]["world_size"],
+        "use_gpu": use_gpu,
+        "skipped_files": len(latest["skipped"]),
+        "skipped": latest["skipped"],
+        "confusion_matrix": confusion_matrix(dataset.val.targets, best["val_predictions"], len(dataset.classes)),
+        "epochs": latest["history"],
+        "config": job["config"],
+    }
+    write_run_outputs(run_dir, summary, best, dataset)
+    return summary

@@ -1,0 +1,237 @@
+"""The per-worker training loop that Ray Train runs on every worker (data-parallel, DDP).
+
+`train_loop_per_worker` reads top to bottom: build the model, optimizer and loaders, restore the latest
+checkpoint, then each epoch train on this worker's shard, evaluate its share of val, sum the counts over all
+workers, and report, rank 0 with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pipeline.train import checkpoint, distributed
+from pipeline.train.config import Config
+from pipeline.train.data import ImageDataset, Split, collate_skipping
+from pipeline.train.models import build_model, configure_trainable, set_train_mode
+from pipeline.train.transforms import eval_transform, train_transform
+
+
+@dataclass
+class Worker:
+    """Where this worker runs and how it feeds the model."""
+
+    device: torch.device
+    rank: int
+    world: int
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    skipped: dict = field(default_factory=dict)  # files that did not decode: path -> reason
+
+    @classmethod
+    def current(cls, cfg: Config) -> Worker:
+        ctx = ray.train.get_context()
+        device = ray.train.torch.get_device()
+        on_gpu = device.type == "cuda"
+        if not on_gpu:
+            # Ray pins each CPU worker to one thread; give each worker its share of the node's cores instead.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if on_gpu else None
+        return cls(device, ctx.get_world_rank(), ctx.get_world_size(), amp, cfg.train.channels_last and on_gpu)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def batches(self, loader: DataLoader):
+        """Batches on the device; files that did not decode are recorded and left out."""
+        for images, targets, indices, skipped in loader:
+            self.skipped.update(skipped)
+            if images is None:
+                continue
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, targets.to(self.device, non_blocking=True), indices
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides the weights and the optimizer: where the run is, and what it saw."""
+
+    epoch: int = 0
+    best_val_acc: float = 0.0
+    best_epoch: int = 0
+    history: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+
+
+def train_loop_per_worker(job: dict) -> None:
+    cfg = Config.model_validate(job["config"])
+    worker = Worker.current(cfg)
+    torch.manual_seed(cfg.train.seed)  # the same new head on every worker
+    model, spec = build_model(cfg.model.arch, len(job["classes"]), cfg.model.weights)
+    configure_trainable(model, spec["head"], cfg.model.mode, cfg.model.trainable)
+    if worker.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.train.step_size, gamma=cfg.train.gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=worker.amp_dtype is torch.float16)
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    progress = restore(model, optimizer, scheduler, scaler, worker)
+    train_loader, val_loader = build_loaders(cfg, job, spec, worker)
+
+    for epoch in range(progress.epoch, cfg.train.epochs):
+        train_loader.sampler.set_epoch(epoch)  # a new shuffle, and so a new shard, every epoch
+        # Seeding per epoch (loader workers are re-forked each epoch) makes a resumed run match an unbroken one.
+        torch.manual_seed(cfg.train.seed * 1_000_000 + epoch * 1000 + worker.rank)
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        train_sums, first_step_at = train_one_epoch(ddp_model, criterion, optimizer, scaler, train_loader, worker)
+        train_seconds = time.perf_counter() - start
+        scheduler.step()
+        val_sums, predictions = evaluate(ddp_model, criterion, val_loader, worker)
+
+        train_sums, val_sums = distributed.sum_over_workers(train_sums), distributed.sum_over_workers(val_sums)
+        predictions, skipped = distributed.merge_dicts(predictions), distributed.merge_dicts(worker.skipped)
+        metrics = epoch_metrics(epoch, train_sums, val_sums, lr, train_seconds, time.perf_counter() - start, worker)
+        if epoch == progress.epoch and first_step_at is not None:
+            metrics["startup_seconds"] = first_step_at - job["started_at"]  # command start to first training step
+        new_skips = sorted(set(skipped) - set(progress.skipped))
+        progress.skipped = skipped
+        if metrics["val_acc"] >= progress.best_val_acc:  # ties go to the later epoch, as Ray's CheckpointConfig does
+            progress.best_val_acc, progress.best_epoch = metrics["val_acc"], epoch + 1
+        progress.history.append(metrics)
+        progress.epoch = epoch + 1
+        val_predictions = [predictions.get(i, -1) for i in range(len(job["val"]["paths"]))]
+        state = checkpoint_state(job, spec, model, optimizer, scheduler, scaler, progress, val_predictions)
+        report(metrics, state, worker, new_skips, cfg.train.epochs)
+
+
+def build_loaders(cfg: Config, job: dict, spec: dict, worker: Worker) -> tuple[DataLoader, DataLoader]:
+    """This worker's shard of train (reshuffled every epoch through the sampler) and its share of val."""
+    train_set = ImageDataset(cfg.data.root, Split(**job["train"]), train_transform(spec))
+    sampler = DistributedSampler(train_set, num_replicas=worker.world, rank=worker.rank, shuffle=True,
+                                 seed=cfg.train.seed)
+    # Val is split without padding, so every val image is counted exactly once across workers.
+    val_split = Split(**job["val"])
+    val_set = ImageDataset(cfg.data.root, val_split, eval_transform(spec),
+                           indices=range(worker.rank, len(val_split), worker.world))
+    loader_args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_data_workers,
+                       collate_fn=collate_skipping, pin_memory=worker.device.type == "cuda")
+    return DataLoader(train_set, sampler=sampler, **loader_args), DataLoader(val_set, shuffle=False, **loader_args)
+
+
+def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker) -> tuple[torch.Tensor, float | None]:
+    """Sums of (loss, correct, count) over this worker's shard, and the time.time() of its first step."""
+    set_train_mode(model)
+    sums = torch.zeros(3, dtype=torch.float64)
+    first_step_at = None
+    for images, targets, _ in worker.batches(loader):
+        first_step_at = first_step_at or time.time()
+        with worker.autocast():
+            logits = model(images)
+            loss = criterion(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss / len(targets)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sums += torch.tensor([loss.item(), (logits.argmax(1) == targets).sum().item(), len(targets)])
+    return sums, first_step_at
+
+
+@torch.no_grad()
+def evaluate(model, criterion, loader, worker: Worker) -> tuple[torch.Tensor, dict[int, int]]:
+    """Sums of (loss, correct, count) over this worker's share of val, and its predictions by val index."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    predictions = {}
+    for images, targets, indices in worker.batches(loader):
+        with worker.autocast():
+            logits = model(images)
+        preds = logits.argmax(1)
+        sums += torch.tensor([criterion(logits.float(), targets).item(), (preds == targets).sum().item(), len(targets)])
+        predictions.update(zip(indices.tolist(), preds.tolist()))
+    return sums, predictions
+
+
+def epoch_metrics(epoch: int, train: list[float], val: list[float], lr: float, train_seconds: float,
+                  epoch_seconds: float, worker: Worker) -> dict:
+    return {
+        "epoch": epoch + 1,
+        "train_loss": train[0] / max(train[2], 1),
+        "train_acc": train[1] / max(train[2], 1),
+        "val_loss": val[0] / max(val[2], 1),
+        "val_acc": val[1] / max(val[2], 1),
+        "lr": lr,
+        "epoch_seconds": epoch_seconds,
+        "images_per_s": train[2] / train_seconds,
+        "train_images": int(train[2]),
+        "val_images": int(val[2]),
+        "world_size": worker.world,
+    }
+
+
+def checkpoint_state(job: dict, spec: dict, model, optimizer, scheduler, scaler, progress: Progress,
+                     val_predictions: list[int]) -> dict:
+    """Everything needed to resume the run or to label with the model (see pipeline.train.checkpoint)."""
+    return {
+        "model": spec,
+        "classes": job["classes"],
+        "model_state": model.state_dict(),
+        "config": job["config"],
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "val_predictions": val_predictions,
+        **vars(progress),
+    }
+
+
+def report(metrics: dict, state: dict, worker: Worker, new_skips: list[str], epochs: int) -> None:
+    """Every worker reports the epoch's metrics; rank 0 attaches the checkpoint and prints the epoch's line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if worker.rank == 0:
+            for path in new_skips:
+                print(f"warning: skipped {path}: {state['skipped'][path]}", flush=True)
+            print(progress_line(metrics, epochs), flush=True)
+            checkpoint.save(state, tmp)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def restore(model, optimizer, scheduler, scaler, worker: Worker) -> Progress:
+    """Continue from the latest checkpoint after a worker failure or a re-run of the same job."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return Progress()
+    with ckpt.as_directory() as directory:
+        saved = checkpoint.load(directory)
+    model.load_state_dict(saved["model_state"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    progress = Progress(**{key: saved[key] for key in Progress.__dataclass_fields__})
+    worker.skipped.update(progress.skipped)
+    if worker.rank == 0:
+        print(f"resuming after epoch {progress.epoch} (best val acc {progress.best_val_acc:.4f})", flush=True)
+    return progress
+
+
+def progress_line(m: dict, epochs: int) -> str:
+    return (
+        f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
+        f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}  lr {m['lr']:.2g}  "
+        f"{m['epoch_seconds']:.1f}s  {m['images_per_s']:.1f} img/s"
+    )

@@ -1,0 +1,54 @@
+"""The private Ray APIs behind pipeline.ray_internals still do what imgjobs relies on: a Ray release that changes
+one fails here, by name, instead of somewhere in a job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import ray
+
+from pipeline import ray_internals
+from tests.conftest import REPO
+
+
+def test_loopback_mode_is_still_ray_s_single_node_switch():
+    from ray._private import ray_constants
+
+    assert ray_internals.LOCAL_ONLY_ENV == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    # In a fresh process: bind_to_loopback flips the constant this process already read from the environment.
+    code = ("from ray._private import ray_constants; from pipeline import ray_internals; "
+            "ray_internals.bind_to_loopback(); assert ray_constants.ENABLE_RAY_CLUSTER is False")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                   env={"PATH": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+
+
+def test_a_running_ray_is_found_on_this_machine(ray_local):
+    address = ray_local.get_runtime_context().gcs_address
+    assert ray_internals.runs_on_this_machine(address)
+    assert not ray_internals.runs_on_this_machine("127.0.0.1:1")
+
+
+def test_ray_address_is_what_ray_init_would_join(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
+    assert ray_internals.existing_cluster_address() == "127.0.0.1:6390"
+
+
+def test_the_token_becomes_the_header_ray_s_dashboard_checks(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a" * 64)
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        headers = ray_internals.token_header()
+    finally:
+        monkeypatch.delenv("RAY_AUTH_TOKEN")
+        AuthenticationTokenLoader.instance().reset_cache()
+    assert headers == {"authorization": f"Bearer {'a' * 64}"}
+
+
+def test_ray_is_the_release_these_internals_were_checked_against():
+    ray_internals.present_token_if_any()  # no token, no RAY_AUTH_MODE: does nothing, raises nothing
+    ray_internals.quiet_token_notice()
+    assert ray.__version__ == "2.60.0", "new Ray: check pipeline/ray_internals.py against it, then update this pin"
