@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.train.data import ImageDataset, collate_skipping, scan_image_folder  # noqa: E402
+from pipeline.train.data import scan_image_folder  # noqa: E402
+from pipeline.train.dataset import ImageDataset, collate_skipping  # noqa: E402
 from pipeline.train.models import build_model  # noqa: E402
 from pipeline.train.transforms import train_transform  # noqa: E402
 

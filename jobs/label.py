@@ -37,13 +37,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--rows-per-file and --batch-size must be at least 1")
     if not 0.0 <= args.min_confidence <= 1.0:
         raise UsageError(f"--min-confidence {args.min_confidence} must be between 0 and 1")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k {args.top_k} must be at least 1")
     opts = LabelOptions(**{k: v for k, v in vars(args).items() if k in LabelOptions.__dataclass_fields__})
     summary = label(opts, started_at=getattr(args, "started_at", None))
-    print(
-        f"label: {summary['total']} images: {summary['labeled']} labeled, {summary['errors']} errors, "
-        f"{summary['skipped_existing']} already done; {summary['images_per_s']:.1f} images/s over "
-        f"{summary['seconds']:.1f}s; {summary['files_written']} Parquet file(s) written"
-    )
     if summary.get("accuracy") is not None:
         classes = summary["classes"]
         width = max(9, *map(len, classes))
@@ -51,5 +48,8 @@ def run(args: argparse.Namespace) -> int:
         for name, row in zip(classes, summary["confusion_matrix"]):
             print(f"{name:>{width}} " + " ".join(f"{v:>{width}}" for v in row))
         print(f"accuracy {summary['accuracy']:.4f} on {summary['evaluated']} images")
-    print(args.output)
+    print(f"label: {summary['total']} images: {summary['labeled']} labeled, {summary['errors']} errors, "
+          f"{summary['skipped_existing']} already done; {summary['images_per_s']:.1f} images/s over "
+          f"{summary['seconds']:.1f}s; labels in {args.output} ({summary['files_written']} new Parquet file(s), "
+          f"_summary.json)")
     return 0

@@ -1,6 +1,7 @@
 """`imgjobs train -c CONFIG [key.sub=value ...]`: data-parallel fine-tuning with Ray Train.
 
-Everything the user can get wrong is checked before Ray starts; the last line printed is the run directory.
+Everything the user can get wrong is checked before Ray starts; the last line names the run's folder and the
+labeling command for its best checkpoint.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.train.config import load_config
+    from pipeline.train.config import check_weights_file, load_config
+    from pipeline.train.data import scan_image_folder
+
+    # The config and the paths are checked before torch and Ray load, which takes seconds.
+    cfg = load_config(args.config, args.overrides)
+    dataset = scan_image_folder(cfg.data.root)
+    check_weights_file(cfg.model.weights)
     from pipeline.train.job import TrainingFailed, train
 
-    cfg = load_config(args.config, args.overrides)
     try:
-        summary = train(cfg, started_at=args.started_at)
+        train(cfg, dataset, started_at=args.started_at)
     except TrainingFailed as e:
         print(f"imgjobs train: error: training failed: {e}", file=sys.stderr)
         return 1
-    print(summary["run_dir"])
     return 0

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import ray
 
 from pipeline import ray_internals
 
+# A C++ line of Ray's, carried by no logger, that workers print on every training run: Ray Train's preemption
+# watcher is a restartable actor with arguments in the object store, and Ray warns that a restart could miss them.
+# They are actor handles that live as long as the run.
+QUIET_WORKER_LINES = re.compile(r"core_worker\.cc.*has constructor arguments in the object store and max_restarts > 0")
 
-def init_ray() -> None:
-    """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray on 127.0.0.1."""
+
+def init_ray(dashboard: bool = False) -> None:
+    """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray on 127.0.0.1.
+
+    A local Ray gets a dashboard only when asked: Ray Train's placement-group cleaner queries the state API it
+    serves, while a labeling job has no use for one, and on a small machine its processes cost start-up and CPU.
+    `ray start --head` gives one, and imgjobs then joins it."""
     if ray.is_initialized():
         return
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
@@ -22,9 +32,18 @@ def init_ray() -> None:
         ray_internals.quiet_token_notice()
     elif ray_internals.runs_on_this_machine(address):
         ray_internals.present_token_if_any()
-    # A local Ray gets no dashboard: nobody opens it for a one-command run, and on a 2-CPU machine its processes
-    # cost a second of start-up and CPU throughout. `ray start --head` gives one, and imgjobs then joins it.
-    ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False if address is None else None)
+    ray.init(logging_level=logging.WARNING, log_to_driver=True,
+             include_dashboard=dashboard if address is None else None,
+             runtime_env={"worker_process_setup_hook": setup_worker})
+    ray_internals.drop_forwarded_lines(QUIET_WORKER_LINES)
+
+
+def setup_worker() -> None:
+    """Runs in every worker process of the job. Ray Train's helper actors query the state API with no address,
+    which fails when a second Ray runs on the machine: RAY_ADDRESS tells them which one is theirs. Ray Train's
+    INFO line per report (the job prints its own) stays in Ray's log files."""
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    ray_internals.train_report_logger().setLevel(logging.WARNING)
 
 
 def gpus_available() -> bool:

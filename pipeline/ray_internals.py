@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
+import ray
 from ray._private import ray_constants, services
 from ray._private.authentication import authentication_token_setup
 from ray._raylet import AuthenticationTokenLoader
@@ -50,3 +52,29 @@ def token_header() -> dict:
     the HTTP header Ray's dashboard checks; {} without a token. Ray's job client sends it only with
     RAY_AUTH_MODE=token set, and has no public accessor."""
     return AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)
+
+
+def drop_forwarded_lines(pattern: re.Pattern) -> None:
+    """Workers' output reaches the driver's terminal through one handler of Ray's, which prints it; Ray offers no
+    filter. Wrap that handler so lines matching `pattern` stay in Ray's log files only. Call after ray.init."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def filtered(handler):
+        def handle(batch: dict) -> None:
+            lines = [line for line in batch["lines"] if not pattern.search(line)]
+            if lines:
+                handler({**batch, "lines": lines})
+
+        return handle
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, filtered(handler) if name == "ray_print_logs" else handler)
+                               for name, handler in dispatcher.handlers]
+
+
+def train_report_logger() -> logging.Logger:
+    """The logger of Ray Train's per-report INFO line ("Reporting training result N: TrainingReport(...)"). It is
+    named by its file's path, not its module, so Ray Train's own log level does not reach it. Found by path so
+    that processes which never train need not import Ray Train to quiet it."""
+    return logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution",
+                                          "context.py"))

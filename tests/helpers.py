@@ -33,10 +33,10 @@ def random_weight_checkpoint(arch: str, classes: list[str], folder: Path, input_
     return checkpoint.save(random_weight_state(arch, classes, input_size), str(folder))
 
 
-def start_label(args: list, env: dict, stderr=subprocess.PIPE, **popen) -> subprocess.Popen:
+def start_label(args: list, env: dict, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen) -> subprocess.Popen:
     """`imgjobs label ARGS` as its own process, as a user runs it."""
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "label", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=stderr, text=True, **popen)
+                            stdout=stdout, stderr=stderr, text=True, **popen)
 
 
 @contextlib.contextmanager

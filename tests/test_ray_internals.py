@@ -52,3 +52,9 @@ def test_ray_is_the_release_these_internals_were_checked_against():
     ray_internals.present_token_if_any()  # no token, no RAY_AUTH_MODE: does nothing, raises nothing
     ray_internals.quiet_token_notice()
     assert ray.__version__ == "2.60.0", "new Ray: check pipeline/ray_internals.py against it, then update this pin"
+
+
+def test_the_train_report_logger_is_the_one_ray_train_logs_reports_with():
+    from ray.train.v2._internal.execution import context
+
+    assert context.logger is ray_internals.train_report_logger()

@@ -9,7 +9,8 @@ import time
 import psutil
 
 from jobs.cli import main
-from pipeline.train.data import ImageDataset, scan_image_folder
+from pipeline.train.data import scan_image_folder
+from pipeline.train.dataset import ImageDataset
 from pipeline.train.models import build_model
 from pipeline.train.transforms import eval_transform
 from tests.conftest import REPO, make_image_folder, write_config

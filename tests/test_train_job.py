@@ -10,7 +10,8 @@ import torch
 from jobs.cli import main
 from pipeline.train import checkpoint
 from pipeline.train.config import load_config
-from pipeline.train.data import ImageDataset, collate_skipping, scan_image_folder
+from pipeline.train.data import scan_image_folder
+from pipeline.train.dataset import ImageDataset, collate_skipping
 from pipeline.train.transforms import eval_transform
 from tests.conftest import REPO, make_image_folder, write_config
 
@@ -60,7 +61,8 @@ def test_two_workers_aggregate_exactly_and_skip_bad_files(ray_local, tmp_path, c
     assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[0]["lr"]) == 0.01 and float(rows[1]["lr"]) == 0.005
     for png in ("curves.png", "confusion_matrix.png", "predictions.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.strip().splitlines()[-1] == str(run_dir)
+    assert out.strip().splitlines()[-1] == (f"run in {run_dir}; label with it: imgjobs label --checkpoint {run_dir} "
+                                            f"--input IMAGES --output {run_dir / 'labels'}")
 
 
 def test_checkpoint_is_self_describing(ray_local, tmp_path, tiny_folder):

@@ -7,25 +7,18 @@ the actors, stream the rest through them into the writer, then summarise.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
-import ray
-
 from pipeline import storage
-from pipeline.cluster import init_ray
+from pipeline.console import Console, duration
 from pipeline.errors import UsageError
 from pipeline.label.evaluate import check_class_folders, evaluate
-from pipeline.label.output import SUMMARY, LabelWriter
-from pipeline.label.plan import actor_plan, model_payload, split_files
-from pipeline.label.predictor import Predictor
-from pipeline.label.reading import make_unit, read_units
+from pipeline.label.output import SUMMARY, LabelWriter, check_writable
 from pipeline.label.sources import MEMBER_SEPARATOR, Listing, list_inputs
 from pipeline.train import checkpoint
 
-PROGRESS_EVERY_S = 5.0
+RATE_WINDOW_S = 5.0
 
 
 @dataclass
@@ -52,30 +45,30 @@ class Work:
     skipped: int  # inputs the output already holds
 
 
-def label(opts: LabelOptions, started_at: float | None = None, log=print) -> dict:
+def label(opts: LabelOptions, started_at: float | None = None, console: Console | None = None) -> dict:
     """Run the job and return the summary it writes to OUTPUT/_summary.json. User mistakes raise UsageError
     before any work starts. `started_at` (time.time() at command start) is where start-up is counted from."""
     started = started_at or time.time()
-    opts.checkpoint = best_checkpoint(opts.checkpoint)
+    console = console or Console()
+    # What can be wrong with the paths is answered before torch and Ray load, which takes seconds.
+    opts.checkpoint = checkpoint.find(opts.checkpoint)
+    listing = list_inputs(opts.inputs)
+    check_writable(opts.output)
     state = checkpoint.load(opts.checkpoint)
     model = checkpoint.build_from(state)  # weights that do not fit their arch fail here, before Ray starts
     top_k = check_top_k(opts.top_k, state["classes"])
-    listing = list_inputs(opts.inputs)
     if opts.evaluate:
         check_class_folders(listing.roots, state["classes"])
     writer = LabelWriter(opts.output, opts.rows_per_file, opts.overwrite)
     work = remaining(listing, writer.done)
-    log(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
-        f"{time.time() - started:.1f}s; {work.skipped} already in {opts.output}")
+    console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
+                 f"{time.time() - started:.1f}s; {work.skipped} already in {opts.output}")
 
-    progress = Progress(log, len(work.files))
+    progress = Progress(console, len(work.files), len(work.archive_done))
     if work.files or work.archive_done:
-        init_ray()
-        plan = actor_plan(opts.batch_size)
-        payload = model_payload(state, model, opts.precision, gpu=plan["num_gpus"] > 0)
-        for table in dataset(opts, plan, payload, work, top_k).iter_batches(batch_format="pyarrow", batch_size=None):
-            progress.add(writer.add(table), started)
+        run(opts, state, model, work, top_k, lambda table: progress.add(writer.add(table), started), console)
     writer.close()
+    console.close()
     summary = progress.summary(work.skipped) | {
         "checkpoint": opts.checkpoint,
         "classes": state["classes"],
@@ -93,14 +86,19 @@ def label(opts: LabelOptions, started_at: float | None = None, log=print) -> dic
     return summary
 
 
-def best_checkpoint(path: str) -> str:
-    """A training run's folder (holding summary.json) stands for its best checkpoint."""
-    fs, base = storage.resolve(path)
-    summary = f"{base}/summary.json"
-    if fs.get_file_info(f"{base}/{checkpoint.FILENAME}").type == pafs.FileType.NotFound and \
-            fs.get_file_info(summary).type == pafs.FileType.File:
-        return json.loads(storage.read_bytes(fs, summary))["best_checkpoint"]
-    return path
+def run(opts: LabelOptions, state: dict, model, work: Work, top_k: int, take, console: Console) -> None:
+    """Start or join Ray, plan the actors, and hand every labeled block to take()."""
+    from pipeline.cluster import init_ray
+    from pipeline.label import plan
+
+    init_ray()
+    actors = plan.actor_plan(opts.batch_size)
+    payload = plan.model_payload(state, model, opts.precision, gpu=actors["num_gpus"] > 0, log=console.line)
+    units = plan.read_units_of(work.files, work.archive_done, actors["batch_size"])
+    dataset = plan.dataset(units, actors, payload, fast_decode=opts.fast_decode, top_k=top_k,
+                           min_confidence=opts.min_confidence)
+    for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        take(table)
 
 
 def check_top_k(top_k: int | None, classes: list[str]) -> int:
@@ -127,51 +125,17 @@ def remaining(listing: Listing, done: set[str]) -> Work:
     return Work(files, by_archive, skipped)
 
 
-def dataset(opts: LabelOptions, plan: dict, payload: dict, work: Work, top_k: int) -> ray.data.Dataset:
-    """Read units (file batches and archives) → read-and-decode tasks → predictor actors."""
-    quiet_ray_data()
-    units = [make_unit(files=files) for files in split_files(work.files, plan["batch_size"])]
-    units += [make_unit(archive=a, done=keys) for a, keys in work.archive_done.items()]
-    return (
-        ray.data.from_items(units, override_num_blocks=len(units))
-        .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=plan["read_cpus"],
-                     fn_kwargs={"spec": payload["model"], "fast_decode": opts.fast_decode})
-        .map_batches(
-            Predictor,
-            batch_size=plan["batch_size"],
-            batch_format="numpy",
-            fn_constructor_kwargs={
-                "payload_ref": [ray.put(payload)],
-                "top_k": top_k,
-                "min_confidence": opts.min_confidence,
-                "threads": plan["threads"],
-                "batch_size": plan["batch_size"],
-            },
-            compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-            num_cpus=plan["num_cpus"],
-            num_gpus=plan["num_gpus"],
-        )
-    )
-
-
-def quiet_ray_data() -> None:
-    """The job prints its own progress line; Ray Data's progress bars and notices about them are noise."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
-
-
 class Progress:
-    """Counts rows, prints an images/s line every few seconds, and times start-up and throughput."""
+    """Counts rows, keeps a progress line with percent, images/s and ETA, and times start-up and throughput."""
 
-    def __init__(self, log, listed: int):
-        self.log, self.listed = log, listed
-        self.started = self.last = time.perf_counter()
-        self.labeled = self.errors = self.last_done = 0
+    def __init__(self, console: Console, files: int, archives: int):
+        self.console, self.files, self.archives = console, files, archives
+        self.started = time.perf_counter()
+        self.labeled = self.errors = 0
         self.startup_s = None  # command start to first labeled batch
         self.first_batch = (0.0, 0)  # (time, rows) at the first batch: throughput after start-up counts from here
+        self.window = (0.0, 0)  # (time, rows) where the current images/s window starts
+        self.rate = 0.0  # images/s over the last whole window: recent, so start-up does not drag it down
 
     def add(self, table, job_started_at: float) -> None:
         errors = table.num_rows - table.column("error").null_count
@@ -180,14 +144,26 @@ class Progress:
         now, done = time.perf_counter(), self.labeled + self.errors
         if self.startup_s is None:
             self.startup_s = round(time.time() - job_started_at, 2)
-            self.first_batch = (now, done)
-            self.last, self.last_done = now, done
-            self.log(f"label: first labeled batch after {self.startup_s:.1f}s")
-        if now - self.last >= PROGRESS_EVERY_S:
-            of = f" of {self.listed} files" if self.listed else ""
-            rate = (done - self.last_done) / (now - self.last)  # recent, not since start: start-up would drag it down
-            self.log(f"label: {done}{of} done ({self.errors} errors), {rate:.1f} images/s")
-            self.last, self.last_done = now, done
+            self.first_batch = self.window = (now, done)
+            self.console.line(f"label: first labeled batch after {self.startup_s:.1f}s")
+        elapsed = now - self.window[0]
+        if elapsed >= RATE_WINDOW_S or not self.rate and elapsed > 0:
+            self.rate = (done - self.window[1]) / elapsed
+            if elapsed >= RATE_WINDOW_S:
+                self.window = (now, done)
+        self.console.progress(self.line(done))
+
+    def line(self, done: int) -> str:
+        text = f"label: {done}"
+        if self.archives:  # members of archives are counted as they stream: no total to compare with
+            text += f" done ({self.files} files and {self.archives} archives listed)"
+        elif self.files:
+            text += f"/{self.files} ({100 * done / self.files:.0f}%)"
+        if self.rate:
+            text += f", {self.rate:.1f} images/s"
+            if not self.archives:
+                text += f", ETA {duration((self.files - done) / self.rate)}"
+        return text + f", {self.errors} errors"
 
     def summary(self, skipped: int) -> dict:
         end = time.perf_counter()

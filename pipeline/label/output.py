@@ -37,17 +37,10 @@ TEMP_PREFIX = ".writing-"
 
 class LabelWriter:
     def __init__(self, out_dir: str, rows_per_file: int, overwrite: bool):
+        check_writable(out_dir)
         self.fs, self.base = storage.resolve(out_dir)
         self.rows_per_file = rows_per_file
-        try:
-            self.fs.create_dir(self.base, recursive=True)
-            entries = self.fs.get_file_info(pafs.FileSelector(self.base))
-            probe = f"{self.base}/{TEMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"  # fail now, not after the first batch
-            with self.fs.open_output_stream(probe):
-                pass
-            self.fs.delete_file(probe)
-        except OSError as e:
-            raise UsageError(f"output {out_dir} cannot be written: {str(e).splitlines()[0]}") from None
+        entries = self.fs.get_file_info(pafs.FileSelector(self.base))
         self.done: set[str] = set()  # keys already in a committed file, including this run's
         for entry in entries:
             if entry.base_name.startswith(TEMP_PREFIX) or overwrite and (_is_part(entry) or entry.base_name == SUMMARY):
@@ -103,6 +96,19 @@ class LabelWriter:
         parts = [e.path for e in self.fs.get_file_info(pafs.FileSelector(self.base)) if _is_part(e)]
         tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in sorted(parts)]
         return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table().select(columns)
+
+
+def check_writable(out_dir: str) -> None:
+    """Create the folder and write a probe file: fail now, not after the first batch."""
+    fs, base = storage.resolve(out_dir)
+    try:
+        fs.create_dir(base, recursive=True)
+        probe = f"{base}/{TEMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(probe):
+            pass
+        fs.delete_file(probe)
+    except OSError as e:
+        raise UsageError(f"output {out_dir} cannot be written: {str(e).splitlines()[0]}") from None
 
 
 def _is_part(entry: pafs.FileInfo) -> bool:

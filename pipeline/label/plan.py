@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import warnings
 
 import ray
 import torch
 
-from pipeline.label.predictor import DTYPES, example_batch, torchscript_model
+from pipeline.label.predictor import DTYPES, Predictor, example_batch, torchscript_model
+from pipeline.label.reading import make_unit, read_units
 
 # Images per model call. On CPU, small batches keep a ResNet's activations in cache (README, Performance);
 # a GPU needs big ones to stay busy.
@@ -50,6 +52,47 @@ def split_files(files: list[str], batch_size: int) -> list[list[str]]:
         parts.append(files[start : start + size])
         start, size = start + size, min(2 * size, largest)
     return parts
+
+
+def read_units_of(files: list[str], archive_done: dict[str, list[str]], batch_size: int) -> list[dict]:
+    """The read tasks' work: batches of files (see split_files), and one unit per archive."""
+    units = [make_unit(files=part) for part in split_files(files, batch_size)]
+    return units + [make_unit(archive=a, done=keys) for a, keys in archive_done.items()]
+
+
+def dataset(units: list[dict], actors: dict, payload: dict, fast_decode: bool, top_k: int,
+            min_confidence: float) -> ray.data.Dataset:
+    """Read units → read-and-decode tasks → predictor actors."""
+    quiet_ray_data()
+    return (
+        ray.data.from_items(units, override_num_blocks=len(units))
+        .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors["read_cpus"],
+                     fn_kwargs={"spec": payload["model"], "fast_decode": fast_decode})
+        .map_batches(
+            Predictor,
+            batch_size=actors["batch_size"],
+            batch_format="numpy",
+            fn_constructor_kwargs={
+                "payload_ref": [ray.put(payload)],
+                "top_k": top_k,
+                "min_confidence": min_confidence,
+                "threads": actors["threads"],
+                "batch_size": actors["batch_size"],
+            },
+            compute=ray.data.ActorPoolStrategy(size=actors["actors"]),
+            num_cpus=actors["num_cpus"],
+            num_gpus=actors["num_gpus"],
+        )
+    )
+
+
+def quiet_ray_data() -> None:
+    """The job prints its own progress line; Ray Data's progress bars and notices about them are noise."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
 
 
 def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool, log=print) -> dict:

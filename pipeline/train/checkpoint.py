@@ -7,34 +7,52 @@ and is always loaded with `weights_only=True`, so loading one can never run code
 from __future__ import annotations
 
 import io
+import json
 import pickle
 
-import torch
-from torch import nn
+import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.train.models import build_model, known_arch
 
 FILENAME = "checkpoint.pt"
 FORMAT = "imgjobs.checkpoint/1"
 
+# torch loads in seconds, so it is imported where a checkpoint is read or written: `find` answers a wrong path
+# before that.
+
+
+def find(path: str) -> str:
+    """The checkpoint file `path` names: a checkpoint.pt, a folder holding one, or a training run's folder (which
+    stands for its best checkpoint), local or URI."""
+    fs, base = storage.resolve(path)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.File:
+        return path
+    if info.type == pafs.FileType.Directory:
+        if fs.get_file_info(f"{base}/{FILENAME}").type == pafs.FileType.File:
+            return storage.join(path, FILENAME)
+        if fs.get_file_info(f"{base}/summary.json").type == pafs.FileType.File:
+            return json.loads(storage.read_bytes(fs, f"{base}/summary.json"))["best_checkpoint"]
+    raise UsageError(f"checkpoint {path} not found; pass a training run's folder or the best_checkpoint path from "
+                     "its summary.json")
+
 
 def save(state: dict, directory: str) -> str:
+    import torch
+
     path = f"{directory}/{FILENAME}"
     torch.save({"format": FORMAT, **state}, path)
     return path
 
 
 def load(path: str) -> dict:
-    """Load a checkpoint file, or the checkpoint.pt inside a checkpoint folder, local or URI."""
-    fs, fs_path = storage.resolve(path)
-    info = fs.get_file_info(fs_path)
-    if info.type.name == "Directory":
-        fs_path = f"{fs_path}/{FILENAME}"
-        info = fs.get_file_info(fs_path)
-    if info.type.name != "File":
-        raise UsageError(f"checkpoint {path} not found; pass the best_checkpoint path from a run's summary.json")
+    """Load the checkpoint `path` names (see find)."""
+    import torch
+
+    from pipeline.train.models import known_arch
+
+    fs, fs_path = storage.resolve(find(path))
     try:
         data = storage.read_bytes(fs, fs_path)
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -52,8 +70,10 @@ def load(path: str) -> dict:
     return state
 
 
-def build_from(state: dict) -> nn.Module:
+def build_from(state: dict):
     """The trained model of a checkpoint, in eval mode on the CPU."""
+    from pipeline.train.models import build_model
+
     spec = state["model"]
     model, _ = build_model(spec["arch"], len(state["classes"]), weights="none")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal, Union
 
 import yaml
@@ -76,6 +77,12 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
     for item in overrides:
         _apply_override(raw, item)
     return validate(raw)
+
+
+def check_weights_file(weights: str) -> None:
+    """A weights path must name a file: answered here, before torch loads to read it."""
+    if weights not in ("imagenet", "none") and not os.path.isfile(os.path.expanduser(weights)):
+        raise UsageError(f"model.weights: file {weights} not found; use imagenet, none or a state_dict path")
 
 
 def validate(raw: dict) -> Config:

@@ -1,16 +1,14 @@
-"""ImageFolder datasets (root/{train,val}/<class>/...) on local disk or any pyarrow filesystem."""
+"""ImageFolder listing (root/{train,val}/<class>/...) on local disk or any pyarrow filesystem, checked before
+torch loads (pipeline.train.dataset reads the images)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
-import torch
-from torch.utils.data import Dataset
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.images import decode_image, image_error
 
 
 @dataclass
@@ -68,35 +66,3 @@ def _class_dirs(fs: pafs.FileSystem, split_dir: str) -> dict[str, list[str]]:
         if entry.type == pafs.FileType.Directory and not entry.base_name.startswith("."):
             classes[entry.base_name] = list(storage.walk_images(fs, entry.path))
     return classes
-
-
-class ImageDataset(Dataset):
-    """Yields (tensor, target, index), or (None, path, reason) for a file that does not decode."""
-
-    def __init__(self, root: str, split: Split, transform, indices=None):
-        self.fs, _ = storage.resolve(root)
-        self.split = split
-        self.transform = transform
-        self.indices = list(range(len(split))) if indices is None else list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = self.indices[i]
-        path = self.split.paths[index]
-        try:
-            image = decode_image(storage.read_bytes(self.fs, path))
-        except Exception as e:  # one bad file must never stop training
-            return None, path, image_error(e)
-        return self.transform(image), self.split.targets[index], index
-
-
-def collate_skipping(samples):
-    """Batch the good samples; hand back the skipped ones as {path: reason}."""
-    good = [s for s in samples if s[0] is not None]
-    skipped = {s[1]: s[2] for s in samples if s[0] is None}
-    if not good:
-        return None, None, None, skipped
-    images, targets, indices = zip(*good)
-    return torch.stack(images), torch.tensor(targets), torch.tensor(indices), skipped

@@ -1,4 +1,4 @@
-"""`imgjobs train`: check everything the user can get wrong, run Ray Train, then write the run's outputs."""
+"""`imgjobs train`: check the model, run Ray Train, then write the run's outputs."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import storage
 from pipeline.cluster import alive_nodes, gpus_available, init_ray
+from pipeline.console import Console
 from pipeline.errors import UsageError
 from pipeline.metrics import confusion_matrix
 from pipeline.train import checkpoint
 from pipeline.train.config import Config
-from pipeline.train.data import ImageFolder, scan_image_folder
+from pipeline.train.data import ImageFolder
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.models import build_model, configure_trainable
+from pipeline.train.progress import relay
 from pipeline.train.reports import epoch_table, write_run_outputs
 
 
@@ -23,11 +25,13 @@ class TrainingFailed(Exception):
     """Ray Train gave up after its failure budget."""
 
 
-def train(cfg: Config, started_at: float, log=print) -> dict:
-    """Run the job and return the summary it writes to <storage.path>/<name>/summary.json."""
-    dataset = check(cfg)
-    log(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
-    init_ray()
+def train(cfg: Config, dataset: ImageFolder, started_at: float, console: Console | None = None) -> dict:
+    """Run the job on a checked config and data folder (config.load_config, data.scan_image_folder) and return
+    the summary it writes to <storage.path>/<name>/summary.json."""
+    console = console or Console()
+    check_model(cfg, len(dataset.classes))
+    console.line(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
+    init_ray(dashboard=True)
     use_gpu = gpus_available() if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
     storage_path = storage.absolute(cfg.storage.path)
     check_storage(cfg, storage_path)
@@ -39,20 +43,22 @@ def train(cfg: Config, started_at: float, log=print) -> dict:
         "started_at": started_at,
     }
     job["config"]["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
-    result = fit(cfg, job, storage_path, use_gpu)
-    summary = summarise(cfg, job, dataset, result, storage.join(storage_path, cfg.name), use_gpu)
-    log(epoch_table(summary["epochs"]))
-    log(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
-        f"{summary['skipped_files']} unreadable file(s) skipped")
+    with relay(console) as events:
+        result = fit(cfg, job | {"events": events}, storage_path, use_gpu)
+    run_dir = storage.join(storage_path, cfg.name)
+    summary = summarise(cfg, job, dataset, result, run_dir, use_gpu)
+    console.line(epoch_table(summary["epochs"]))
+    console.line(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
+                 f"{summary['skipped_files']} unreadable file(s) skipped")
+    console.line(f"run in {run_dir}; label with it: imgjobs label --checkpoint {run_dir} --input IMAGES "
+                 f"--output {storage.join(run_dir, 'labels')}")
     return summary
 
 
-def check(cfg: Config) -> ImageFolder:
-    """The data and the model, before Ray starts: a bad folder, arch, weights file or trainable list fails here."""
-    dataset = scan_image_folder(cfg.data.root)
-    model, spec = build_model(cfg.model.arch, len(dataset.classes), cfg.model.weights)
+def check_model(cfg: Config, num_classes: int) -> None:
+    """Build the model once before Ray starts: a bad arch, weights file or trainable list fails here."""
+    model, spec = build_model(cfg.model.arch, num_classes, cfg.model.weights)
     configure_trainable(model, spec["head"], cfg.model.mode, cfg.model.trainable)
-    return dataset
 
 
 def check_storage(cfg: Config, storage_path: str) -> None:

@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.train import checkpoint, distributed
 from pipeline.train.config import Config
-from pipeline.train.data import ImageDataset, Split, collate_skipping
+from pipeline.train.data import Split
+from pipeline.train.dataset import ImageDataset, collate_skipping
 from pipeline.train.models import build_model, configure_trainable, set_train_mode
+from pipeline.train.progress import Reporter
 from pipeline.train.transforms import eval_transform, train_transform
 
 
@@ -88,7 +90,8 @@ def train_loop_per_worker(job: dict) -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.train.step_size, gamma=cfg.train.gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=worker.amp_dtype is torch.float16)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    progress = restore(model, optimizer, scheduler, scaler, worker)
+    reporter = Reporter(job["events"], worker.rank, worker.world, cfg.train.epochs)
+    progress = restore(model, optimizer, scheduler, scaler, worker, reporter)
     train_loader, val_loader = build_loaders(cfg, job, spec, worker)
 
     for epoch in range(progress.epoch, cfg.train.epochs):
@@ -97,7 +100,9 @@ def train_loop_per_worker(job: dict) -> None:
         torch.manual_seed(cfg.train.seed * 1_000_000 + epoch * 1000 + worker.rank)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        train_sums, first_step_at = train_one_epoch(ddp_model, criterion, optimizer, scaler, train_loader, worker)
+        reporter.start_epoch(epoch, len(train_loader))
+        train_sums, first_step_at = train_one_epoch(ddp_model, criterion, optimizer, scaler, train_loader, worker,
+                                                    reporter)
         train_seconds = time.perf_counter() - start
         scheduler.step()
         val_sums, predictions = evaluate(ddp_model, criterion, val_loader, worker)
@@ -115,7 +120,7 @@ def train_loop_per_worker(job: dict) -> None:
         progress.epoch = epoch + 1
         val_predictions = [predictions.get(i, -1) for i in range(len(job["val"]["paths"]))]
         state = checkpoint_state(job, spec, model, optimizer, scheduler, scaler, progress, val_predictions)
-        report(metrics, state, worker, new_skips, cfg.train.epochs)
+        report(metrics, state, worker, reporter, new_skips)
 
 
 def build_loaders(cfg: Config, job: dict, spec: dict, worker: Worker) -> tuple[DataLoader, DataLoader]:
@@ -132,12 +137,13 @@ def build_loaders(cfg: Config, job: dict, spec: dict, worker: Worker) -> tuple[D
     return DataLoader(train_set, sampler=sampler, **loader_args), DataLoader(val_set, shuffle=False, **loader_args)
 
 
-def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker) -> tuple[torch.Tensor, float | None]:
+def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
+                    reporter: Reporter) -> tuple[torch.Tensor, float | None]:
     """Sums of (loss, correct, count) over this worker's shard, and the time.time() of its first step."""
     set_train_mode(model)
     sums = torch.zeros(3, dtype=torch.float64)
     first_step_at = None
-    for images, targets, _ in worker.batches(loader):
+    for step, (images, targets, _) in enumerate(worker.batches(loader), start=1):
         first_step_at = first_step_at or time.time()
         with worker.autocast():
             logits = model(images)
@@ -147,6 +153,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker)
         scaler.step(optimizer)
         scaler.update()
         sums += torch.tensor([loss.item(), (logits.argmax(1) == targets).sum().item(), len(targets)])
+        reporter.step(step, int(sums[2]))
     return sums, first_step_at
 
 
@@ -198,20 +205,21 @@ def checkpoint_state(job: dict, spec: dict, model, optimizer, scheduler, scaler,
     }
 
 
-def report(metrics: dict, state: dict, worker: Worker, new_skips: list[str], epochs: int) -> None:
-    """Every worker reports the epoch's metrics; rank 0 attaches the checkpoint and prints the epoch's line."""
+def report(metrics: dict, state: dict, worker: Worker, reporter: Reporter, new_skips: list[str]) -> None:
+    """Every worker reports the epoch's metrics; rank 0 attaches the checkpoint and sends the epoch's line."""
+    for path in new_skips:
+        reporter.line(f"warning: skipped {path}: {state['skipped'][path]}")
+    reporter.line(epoch_line(metrics, reporter.epochs))
+    reporter.end_epoch(metrics["epoch_seconds"])
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if worker.rank == 0:
-            for path in new_skips:
-                print(f"warning: skipped {path}: {state['skipped'][path]}", flush=True)
-            print(progress_line(metrics, epochs), flush=True)
             checkpoint.save(state, tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def restore(model, optimizer, scheduler, scaler, worker: Worker) -> Progress:
+def restore(model, optimizer, scheduler, scaler, worker: Worker, reporter: Reporter) -> Progress:
     """Continue from the latest checkpoint after a worker failure or a re-run of the same job."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
@@ -224,12 +232,11 @@ def restore(model, optimizer, scheduler, scaler, worker: Worker) -> Progress:
     scaler.load_state_dict(saved["scaler"])
     progress = Progress(**{key: saved[key] for key in Progress.__dataclass_fields__})
     worker.skipped.update(progress.skipped)
-    if worker.rank == 0:
-        print(f"resuming after epoch {progress.epoch} (best val acc {progress.best_val_acc:.4f})", flush=True)
+    reporter.line(f"resuming after epoch {progress.epoch} (best val acc {progress.best_val_acc:.4f})")
     return progress
 
 
-def progress_line(m: dict, epochs: int) -> str:
+def epoch_line(m: dict, epochs: int) -> str:
     return (
         f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
         f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}  lr {m['lr']:.2g}  "

@@ -1,0 +1,78 @@
+"""Training's terminal output: rank 0 sends its lines and in-epoch progress through a Ray queue, and the driver
+prints them (pipeline.console), so they read as the job's own lines, redrawn in place on a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+
+from ray.util.queue import Empty, Queue
+
+from pipeline.console import Console, duration
+
+SEND_EVERY_S = 1.0
+
+
+class Reporter:
+    """Worker side. Only rank 0 sends; the others stay quiet."""
+
+    def __init__(self, events: Queue | None, rank: int, world: int, epochs: int):
+        self.events = events if rank == 0 else None
+        self.world, self.epochs = world, epochs
+        self.epoch = self.steps = 0
+        self.started = self.last_sent = 0.0
+        self.epoch_seconds = None  # the last whole epoch's, for the run's ETA
+
+    def line(self, text: str) -> None:
+        if self.events is not None:
+            self.events.put(("line", text))
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        self.epoch, self.steps = epoch, steps
+        self.started = self.last_sent = time.perf_counter()
+
+    def step(self, step: int, images: int) -> None:
+        """After `step` of this epoch's steps, `images` of them trained on this worker."""
+        now = time.perf_counter()
+        if self.events is None or now - self.last_sent < SEND_EVERY_S:
+            return
+        self.last_sent = now
+        elapsed = now - self.started
+        epoch_eta = (self.steps - step) * elapsed / step
+        per_epoch = self.epoch_seconds or self.steps * elapsed / step
+        run_eta = epoch_eta + (self.epochs - self.epoch - 1) * per_epoch
+        self.events.put(("progress", f"epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  "
+                                     f"{images * self.world / elapsed:.1f} img/s  "
+                                     f"ETA {duration(epoch_eta)} epoch, {duration(run_eta)} run"))
+
+    def end_epoch(self, seconds: float) -> None:
+        self.epoch_seconds = seconds
+
+
+@contextlib.contextmanager
+def relay(console: Console):
+    """Driver side: yields the queue to hand the workers, and prints what comes through it until the block ends."""
+    events = Queue(actor_options={"num_cpus": 0})  # holds no CPU: on a small cluster every CPU trains
+    stop = threading.Event()
+
+    def pump():
+        while True:
+            try:
+                kind, text = events.get(timeout=0.5)
+            except (Empty, queue.Empty):
+                if stop.is_set():
+                    return
+                continue
+            (console.line if kind == "line" else console.progress)(text)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield events
+    finally:
+        stop.set()
+        thread.join()
+        console.close()
+        events.shutdown()

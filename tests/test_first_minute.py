@@ -1,0 +1,141 @@
+"""What a new user sees: only imgjobs' own lines, instant answers to mistakes, progress that says when."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.console import Console, duration
+from tests.conftest import REPO, make_image_folder
+from tests.helpers import start_label
+
+NOISE = re.compile(r"Failed to query|TrainingReport\(|core_worker\.cc|Traceback")
+HEAVY = ("torch", "torchvision", "timm", "ray")
+
+
+def fresh_env() -> dict:
+    """A user's shell: no Ray address, so the command starts its own local Ray."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beside", ["alone", "beside another Ray"])
+def test_demo_training_prints_only_its_own_lines(beside, request, tmp_path):
+    import ray
+
+    if beside == "alone" and ray.is_initialized():
+        pytest.skip("the session's Ray is already up, so the job cannot run alone; run this file first or by itself")
+    if beside != "alone":
+        request.getfixturevalue("ray_local")  # the test session's own Ray, up beside the job's
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", "configs/demo.yaml", "train.epochs=1",
+                             f"storage.path={tmp_path}"], cwd=REPO, env=fresh_env(), capture_output=True, text=True,
+                            timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert not NOISE.findall(out), [line for line in out.splitlines() if NOISE.search(line)][:5]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("demo: 245 train / 153 val images")
+    assert re.search(r"^epoch 1/1  step \d+/16  [\d.]+ img/s  ETA \d+:\d\d epoch, \d+:\d\d run$", result.stdout, re.M)
+    assert re.search(r"^epoch 1/1  train loss [\d.]+ acc [\d.]+  val loss", result.stdout, re.M)
+    assert lines[-1] == (f"run in {tmp_path / 'demo'}; label with it: imgjobs label --checkpoint {tmp_path / 'demo'} "
+                         f"--input IMAGES --output {tmp_path / 'demo' / 'labels'}")
+    assert not re.search(r"\(\w+ pid=\d+", out), "a Ray worker's line reached the terminal"
+
+
+def run_cli(*args: str) -> tuple[int, str, list[str], float]:
+    """The command in a fresh interpreter: exit code, stderr, which heavy modules it imported, seconds."""
+    code = ("import sys\nfrom jobs.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            f"    rc = e.code\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\nsys.exit(rc)")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=fresh_env(), capture_output=True,
+                            text=True, timeout=120)
+    *err, imported = result.stderr.strip().splitlines()
+    return result.returncode, "\n".join(err), ast.literal_eval(imported), time.perf_counter() - started
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "-c", "configs/demo.yaml", "train.epochz=3"], "unknown key 'train.epochz'"),
+    (["train", "-c", "configs/demo.yaml", "train.epochs=-1"], "train.epochs"),
+    (["train", "-c", "configs/nope.yaml"], "cannot read config configs/nope.yaml"),
+    (["train", "-c", "configs/demo.yaml", "data.root=/nowhere"], "data.root: /nowhere has no train/ folder"),
+    (["train", "-c", "configs/demo.yaml", "model.weights=/nowhere.pth"], "model.weights: file /nowhere.pth not found"),
+    (["label", "--checkpoint", "/nowhere", "--input", "data", "--output", "/tmp/x"], "checkpoint /nowhere not found"),
+    (["label", "--checkpoint", "configs/demo.yaml", "--input", "/nowhere", "--output", "/tmp/x"], "input /nowhere not found"),
+    (["label", "--checkpoint", "configs", "--input", "data", "--output", "/tmp/x", "--top-k", "0"], "--top-k 0"),
+    (["label", "--checkpoint", "x", "--input", "y", "--output", "z", "--min-confidence", "2"], "--min-confidence 2"),
+])
+def test_mistakes_are_answered_before_torch_or_ray_load(args, message):
+    """Exit 2 and one line, without importing torch, torchvision, timm or Ray (seconds of start-up on a small
+    machine): that is what makes the answer instant. The time is printed, not asserted."""
+    code, err, imported, seconds = run_cli(*args)
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert imported == [], imported
+    print(f"{' '.join(args[:3])}: exit 2 in {seconds:.2f}s")
+
+
+@pytest.mark.parametrize("command", ["train", "label"])
+def test_help_answers_without_heavy_imports(command):
+    code, err, imported, _ = run_cli(command, "--help")
+    assert code == 0 and imported == []
+
+
+def test_console_redraws_on_a_terminal_and_writes_lines_in_a_log(tmp_path):
+    class Terminal:  # what Console needs of a stream: write, flush, isatty
+        def __init__(self, tty):
+            self.text, self.tty = "", tty
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return self.tty
+
+    term, log = Terminal(True), Terminal(False)
+    for stream in (term, log):
+        console = Console(stream)
+        console.progress("step 1")
+        console.progress("step 2")
+        console.line("epoch done")
+        console.progress("step 3")
+        console.close()
+    assert term.text == "\r\x1b[Kstep 1\r\x1b[Kstep 2\r\x1b[Kepoch done\n\r\x1b[Kstep 3\n"
+    assert log.text == "step 1\nepoch done\n"  # one progress line per few seconds in a log
+    assert [duration(s) for s in (0, 65, 3725)] == ["0:00", "1:05", "1:02:05"]
+
+
+def test_labeling_progress_redraws_in_place_on_a_real_terminal(ray_local, small_checkpoint, tmp_path):
+    """On a pseudo-terminal the progress line is rewritten in place, with percent and ETA, then a summary line."""
+    images = make_image_folder(tmp_path / "imgs", train_per_class=60, val_per_class=0)
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(tmp_path / "out"),
+                        "--batch-size", "4"], env, stderr=subprocess.STDOUT, stdout=terminal)
+    os.close(terminal)
+    screen = b""
+    while True:
+        ready, _, _ = select.select([controller], [], [], 300)
+        try:
+            chunk = os.read(controller, 65536) if ready else b""
+        except OSError:  # the command ended and closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        screen += chunk
+    assert proc.wait(timeout=60) == 0, screen.decode()[-2000:]
+    text = screen.decode().replace("\x1b[0m", "")  # Ray resets the terminal's colours as it exits
+    assert re.search(r"\r\x1b\[Klabel: \d+/120 \(\d+%\), [\d.]+ images/s, ETA \d+:\d\d, 0 errors", text), text[-2000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("label: 120 images: 120 labeled, 0 errors") and str(tmp_path / "out") in last, text[-1500:]
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["labeled"] == 120
