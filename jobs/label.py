@@ -25,6 +25,9 @@ def add_arguments(parser) -> None:
                         help="decode JPEGs at reduced size (PIL draft): much faster for big photos")
     parser.add_argument("--rows-per-file", type=int, default=100_000, help="rows per Parquet file (default 100000)")
     parser.add_argument("--batch-size", type=int, help="images per model call (default 8 on CPU, 256 on GPU)")
+    parser.add_argument("--max-actors", type=int, metavar="N",
+                        help="most predictor actors; the pool grows to N as nodes join (default: what fits the "
+                             "nodes up at start, at least 1)")
     parser.add_argument("--overwrite", action="store_true", help="delete DIR's labels first instead of resuming")
     parser.add_argument("--evaluate", action="store_true",
                         help="the input is a class-folder tree: report accuracy and the confusion matrix")
@@ -33,12 +36,12 @@ def add_arguments(parser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.label.job import LabelOptions, label
 
-    if args.rows_per_file < 1 or (args.batch_size is not None and args.batch_size < 1):
-        raise UsageError("--rows-per-file and --batch-size must be at least 1")
+    if min(args.rows_per_file, args.batch_size or 1, args.max_actors or 1) < 1:
+        raise UsageError("--rows-per-file, --batch-size and --max-actors must be at least 1")
     if not 0.0 <= args.min_confidence <= 1.0:
         raise UsageError(f"--min-confidence {args.min_confidence} must be between 0 and 1")
     if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k {args.top_k} must be at least 1")
+        raise UsageError(f"--top-k {args.top_k} must be between 1 and the checkpoint's number of classes")
     opts = LabelOptions(**{k: v for k, v in vars(args).items() if k in LabelOptions.__dataclass_fields__})
     summary = label(opts, started_at=getattr(args, "started_at", None))
     if summary.get("accuracy") is not None:

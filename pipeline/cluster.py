@@ -16,6 +16,9 @@ from pipeline import ray_internals
 QUIET_WORKER_LINES = re.compile(r"core_worker\.cc.*has constructor arguments in the object store and max_restarts > 0")
 
 
+STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
 def init_ray(dashboard: bool = False) -> None:
     """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray on 127.0.0.1.
 
@@ -34,8 +37,14 @@ def init_ray(dashboard: bool = False) -> None:
         ray_internals.present_token_if_any()
     ray.init(logging_level=logging.WARNING, log_to_driver=True,
              include_dashboard=dashboard if address is None else None,
-             runtime_env={"worker_process_setup_hook": setup_worker})
+             runtime_env={"worker_process_setup_hook": setup_worker, "env_vars": storage_environment()})
     ray_internals.drop_forwarded_lines(QUIET_WORKER_LINES)
+
+
+def storage_environment() -> dict[str, str]:
+    """The S3 endpoint set in this process's environment (MinIO, Ceph, R2): the job's workers read and write
+    the same storage, whichever node they run on."""
+    return {name: os.environ[name] for name in STORAGE_VARIABLES if name in os.environ}
 
 
 def setup_worker() -> None:

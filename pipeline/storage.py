@@ -22,14 +22,32 @@ def absolute(path: str) -> str:
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or any pyarrow-supported URI."""
+    """(filesystem, path inside it) for a local path or any pyarrow-supported URI. A URI's query string carries
+    the filesystem's options (`s3://bucket/data?endpoint_override=host:port&scheme=http`); AWS_ENDPOINT_URL and
+    AWS_ENDPOINT_URL_S3 in the environment work too."""
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), absolute(path)
 
 
+def split_query(uri: str) -> tuple[str, str]:
+    """("s3://bucket/path", "?endpoint_override=...") ; the query is "" when there is none."""
+    path, sep, query = uri.partition("?")
+    return path, sep + query
+
+
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if is_uri(base) else os.path.join(base, *parts)
+    """base/part/...; for a URI, before its query string, which must stay at the end."""
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    path, query = split_query(base)
+    return "/".join([path.rstrip("/"), *parts]) + query
+
+
+def host(uri: str) -> str:
+    """scheme://bucket (or scheme://host:port): the part of a URI that one filesystem object serves."""
+    scheme, rest = split_query(uri)[0].split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from ray.job_submission import JobInfo, JobStatus, JobSubmissionClient
 
 from pipeline import ray_internals
+from pipeline.cluster import storage_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a job carries to the cluster: the code and the configs, nothing else (no data, runs, labels, checkpoints,
@@ -40,10 +41,10 @@ def package_files() -> list[str]:
 def runtime_env() -> dict:
     """The project as the job's working_dir, less everything but PACKAGE_CONTENT (gitignore-style excludes that
     leave the same files as package_files). Ray zips it, names it by a hash of its content and uploads it only
-    when that hash is new to the cluster."""
+    when that hash is new to the cluster. An S3 endpoint set in this shell goes with the job."""
     others = sorted(name for name in os.listdir(PROJECT_ROOT) if name not in PACKAGE_CONTENT)
     excludes = [*(f"/{name}" for name in others), "__pycache__", ".[!.]*"]  # not ".*": it matches the root, "."
-    return {"working_dir": str(PROJECT_ROOT), "excludes": excludes}
+    return {"working_dir": str(PROJECT_ROOT), "excludes": excludes, "env_vars": storage_environment()}
 
 
 def resolve_address(flag: str | None) -> str:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "hymenoptera"
 SHARED_DATA = REPO.parent / "shared" / "data" / "hymenoptera"
+
+# Every process of the session, Ray's workers included, talks to the S3 API server below with made-up
+# credentials, and never asks an instance-metadata service for real ones.
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true"})
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +35,10 @@ def ray_local():
     bind_to_loopback()
     # With the dashboard: Ray Train's placement-group cleaner queries the state API it serves, and
     # without it decides the run is dead and tears the workers down.
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    from pipeline.cluster import setup_worker
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"worker_process_setup_hook": setup_worker})
     yield ray
     ray.shutdown()
 
@@ -109,3 +122,60 @@ def listening_sockets(processes) -> list[tuple[str, str, int]]:
         except psutil.NoSuchProcess:  # a worker that exited meanwhile
             pass
     return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint: str  # host:port
+
+    def uri(self, path: str) -> str:
+        """s3://PATH with the endpoint in pyarrow's URI query form, as a MinIO or Ceph user writes it."""
+        return f"s3://{path}?endpoint_override={self.endpoint}&scheme=http"
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", allow_bucket_creation=True)
+
+    def upload(self, local: Path, path: str) -> str:
+        """Copy a local file or folder to s3://PATH; return its URI."""
+        import pyarrow.fs as pafs
+
+        fs = self.filesystem()
+        fs.create_dir(path.split("/")[0])
+        if local.is_dir():
+            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(local.read_bytes())
+        return self.uri(path)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API server (moto's server mode, as Ray's own tests use) on 127.0.0.1, stopped at the end."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+    try:
+        yield S3Server(f"127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

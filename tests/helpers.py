@@ -4,6 +4,8 @@ process, and a peak-memory sampler."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -72,3 +74,52 @@ def read_output(out: Path) -> list[dict]:
     """Every row of a label output folder."""
     files = sorted(out.glob("*.parquet"))
     return pq.read_table(files).to_pylist() if files else []
+
+
+CLUSTER_SCRIPT = """
+import json, sys
+from ray.cluster_utils import Cluster
+head, workers = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+cluster = Cluster(initialize_head=True, head_node_args=head)
+nodes = [cluster.add_node(**args) for args in workers]
+cluster.wait_for_nodes()
+print(json.dumps({"address": cluster.address, "nodes": [n.node_id for n in nodes]}), flush=True)
+for line in sys.stdin:  # "add {args}" a worker node, "remove N": lose worker node N hard; end of input: stop all
+    command, argument = line.split(" ", 1)
+    if command == "add":
+        nodes.append(cluster.add_node(**json.loads(argument)))
+        cluster.wait_for_nodes()
+    else:
+        cluster.remove_node(nodes[int(argument)], allow_graceful=False)
+    print("done", flush=True)
+cluster.shutdown()
+"""
+
+
+class TestCluster:
+    """A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster: each node its own raylet), in its own
+    process, so that stopping it touches only what it started. Jobs join it with RAY_ADDRESS=address."""
+
+    def __init__(self, head: dict, workers: list[dict]):
+        self.process = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(head), json.dumps(workers)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        started = json.loads(self.process.stdout.readline())
+        self.address, self.nodes = started["address"], started["nodes"]
+
+    def add_node(self, **args) -> None:
+        self._command(f"add {json.dumps(args)}")
+
+    def remove_node(self, index: int) -> None:
+        self._command(f"remove {index}")
+
+    def _command(self, line: str) -> None:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "done"
+
+    def env(self) -> dict:
+        return {**os.environ, "RAY_ADDRESS": self.address}
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=120)

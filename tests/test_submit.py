@@ -167,6 +167,25 @@ def test_submitted_labeling_uses_the_trained_checkpoint(ray_head, trained, tmp_p
     print(f"label submit round trip: {time.monotonic() - started:.1f}s")
 
 
+def test_submitted_jobs_on_s3_with_the_endpoint_from_this_shell(ray_head, s3_server, tmp_path):
+    """Training from S3 into S3, then labeling into S3, as submitted jobs; AWS_ENDPOINT_URL set only in the shell
+    that submits travels with each job."""
+    data = s3_server.upload(DEMO_DATA, "submit/hymenoptera").split("?")[0]
+    endpoint = {"AWS_ENDPOINT_URL": f"http://{s3_server.endpoint}"}
+    result = run_submit(ray_head, "train", "-c", "configs/demo.yaml", "train.epochs=1", f"data.root={data}",
+                        "storage.path=s3://submit/runs", cwd=tmp_path, **endpoint)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with s3_server.filesystem().open_input_stream("submit/runs/demo/summary.json") as f:
+        best = json.loads(f.read())["best_checkpoint"]
+    assert best.startswith("s3://submit/runs/demo/checkpoint_")
+    result = run_submit(ray_head, "label", "--checkpoint", best, "--input", f"{data}/val",
+                        "--output", "s3://submit/labels", "--evaluate", cwd=tmp_path, **endpoint)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with s3_server.filesystem().open_input_stream("submit/labels/_summary.json") as f:
+        labels = json.loads(f.read())
+    assert labels["total"] == 153 and labels["errors"] == 0 and labels["accuracy"] >= 0.8
+
+
 def test_failing_job_exits_non_zero_with_the_jobs_error(ray_head, tmp_path):
     missing = tmp_path / "no-such-data"
     result = run_submit(ray_head, "train", "-c", "configs/demo.yaml", f"data.root={missing}",

@@ -30,7 +30,7 @@ def evaluate(writer: LabelWriter, roots: list[str], classes: list[str]) -> dict:
     earlier runs' rows included, so a resumed job reports the whole collection."""
     rows = writer.read_all(["path", "label_index"])
     index = {name: i for i, name in enumerate(classes)}
-    prefixes = [r.rstrip("/") + "/" for r in roots]
+    prefixes = [storage.split_query(r)[0].rstrip("/") + "/" for r in roots]
     targets, predictions, unlabeled = [], [], 0
     for path, predicted in zip(rows.column("path").to_pylist(), rows.column("label_index").to_pylist()):
         prefix = next((p for p in prefixes if path.startswith(p)), None)

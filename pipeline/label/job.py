@@ -32,6 +32,7 @@ class LabelOptions:
     fast_decode: bool = False
     rows_per_file: int = 100_000
     batch_size: int | None = None
+    max_actors: int | None = None
     overwrite: bool = False
     evaluate: bool = False
 
@@ -42,6 +43,7 @@ class Work:
 
     files: list[str]
     archive_done: dict[str, list[str]]  # archive key -> its keys already in the output
+    options: dict[str, str]  # the inputs' filesystem options by host (Listing.options)
     skipped: int  # inputs the output already holds
 
 
@@ -50,15 +52,16 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     before any work starts. `started_at` (time.time() at command start) is where start-up is counted from."""
     started = started_at or time.time()
     console = console or Console()
-    # What can be wrong with the paths is answered before torch and Ray load, which takes seconds.
+    # A wrong checkpoint or input path is answered before torch and Ray load, which takes seconds; nothing is
+    # written anywhere before every check has passed.
     opts.checkpoint = checkpoint.find(opts.checkpoint)
     listing = list_inputs(opts.inputs)
-    check_writable(opts.output)
     state = checkpoint.load(opts.checkpoint)
     model = checkpoint.build_from(state)  # weights that do not fit their arch fail here, before Ray starts
     top_k = check_top_k(opts.top_k, state["classes"])
     if opts.evaluate:
         check_class_folders(listing.roots, state["classes"])
+    check_writable(opts.output)
     writer = LabelWriter(opts.output, opts.rows_per_file, opts.overwrite)
     work = remaining(listing, writer.done)
     console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
@@ -92,10 +95,13 @@ def run(opts: LabelOptions, state: dict, model, work: Work, top_k: int, take, co
     from pipeline.label import plan
 
     init_ray()
-    actors = plan.actor_plan(opts.batch_size)
+    actors = plan.actor_plan(opts.batch_size, opts.max_actors)
+    if actors["waiting"]:
+        console.line("label: waiting for a worker node with CPUs: none is up yet, and the autoscaler adds one as the "
+                     f"job asks for it; the pool grows to {actors['max_actors']} actor(s) (--max-actors)")
     payload = plan.model_payload(state, model, opts.precision, gpu=actors["num_gpus"] > 0, log=console.line)
     units = plan.read_units_of(work.files, work.archive_done, actors["batch_size"])
-    dataset = plan.dataset(units, actors, payload, fast_decode=opts.fast_decode, top_k=top_k,
+    dataset = plan.dataset(units, work.options, actors, payload, fast_decode=opts.fast_decode, top_k=top_k,
                            min_confidence=opts.min_confidence)
     for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         take(table)
@@ -122,7 +128,7 @@ def remaining(listing: Listing, done: set[str]) -> Work:
                 break
             cut = key.find(MEMBER_SEPARATOR, cut + 1)
     skipped = len(listing.files) - len(files) + sum(map(len, by_archive.values()))
-    return Work(files, by_archive, skipped)
+    return Work(files, by_archive, listing.options, skipped)
 
 
 class Progress:

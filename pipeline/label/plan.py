@@ -16,30 +16,36 @@ from pipeline.label.reading import make_unit, read_units
 # Images per model call. On CPU, small batches keep a ResNet's activations in cache (README, Performance);
 # a GPU needs big ones to stay busy.
 CPU_BATCH, GPU_BATCH = 8, 256
+MAX_THREADS = 4  # per CPU actor: intra-op scaling flattens beyond about 4 threads at CPU batch sizes
 # A read task is one decoding thread that also waits on storage. Its reservation must differ from the
 # predictor's, or Ray Data fuses reading into the predictor actors and decoding stops running in parallel.
 READ_CPUS = 0.5
 
 
-def actor_plan(batch_size: int | None) -> dict:
-    """How many predictor actors, with what resources. A GPU each where there are GPUs. On CPUs, an actor
-    reserves half a CPU less than its threads use, so a read task always finds room: a pool that reserves
-    every CPU starves the read tasks and the pipeline stalls forever."""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+def actor_plan(batch_size: int | None, max_actors: int | None) -> dict:
+    """How many predictor actors, with what resources, for the nodes that are up now. A GPU each where there are
+    GPUs. On CPUs, an actor reserves half a CPU less than its threads use, so a read task always finds room: a
+    pool that reserves every CPU starves the read tasks and the pipeline stalls forever. With no node up that can
+    run one (a head without CPUs, workers the autoscaler has not added yet), actors of one thread, which fit any
+    node that joins: `waiting` says so. The pool grows to `max_actors` as nodes join."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    gpus = sum(int(r.get("GPU", 0)) for r in nodes)
+    cpus = [r["CPU"] for r in nodes if r.get("CPU", 0) >= 1]
     if gpus:
-        return {"actors": gpus, "num_gpus": 1, "num_cpus": 1, "threads": 2, "read_cpus": READ_CPUS,
-                "batch_size": batch_size or GPU_BATCH}
-    node_cpus = min(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU"))
-    threads = int(min(4, node_cpus))  # intra-op scaling flattens beyond about 4 threads at CPU batch sizes
-    return {
-        "actors": max(1, int(resources["CPU"]) // (threads + 1)),
-        "num_gpus": 0,
-        "num_cpus": threads - READ_CPUS,
-        "threads": threads,
-        "read_cpus": READ_CPUS,
-        "batch_size": batch_size or CPU_BATCH,
-    }
+        plan = {"actors": gpus, "num_gpus": 1, "num_cpus": 1, "threads": 2, "batch_size": batch_size or GPU_BATCH}
+    else:
+        threads = int(min(MAX_THREADS, min(cpus, default=1)))
+        plan = {
+            "actors": sum(int(c // threads) for c in cpus),  # per node: room for a read task beside each actor
+            "num_gpus": 0,
+            "num_cpus": threads - READ_CPUS,
+            "threads": threads,
+            "batch_size": batch_size or CPU_BATCH,
+        }
+    actors = max(1, plan.pop("actors"))
+    max_actors = max_actors or actors
+    return plan | {"initial_actors": min(actors, max_actors), "max_actors": max_actors, "read_cpus": READ_CPUS,
+                   "waiting": not gpus and not cpus}
 
 
 def split_files(files: list[str], batch_size: int) -> list[list[str]]:
@@ -60,14 +66,14 @@ def read_units_of(files: list[str], archive_done: dict[str, list[str]], batch_si
     return units + [make_unit(archive=a, done=keys) for a, keys in archive_done.items()]
 
 
-def dataset(units: list[dict], actors: dict, payload: dict, fast_decode: bool, top_k: int,
+def dataset(units: list[dict], options: dict[str, str], actors: dict, payload: dict, fast_decode: bool, top_k: int,
             min_confidence: float) -> ray.data.Dataset:
     """Read units → read-and-decode tasks → predictor actors."""
     quiet_ray_data()
     return (
         ray.data.from_items(units, override_num_blocks=len(units))
         .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors["read_cpus"],
-                     fn_kwargs={"spec": payload["model"], "fast_decode": fast_decode})
+                     fn_kwargs={"spec": payload["model"], "fast_decode": fast_decode, "options": options})
         .map_batches(
             Predictor,
             batch_size=actors["batch_size"],
@@ -79,7 +85,8 @@ def dataset(units: list[dict], actors: dict, payload: dict, fast_decode: bool, t
                 "threads": actors["threads"],
                 "batch_size": actors["batch_size"],
             },
-            compute=ray.data.ActorPoolStrategy(size=actors["actors"]),
+            compute=ray.data.ActorPoolStrategy(min_size=1, initial_size=actors["initial_actors"],
+                                               max_size=actors["max_actors"]),
             num_cpus=actors["num_cpus"],
             num_gpus=actors["num_gpus"],
         )

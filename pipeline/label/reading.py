@@ -74,11 +74,11 @@ class Preprocess:
         }
 
 
-def read_units(batch, spec: dict, fast_decode: bool) -> Iterator[dict]:
+def read_units(batch, spec: dict, fast_decode: bool, options: dict[str, str]) -> Iterator[dict]:
     """Ray Data map_batches function (a generator, so an archive's members stream out block by block).
-    `spec` is the checkpoint's model spec: sizes and interpolation."""
+    `spec` is the checkpoint's model spec (sizes and interpolation), `options` the inputs' filesystem options."""
     preprocess = Preprocess(spec, fast_decode)
-    reader = Reader()
+    reader = Reader(options)
     for text in batch["unit"].to_pylist():
         unit = json.loads(text)
         if unit["archive"]:

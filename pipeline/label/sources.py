@@ -35,7 +35,10 @@ def archive_kind(name: str) -> str | None:
 class Listing:
     files: list[str] = field(default_factory=list)  # keys of image files, each listed once
     archives: list[str] = field(default_factory=list)  # keys of archives, streamed by the read tasks
-    roots: list[str] = field(default_factory=list)  # keys of directory inputs (class-folder trees for --evaluate)
+    roots: list[str] = field(default_factory=list)  # directory inputs (class-folder trees for --evaluate): key+query
+    # A URI input's query string (its filesystem's options, e.g. an S3 endpoint) by host. Keys carry none, so the
+    # output's paths stay clean; readers open a key with the options of its host.
+    options: dict[str, str] = field(default_factory=dict)
 
     def add_file(self, key: str, seen: set[str]) -> None:
         if key not in seen:  # the same image named by two inputs is still labeled once
@@ -51,8 +54,9 @@ def list_inputs(paths: list[str]) -> Listing:
         info = _file_info(fs, fs_path, path)
         if info.type == pafs.FileType.NotFound:
             raise UsageError(f"input {path} not found")
+        name = storage.split_query(path)[0]
         if info.type == pafs.FileType.File and not (
-            is_image_name(path) or archive_kind(path) or path.lower().endswith(MANIFEST_SUFFIX)
+            is_image_name(name) or archive_kind(name) or name.lower().endswith(MANIFEST_SUFFIX)
         ):
             raise UsageError(
                 f"input {path} is not an image, archive (.tar .tar.gz .tgz .zip), manifest (.txt) or directory"
@@ -60,10 +64,13 @@ def list_inputs(paths: list[str]) -> Listing:
         resolved.append((path, fs, fs_path, info.type))
     listing, seen = Listing(), set()
     for path, fs, fs_path, kind in resolved:
+        path, query = storage.split_query(path)
         prefix = _uri_prefix(path, fs_path)
         key = prefix + fs_path
+        if query:
+            listing.options[storage.host(key)] = query
         if kind == pafs.FileType.Directory:
-            listing.roots.append(key)
+            listing.roots.append(key + query)
             for found in storage.walk_images(fs, fs_path):
                 listing.add_file(prefix + found, seen)
         elif archive_kind(path):
@@ -71,7 +78,10 @@ def list_inputs(paths: list[str]) -> Listing:
                 seen.add(key)
                 listing.archives.append(key)
         elif path.lower().endswith(MANIFEST_SUFFIX):
-            for entry in _manifest_entries(fs, fs_path, path):
+            for line in _manifest_entries(fs, fs_path, path):
+                entry, query = storage.split_query(line)
+                if query:
+                    listing.options[storage.host(entry)] = query
                 if archive_kind(entry):
                     if entry not in seen:
                         seen.add(entry)
@@ -124,9 +134,11 @@ def _uri_prefix(path: str, fs_path: str) -> str:
 
 
 class Reader:
-    """Reads keys' bytes; one filesystem object per URI host, because creating one can cost a network call."""
+    """Reads keys' bytes; one filesystem object per URI host, because creating one can cost a network call.
+    `options` are the hosts' query strings (Listing.options)."""
 
-    def __init__(self):
+    def __init__(self, options: dict[str, str] | None = None):
+        self.options = options or {}
         self._filesystems: dict[str, tuple[pafs.FileSystem, int]] = {}
 
     def open(self, key: str):
@@ -140,10 +152,9 @@ class Reader:
             return f.read()
 
     def _resolve(self, key: str) -> tuple[pafs.FileSystem, str]:
-        scheme, rest = key.split("://", 1)
-        host = f"{scheme}://{rest.split('/', 1)[0]}"
+        host = storage.host(key)
         if host not in self._filesystems:
-            fs, fs_path = pafs.FileSystem.from_uri(key)
+            fs, fs_path = pafs.FileSystem.from_uri(key + self.options.get(host, ""))
             self._filesystems[host] = (fs, len(key) - len(fs_path))
         fs, prefix = self._filesystems[host]
         return fs, key[prefix:]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 
+import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipeline import storage
-from pipeline.cluster import alive_nodes, gpus_available, init_ray
+from pipeline.cluster import gpus_available, init_ray
 from pipeline.console import Console
 from pipeline.errors import UsageError
 from pipeline.metrics import confusion_matrix
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, shared_storage
 from pipeline.train.config import Config
 from pipeline.train.data import ImageFolder
 from pipeline.train.loop import train_loop_per_worker
@@ -33,19 +34,24 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, console: Console
     console.line(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
     init_ray(dashboard=True)
     use_gpu = gpus_available() if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
+    kind = "GPU" if use_gpu else "CPU"
+    up = ray.cluster_resources().get(kind, 0)
+    if up < cfg.scaling.num_workers:  # Ray Train asks for them and waits; the autoscaler adds nodes
+        console.line(f"{cfg.name}: waiting for {cfg.scaling.num_workers} {kind}(s) for the training workers, "
+                     f"{up:g} up now")
     storage_path = storage.absolute(cfg.storage.path)
-    check_storage(cfg, storage_path)
+    run_dir = storage.join(storage_path, cfg.name)
     job = {
         "config": cfg.model_dump(mode="json"),
         "classes": dataset.classes,
         "train": vars(dataset.train),
         "val": vars(dataset.val),
         "started_at": started_at,
+        "storage_marker": shared_storage.write_marker(run_dir),
     }
     job["config"]["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
     with relay(console) as events:
         result = fit(cfg, job | {"events": events}, storage_path, use_gpu)
-    run_dir = storage.join(storage_path, cfg.name)
     summary = summarise(cfg, job, dataset, result, run_dir, use_gpu)
     console.line(epoch_table(summary["epochs"]))
     console.line(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
@@ -61,23 +67,18 @@ def check_model(cfg: Config, num_classes: int) -> None:
     configure_trainable(model, spec["head"], cfg.model.mode, cfg.model.trainable)
 
 
-def check_storage(cfg: Config, storage_path: str) -> None:
-    nodes = alive_nodes()
-    if not storage.is_uri(storage_path) and nodes > 1:
-        raise UsageError(
-            f"storage.path {cfg.storage.path} is local but the cluster has {nodes} nodes, so checkpoints "
-            "would be scattered; set storage.path to shared storage (s3://bucket/runs, gs://..., or an NFS mount)"
-        )
-
-
 def fit(cfg: Config, job: dict, storage_path: str, use_gpu: bool) -> ray.train.Result:
+    # Ray Train gets a URI's filesystem object and the path inside it, so query-string options (an S3 endpoint)
+    # reach it and never land inside the paths it joins.
+    filesystem, path = storage.resolve(storage_path) if storage.is_uri(storage_path) else (None, storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=storage_path,
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # Keeps the best checkpoint by val accuracy; Ray never deletes the latest one, which resume needs.
             checkpoint_config=ray.train.CheckpointConfig(
@@ -89,7 +90,10 @@ def fit(cfg: Config, job: dict, storage_path: str, use_gpu: bool) -> ray.train.R
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise TrainingFailed(str(e).strip().splitlines()[-1]) from None
+        reason = str(e).strip().splitlines()[-1]
+        if shared_storage.NOT_SHARED in reason:
+            raise UsageError(reason.split("RuntimeError: ", 1)[-1]) from None
+        raise TrainingFailed(reason) from None
 
 
 def summarise(cfg: Config, job: dict, dataset: ImageFolder, result: ray.train.Result, run_dir: str,
@@ -108,6 +112,7 @@ def summarise(cfg: Config, job: dict, dataset: ImageFolder, result: ray.train.Re
         "latest_checkpoint": latest_path,
         "classes": dataset.classes,
         "world_size": latest["history"][-1]["world_size"],
+        "nodes": latest["history"][-1]["nodes"],
         "use_gpu": use_gpu,
         "skipped_files": len(latest["skipped"]),
         "skipped": latest["skipped"],

@@ -13,13 +13,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline.train import checkpoint, distributed
+from pipeline.train import checkpoint, distributed, shared_storage
 from pipeline.train.config import Config
 from pipeline.train.data import Split
 from pipeline.train.dataset import ImageDataset, collate_skipping
@@ -78,6 +79,7 @@ class Progress:
 
 def train_loop_per_worker(job: dict) -> None:
     cfg = Config.model_validate(job["config"])
+    shared_storage.check_marker(job["storage_marker"], cfg.storage.path)
     worker = Worker.current(cfg)
     torch.manual_seed(cfg.train.seed)  # the same new head on every worker
     model, spec = build_model(cfg.model.arch, len(job["classes"]), cfg.model.weights)
@@ -93,6 +95,7 @@ def train_loop_per_worker(job: dict) -> None:
     reporter = Reporter(job["events"], worker.rank, worker.world, cfg.train.epochs)
     progress = restore(model, optimizer, scheduler, scaler, worker, reporter)
     train_loader, val_loader = build_loaders(cfg, job, spec, worker)
+    nodes = len(set(distributed.merge_dicts({worker.rank: ray.get_runtime_context().get_node_id()}).values()))
 
     for epoch in range(progress.epoch, cfg.train.epochs):
         train_loader.sampler.set_epoch(epoch)  # a new shuffle, and so a new shard, every epoch
@@ -110,6 +113,7 @@ def train_loop_per_worker(job: dict) -> None:
         train_sums, val_sums = distributed.sum_over_workers(train_sums), distributed.sum_over_workers(val_sums)
         predictions, skipped = distributed.merge_dicts(predictions), distributed.merge_dicts(worker.skipped)
         metrics = epoch_metrics(epoch, train_sums, val_sums, lr, train_seconds, time.perf_counter() - start, worker)
+        metrics["nodes"] = nodes
         if epoch == progress.epoch and first_step_at is not None:
             metrics["startup_seconds"] = first_step_at - job["started_at"]  # command start to first training step
         new_skips = sorted(set(skipped) - set(progress.skipped))

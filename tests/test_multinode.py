@@ -1,0 +1,127 @@
+"""Both jobs across nodes, on a cluster shaped like cluster.yaml: a head that advertises no CPUs, and worker
+nodes with their own resources (each its own raylet on this machine), with storage in S3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, make_image_folder, write_config
+from tests.helpers import TestCluster, start_label
+from tests.test_s3 import label_rows
+
+HEAD = {"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"}  # the state API, for Ray Train
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = TestCluster(HEAD, [{"num_cpus": 1}, {"num_cpus": 1}])
+    yield cluster
+    cluster.stop()
+
+
+def actor_nodes(cluster: TestCluster, class_name: str) -> set[str]:
+    """The nodes that ran actors of a class, from the cluster's state API (in a process of its own: this one is
+    connected to the session's Ray)."""
+    code = ("import json; from ray.util.state import list_actors; "
+            f"print(json.dumps([a.node_id for a in list_actors(filters=[('class_name', '=', {class_name!r})], "
+            "limit=1000)]))")
+    out = subprocess.run([sys.executable, "-c", code], env=cluster.env(), capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.slow
+def test_training_on_two_nodes_into_s3_then_labeling_on_both(cluster, s3_server, tmp_path):
+    folder = make_image_folder(tmp_path / "data", train_per_class=8, val_per_class=4)
+    data = s3_server.upload(folder, "data/multinode")
+    config = write_config(tmp_path / "c.json", "multinode", folder, tmp_path, train={"epochs": 1, "batch_size": 4},
+                          scaling={"num_workers": 2, "use_gpu": False})
+    train = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", str(config), f"data.root={data}",
+                            f"storage.path={s3_server.uri('runs')}"], cwd=REPO, env=cluster.env(),
+                           capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    with s3_server.filesystem().open_input_stream("runs/multinode/summary.json") as f:
+        summary = json.loads(f.read())
+    assert summary["world_size"] == 2 and summary["nodes"] == 2  # one worker on each 1-CPU node
+    assert summary["best_checkpoint"].startswith("s3://runs/multinode/")
+
+    images = make_image_folder(tmp_path / "more", train_per_class=60, val_per_class=0) / "train"
+    label = start_label(["--checkpoint", summary["best_checkpoint"], "--input", s3_server.upload(images, "data/more"),
+                         "--output", s3_server.uri("labels/multinode"), "--batch-size", "4"], cluster.env(),
+                        stderr=subprocess.STDOUT)
+    out = label.communicate(timeout=600)[0]
+    assert label.returncode == 0, out[-3000:]
+    rows = label_rows(s3_server, "labels/multinode")
+    assert len(rows) == len({r["path"] for r in rows}) == 120 and not [r for r in rows if r["error"]]
+    assert len(actor_nodes(cluster, "MapWorker(MapBatches(Predictor))")) == 2
+
+
+def test_local_storage_seen_by_every_node_passes(cluster, tmp_path):
+    """On this machine every node sees the same disk, as with an NFS mount: the shared-storage check passes."""
+    folder = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2)
+    config = write_config(tmp_path / "c.json", "shared", folder, tmp_path / "runs",
+                          scaling={"num_workers": 2, "use_gpu": False})
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
+                            env=cluster.env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / "shared" / "summary.json").read_text())["nodes"] == 2
+
+
+def test_storage_that_workers_cannot_see_is_one_line_exit_2(cluster, tmp_path):
+    """Separate disks, made real: the driver runs in a mount namespace of its own with a tmpfs over storage.path,
+    so the marker it writes there is invisible to the workers, as a head's local disk is to worker nodes."""
+    folder = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2)
+    private = tmp_path / "private"
+    private.mkdir()
+    config = write_config(tmp_path / "c.json", "scattered", folder, private,
+                          scaling={"num_workers": 2, "use_gpu": False}, train={"max_failures": 0})
+    command = f"mount -t tmpfs imgjobs-test {private} && exec {sys.executable} -m jobs.cli train -c {config}"
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", command], cwd=REPO,
+                            env=cluster.env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"imgjobs train: error: storage.path {private} is not shared storage: a worker on "), error
+
+
+def test_labeling_waits_for_a_worker_node_and_its_pool_grows_as_nodes_join(s3_server, small_checkpoint, tmp_path):
+    """cluster.yaml at rest: a head with no CPUs and no workers. The job says what it waits for, does not crash,
+    and labels once nodes join (here added by hand, as the autoscaler would); its pool grows onto the second."""
+    empty = TestCluster(HEAD, [])
+    try:
+        images = make_image_folder(tmp_path / "imgs", train_per_class=150, val_per_class=0) / "train"
+        proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(tmp_path / "out"),
+                            "--batch-size", "4", "--max-actors", "2"], empty.env(), stderr=subprocess.STDOUT)
+        first = [proc.stdout.readline() for _ in range(2)]
+        assert "waiting for a worker node with CPUs" in first[-1] and "grows to 2 actor(s)" in first[-1], first
+        empty.add_node(num_cpus=1)
+        empty.add_node(num_cpus=1)
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+        assert json.loads((tmp_path / "out" / "_summary.json").read_text())["labeled"] == 300
+        assert len(actor_nodes(empty, "MapWorker(MapBatches(Predictor))")) == 2
+    finally:
+        empty.stop()
+
+
+@pytest.mark.slow
+def test_training_waits_for_its_workers_from_zero(tmp_path):
+    """A 2-worker run submitted to a head with no workers says what it waits for and finishes once nodes join."""
+    empty = TestCluster(HEAD, [])
+    try:
+        folder = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2)
+        config = write_config(tmp_path / "c.json", "fromzero", folder, tmp_path / "runs",
+                              scaling={"num_workers": 2, "use_gpu": False})
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
+                                env=empty.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = [proc.stdout.readline() for _ in range(2)]
+        assert first[-1].startswith("fromzero: waiting for 2 CPU(s) for the training workers, 0 up now"), first
+        empty.add_node(num_cpus=1)
+        empty.add_node(num_cpus=1)
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+        assert json.loads((tmp_path / "runs" / "fromzero" / "summary.json").read_text())["nodes"] == 2
+    finally:
+        empty.stop()

@@ -1,0 +1,91 @@
+"""Both jobs on S3 alone, against a real S3 API server on 127.0.0.1: the endpoint in pyarrow's URI query form
+and in AWS_ENDPOINT_URL, training from S3 into S3, labeling an S3 prefix and an S3 tar into S3, a rerun, and
+--evaluate."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline import storage
+from tests.conftest import make_image_folder, write_config
+from tests.helpers import start_label
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_local, s3_server, tmp_path_factory) -> dict:
+    """A 1-epoch training with data.root and storage.path on S3 (the endpoint in the URIs)."""
+    tmp = tmp_path_factory.mktemp("s3run")
+    folder = make_image_folder(tmp / "data", train_per_class=8, val_per_class=4)
+    data = s3_server.upload(folder, "data/colours")
+    config = write_config(tmp / "c.json", "s3run", folder, tmp, train={"epochs": 1, "batch_size": 4})
+    assert main(["train", "-c", str(config), f"data.root={data}", f"storage.path={s3_server.uri('runs')}"]) == 0
+    fs = s3_server.filesystem()
+    with fs.open_input_stream("runs/s3run/summary.json") as f:
+        summary = json.loads(f.read())
+    return {"summary": summary, "folder": folder, "data": data}
+
+
+def test_training_from_s3_into_s3(s3_run, s3_server):
+    summary = s3_run["summary"]
+    assert summary["best_checkpoint"].startswith("s3://runs/s3run/checkpoint_")
+    assert summary["best_checkpoint"].endswith(f"/checkpoint.pt?endpoint_override={s3_server.endpoint}&scheme=http")
+    fs = s3_server.filesystem()
+    for name in ("metrics.csv", "curves.png", "predictions.png"):
+        assert fs.get_file_info(f"runs/s3run/{name}").size > 0
+    assert summary["classes"] == ["blue", "red"] and [e["epoch"] for e in summary["epochs"]] == [1]
+
+
+def label_rows(s3_server, prefix: str) -> list[dict]:
+    fs = s3_server.filesystem()
+    import pyarrow.fs as pafs
+
+    parts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(prefix)) if i.path.endswith(".parquet"))
+    return [row for part in parts for row in pq.read_table(part, filesystem=fs).to_pylist()]
+
+
+def test_labeling_an_s3_prefix_and_tar_into_s3_exactly_once(s3_run, s3_server, tmp_path, capsys):
+    folder = s3_run["folder"]
+    shard = io.BytesIO()
+    with tarfile.open(fileobj=shard, mode="w") as tar:
+        for path in sorted((folder / "train" / "red").glob("*.jpg"))[:3]:
+            tar.add(path, arcname=f"shard/{path.name}")
+    (tmp_path / "shard.tar").write_bytes(shard.getvalue())
+    archive = s3_server.upload(tmp_path / "shard.tar", "data/shard.tar")
+    args = ["label", "--checkpoint", s3_run["summary"]["best_checkpoint"], "--input", storage.join(s3_run["data"], "val"),
+            archive, "--output", s3_server.uri("labels/colours"), "--evaluate"]
+    assert main(args) == 0
+    rows = label_rows(s3_server, "labels/colours")
+    val = sorted(f"s3://data/colours/val/{p.parent.name}/{p.name}" for p in (folder / "val").rglob("*.jpg"))
+    members = sorted(f"s3://data/shard.tar!shard/{p.name}" for p in sorted((folder / "train" / "red").glob("*.jpg"))[:3])
+    assert sorted(r["path"] for r in rows) == sorted(val + members)  # clean keys: no query string in the paths
+    assert not [r for r in rows if r["error"]]
+    assert "accuracy" in capsys.readouterr().out
+
+    assert main(args) == 0  # the rerun finds everything done
+    rows = label_rows(s3_server, "labels/colours")
+    assert sorted(r["path"] for r in rows) == sorted(val + members)
+    with s3_server.filesystem().open_input_stream("labels/colours/_summary.json") as f:
+        summary = json.loads(f.read())
+    assert summary["skipped_existing"] == len(rows) and summary["evaluated"] == len(val)
+
+
+def test_endpoint_from_the_environment(s3_run, s3_server, ray_local, tmp_path):
+    """Plain s3:// URIs, the endpoint in AWS_ENDPOINT_URL: a separate command joining the session's Ray, whose
+    workers get the endpoint from the job."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://{s3_server.endpoint}",
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    checkpoint = storage.split_query(s3_run["summary"]["best_checkpoint"])[0]
+    proc = start_label(["--checkpoint", checkpoint, "--input", "s3://data/colours/train",
+                        "--output", "s3://labels/from-env"], env, stderr=subprocess.STDOUT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    rows = label_rows(s3_server, "labels/from-env")
+    assert len(rows) == 16 and not [r for r in rows if r["error"]]
