@@ -58,6 +58,7 @@ def main() -> None:
     try:
         time.sleep(3)
         s3 = S3Server(f"127.0.0.1:{port}")
+        s3.filesystem().create_dir("bench")
         uri = s3.upload(Path(args.data), "bench/hymenoptera")
         _, spec = build_model("resnet18", 2, "none")
         print(f"{platform.processor() or platform.machine()}; {len(scan_image_folder(args.data).train)} train images")

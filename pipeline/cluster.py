@@ -30,9 +30,9 @@ def init_ray(dashboard: bool = False) -> None:
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = ray_internals.existing_cluster_address()
+    ray_internals.quiet_token_notice()
     if address is None:  # a new local Ray: on loopback only
         ray_internals.bind_to_loopback()
-        ray_internals.quiet_token_notice()
     elif ray_internals.runs_on_this_machine(address):
         ray_internals.present_token_if_any()
     ray.init(logging_level=logging.WARNING, log_to_driver=True,
@@ -43,7 +43,9 @@ def init_ray(dashboard: bool = False) -> None:
 
 def storage_environment() -> dict[str, str]:
     """The S3 endpoint set in this process's environment (MinIO, Ceph, R2): the job's workers read and write
-    the same storage, whichever node they run on."""
+    the same storage, whichever node they run on. A submitted job got it at submission (pipeline.submit)."""
+    if ray_internals.in_submitted_job():
+        return {}
     return {name: os.environ[name] for name in STORAGE_VARIABLES if name in os.environ}
 
 

@@ -43,7 +43,7 @@ def present_token_if_any() -> None:
 
 
 def quiet_token_notice() -> None:
-    """Ray announces on every local start that token auth is on (it is, and stays on): noise in a job's output."""
+    """Ray announces on every start or join that token auth is on (it is, and stays on): noise in a job's output."""
     logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
 
 
@@ -78,3 +78,11 @@ def train_report_logger() -> logging.Logger:
     that processes which never train need not import Ray Train to quiet it."""
     return logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution",
                                           "context.py"))
+
+
+def in_submitted_job() -> bool:
+    """Whether this process is the driver of a job submitted through the Jobs API, whose runtime env (set at
+    submission) Ray merges with the one ray.init passes and refuses to merge on any overlap."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ

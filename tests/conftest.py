@@ -124,10 +124,7 @@ def listening_sockets(processes) -> list[tuple[str, str, int]]:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port  # noqa: E402
 
 
 @dataclass
@@ -148,13 +145,15 @@ class S3Server:
         import pyarrow.fs as pafs
 
         fs = self.filesystem()
-        fs.create_dir(path.split("/")[0])
         if local.is_dir():
             pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         else:
             with fs.open_output_stream(path) as f:
                 f.write(local.read_bytes())
         return self.uri(path)
+
+
+BUCKETS = ("data", "runs", "labels", "submit", "bench")  # made with the server, as a user's buckets exist
 
 
 @pytest.fixture(scope="session")
@@ -174,8 +173,11 @@ def s3_server(tmp_path_factory):
             if process.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
+    server = S3Server(f"127.0.0.1:{port}")
+    for bucket in BUCKETS:
+        server.filesystem().create_dir(bucket)
     try:
-        yield S3Server(f"127.0.0.1:{port}")
+        yield server
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -6,8 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -19,6 +23,12 @@ from pipeline.train import checkpoint
 from pipeline.train.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def random_weight_state(arch: str, classes: list[str], input_size: int | None = None) -> dict:
@@ -96,13 +106,20 @@ cluster.shutdown()
 """
 
 
-class TestCluster:
+class LocalCluster:
     """A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster: each node its own raylet), in its own
     process, so that stopping it touches only what it started. Jobs join it with RAY_ADDRESS=address."""
 
     def __init__(self, head: dict, workers: list[dict]):
+        # Token authentication on, as on any cluster that `ray start` or `ray up` makes, with a token of its own.
+        self.token = Path(tempfile.mkdtemp(prefix="imgjobs-cluster-")) / "auth_token"
+        self.token.write_text(secrets.token_hex(32))
+        if head.get("include_dashboard"):
+            head = {**head, "dashboard_port": free_port()}  # beside the session's Ray and other test clusters
         self.process = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(head), json.dumps(workers)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env={**os.environ, "RAY_AUTH_MODE": "token",
+                                             "RAY_AUTH_TOKEN_PATH": str(self.token)})
         started = json.loads(self.process.stdout.readline())
         self.address, self.nodes = started["address"], started["nodes"]
 
@@ -118,8 +135,10 @@ class TestCluster:
         assert self.process.stdout.readline().strip() == "done"
 
     def env(self) -> dict:
-        return {**os.environ, "RAY_ADDRESS": self.address}
+        """A client's environment: the cluster's address, and where its token is (imgjobs finds it there)."""
+        return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_TOKEN_PATH": str(self.token)}
 
     def stop(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=120)
+        shutil.rmtree(self.token.parent, ignore_errors=True)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, make_image_folder, write_config
-from tests.helpers import TestCluster, start_label
+from tests.helpers import LocalCluster, start_label
 from tests.test_s3 import label_rows
 
 HEAD = {"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"}  # the state API, for Ray Train
@@ -18,19 +18,20 @@ HEAD = {"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = TestCluster(HEAD, [{"num_cpus": 1}, {"num_cpus": 1}])
+    cluster = LocalCluster(HEAD, [{"num_cpus": 1}, {"num_cpus": 1}])
     yield cluster
     cluster.stop()
 
 
-def actor_nodes(cluster: TestCluster, class_name: str) -> set[str]:
-    """The nodes that ran actors of a class, from the cluster's state API (in a process of its own: this one is
-    connected to the session's Ray)."""
+def actor_nodes(cluster: LocalCluster, name: str) -> set[str]:
+    """The nodes that ran actors whose name (class, or Ray Data's operator name) contains `name`, from the
+    cluster's state API, in a process of its own: this one is connected to the session's Ray."""
     code = ("import json; from ray.util.state import list_actors; "
-            f"print(json.dumps([a.node_id for a in list_actors(filters=[('class_name', '=', {class_name!r})], "
-            "limit=1000)]))")
-    out = subprocess.run([sys.executable, "-c", code], env=cluster.env(), capture_output=True, text=True, check=True)
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+            "print(json.dumps([[a.class_name, a.repr_name, a.node_id] for a in list_actors(limit=10000)]))")
+    out = subprocess.run([sys.executable, "-c", code], env={**cluster.env(), "RAY_AUTH_MODE": "token"},
+                         capture_output=True, text=True, check=True)
+    actors = json.loads(out.stdout.strip().splitlines()[-1])
+    return {node for class_name, repr_name, node in actors if name in f"{class_name} {repr_name}"}
 
 
 @pytest.mark.slow
@@ -56,7 +57,7 @@ def test_training_on_two_nodes_into_s3_then_labeling_on_both(cluster, s3_server,
     assert label.returncode == 0, out[-3000:]
     rows = label_rows(s3_server, "labels/multinode")
     assert len(rows) == len({r["path"] for r in rows}) == 120 and not [r for r in rows if r["error"]]
-    assert len(actor_nodes(cluster, "MapWorker(MapBatches(Predictor))")) == 2
+    assert len(actor_nodes(cluster, "MapBatches(Predictor)")) == 2
 
 
 def test_local_storage_seen_by_every_node_passes(cluster, tmp_path):
@@ -82,14 +83,15 @@ def test_storage_that_workers_cannot_see_is_one_line_exit_2(cluster, tmp_path):
     result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", command], cwd=REPO,
                             env=cluster.env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"imgjobs train: error: storage.path {private} is not shared storage: a worker on "), error
+    errors = [line for line in result.stderr.splitlines() if line.startswith("imgjobs train: error: ")]
+    assert errors and errors[0].startswith(f"imgjobs train: error: storage.path {private} is not shared storage: "
+                                           "a worker on "), result.stderr[-3000:]
 
 
 def test_labeling_waits_for_a_worker_node_and_its_pool_grows_as_nodes_join(s3_server, small_checkpoint, tmp_path):
     """cluster.yaml at rest: a head with no CPUs and no workers. The job says what it waits for, does not crash,
     and labels once nodes join (here added by hand, as the autoscaler would); its pool grows onto the second."""
-    empty = TestCluster(HEAD, [])
+    empty = LocalCluster(HEAD, [])
     try:
         images = make_image_folder(tmp_path / "imgs", train_per_class=150, val_per_class=0) / "train"
         proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(tmp_path / "out"),
@@ -101,7 +103,7 @@ def test_labeling_waits_for_a_worker_node_and_its_pool_grows_as_nodes_join(s3_se
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out[-3000:]
         assert json.loads((tmp_path / "out" / "_summary.json").read_text())["labeled"] == 300
-        assert len(actor_nodes(empty, "MapWorker(MapBatches(Predictor))")) == 2
+        assert len(actor_nodes(empty, "MapBatches(Predictor)")) == 2
     finally:
         empty.stop()
 
@@ -109,7 +111,7 @@ def test_labeling_waits_for_a_worker_node_and_its_pool_grows_as_nodes_join(s3_se
 @pytest.mark.slow
 def test_training_waits_for_its_workers_from_zero(tmp_path):
     """A 2-worker run submitted to a head with no workers says what it waits for and finishes once nodes join."""
-    empty = TestCluster(HEAD, [])
+    empty = LocalCluster(HEAD, [])
     try:
         folder = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2)
         config = write_config(tmp_path / "c.json", "fromzero", folder, tmp_path / "runs",

@@ -58,3 +58,9 @@ def test_the_train_report_logger_is_the_one_ray_train_logs_reports_with():
     from ray.train.v2._internal.execution import context
 
     assert context.logger is ray_internals.train_report_logger()
+
+
+def test_a_submitted_job_is_told_by_ray_s_job_config_variable(monkeypatch):
+    assert not ray_internals.in_submitted_job()
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert ray_internals.in_submitted_job()

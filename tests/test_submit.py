@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,15 +24,10 @@ from pipeline import submit
 from pipeline.train import checkpoint
 from pipeline.ray_internals import LOCAL_ONLY_ENV
 from tests.conftest import DEMO_DATA, LOOPBACK, REPO, listening_sockets
+from tests.helpers import free_port
 
 BIN = Path(sys.executable).parent
 CLIENT_VARIABLES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def environment(**extra: str) -> dict:

@@ -47,7 +47,7 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, console: Console
         "train": vars(dataset.train),
         "val": vars(dataset.val),
         "started_at": started_at,
-        "storage_marker": shared_storage.write_marker(run_dir),
+        "storage_marker": shared_storage.write_marker(run_dir, cfg.storage.path),
     }
     job["config"]["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
     with relay(console) as events:

@@ -8,15 +8,20 @@ import socket
 import uuid
 
 from pipeline import storage
+from pipeline.errors import UsageError
 
 MARKER = ".imgjobs-storage-marker"
 NOT_SHARED = "is not shared storage"
 
 
-def write_marker(run_dir: str) -> dict:
+def write_marker(run_dir: str, storage_path: str) -> dict:
+    """Also the first write to storage.path, so a store that cannot be written fails here, in one line."""
     fs, base = storage.resolve(run_dir)
     token = uuid.uuid4().hex
-    storage.write_bytes(fs, f"{base}/{MARKER}", token.encode())
+    try:
+        storage.write_bytes(fs, f"{base}/{MARKER}", token.encode())
+    except OSError as e:
+        raise UsageError(f"storage.path {storage_path} cannot be written: {str(e).splitlines()[0]}") from None
     return {"run_dir": run_dir, "token": token}
 
 
