@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import ray
 
 from pipeline import ray_internals
-
-# A C++ line of Ray's, carried by no logger, that workers print on every training run: Ray Train's preemption
-# watcher is a restartable actor with arguments in the object store, and Ray warns that a restart could miss them.
-# They are actor handles that live as long as the run.
-QUIET_WORKER_LINES = re.compile(r"core_worker\.cc.*has constructor arguments in the object store and max_restarts > 0")
-
+from pipeline.console import RESTARTABLE_ACTOR_NOTICE
 
 STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
@@ -38,7 +32,7 @@ def init_ray(dashboard: bool = False) -> None:
     ray.init(logging_level=logging.WARNING, log_to_driver=True,
              include_dashboard=dashboard if address is None else None,
              runtime_env={"worker_process_setup_hook": setup_worker, "env_vars": storage_environment()})
-    ray_internals.drop_forwarded_lines(QUIET_WORKER_LINES)
+    ray_internals.drop_forwarded_lines(RESTARTABLE_ACTOR_NOTICE)
 
 
 def storage_environment() -> dict[str, str]:

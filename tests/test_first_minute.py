@@ -135,6 +135,7 @@ def test_labeling_progress_redraws_in_place_on_a_real_terminal(ray_local, small_
         screen += chunk
     assert proc.wait(timeout=60) == 0, screen.decode()[-2000:]
     text = screen.decode().replace("\x1b[0m", "")  # Ray resets the terminal's colours as it exits
+    assert not NOISE.search(text), text[-2000:]
     assert re.search(r"\r\x1b\[Klabel: \d+/120 \(\d+%\), [\d.]+ images/s, ETA \d+:\d\d, 0 errors", text), text[-2000:]
     last = text.strip().splitlines()[-1]
     assert last.startswith("label: 120 images: 120 labeled, 0 errors") and str(tmp_path / "out") in last, text[-1500:]

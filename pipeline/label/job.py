@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.console import Console, duration
+from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr
 from pipeline.errors import UsageError
 from pipeline.label.evaluate import check_class_folders, evaluate
 from pipeline.label.output import SUMMARY, LabelWriter, check_writable
@@ -103,8 +103,9 @@ def run(opts: LabelOptions, state: dict, model, work: Work, top_k: int, take, co
     units = plan.read_units_of(work.files, work.archive_done, actors["batch_size"])
     dataset = plan.dataset(units, work.options, actors, payload, fast_decode=opts.fast_decode, top_k=top_k,
                            min_confidence=opts.min_confidence)
-    for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        take(table)
+    with filtered_stderr(RESTARTABLE_ACTOR_NOTICE):
+        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            take(table)
 
 
 def check_top_k(top_k: int | None, classes: list[str]) -> int:
