@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 import ray
 import ray.train
@@ -56,8 +57,8 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, console: Console
     console.line(epoch_table(summary["epochs"]))
     console.line(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
                  f"{summary['skipped_files']} unreadable file(s) skipped")
-    console.line(f"run in {run_dir}; label with it: imgjobs label --checkpoint {run_dir} --input IMAGES "
-                 f"--output {storage.join(run_dir, 'labels')}")
+    console.line(f"run in {run_dir}; label with it: imgjobs label --checkpoint {shlex.quote(run_dir)} --input IMAGES "
+                 f"--output {shlex.quote(storage.join(run_dir, 'labels'))}")  # an S3 query string holds an &
     return summary
 
 
