@@ -53,7 +53,3 @@ def setup_worker() -> None:
 
 def gpus_available() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
-
-
-def alive_nodes() -> int:
-    return sum(1 for node in ray.nodes() if node.get("Alive"))

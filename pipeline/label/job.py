@@ -14,7 +14,7 @@ from pipeline import storage
 from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr
 from pipeline.errors import UsageError
 from pipeline.label.evaluate import check_class_folders, evaluate
-from pipeline.label.output import SUMMARY, LabelWriter, check_writable
+from pipeline.label.output import SUMMARY, LabelWriter
 from pipeline.label.sources import MEMBER_SEPARATOR, Listing, list_inputs
 from pipeline.train import checkpoint
 
@@ -61,8 +61,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     top_k = check_top_k(opts.top_k, state["classes"])
     if opts.evaluate:
         check_class_folders(listing.roots, state["classes"])
-    check_writable(opts.output)
-    writer = LabelWriter(opts.output, opts.rows_per_file, opts.overwrite)
+    writer = LabelWriter(opts.output, opts.rows_per_file, opts.overwrite)  # fails first if it cannot write there
     work = remaining(listing, writer.done)
     console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
                  f"{time.time() - started:.1f}s; {work.skipped} already in {opts.output}")

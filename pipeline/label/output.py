@@ -37,8 +37,7 @@ TEMP_PREFIX = ".writing-"
 
 class LabelWriter:
     def __init__(self, out_dir: str, rows_per_file: int, overwrite: bool):
-        check_writable(out_dir)
-        self.fs, self.base = storage.resolve(out_dir)
+        self.fs, self.base = check_writable(out_dir)
         self.rows_per_file = rows_per_file
         entries = self.fs.get_file_info(pafs.FileSelector(self.base))
         self.done: set[str] = set()  # keys already in a committed file, including this run's
@@ -98,8 +97,9 @@ class LabelWriter:
         return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table().select(columns)
 
 
-def check_writable(out_dir: str) -> None:
-    """Create the folder and write a probe file: fail now, not after the first batch."""
+def check_writable(out_dir: str) -> tuple[pafs.FileSystem, str]:
+    """Create the folder and write a probe file: fail now, not after the first batch. Returns the folder's
+    filesystem and path in it."""
     fs, base = storage.resolve(out_dir)
     try:
         fs.create_dir(base, recursive=True)
@@ -109,6 +109,7 @@ def check_writable(out_dir: str) -> None:
         fs.delete_file(probe)
     except OSError as e:
         raise UsageError(f"output {out_dir} cannot be written: {str(e).splitlines()[0]}") from None
+    return fs, base
 
 
 def _is_part(entry: pafs.FileInfo) -> bool:
