@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
+import yaml
 
 from pipeline import ray_internals
 from pipeline.console import RESTARTABLE_ACTOR_NOTICE
 
 STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the autoscaler's config on the head
 
 
 def init_ray(dashboard: bool = False) -> None:
@@ -51,5 +54,26 @@ def setup_worker() -> None:
     ray_internals.train_report_logger().setLevel(logging.WARNING)
 
 
-def gpus_available() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+def gpu_choice() -> tuple[bool, str]:
+    """What `scaling.use_gpu: auto` means, and why: GPUs when some are up, or when the cluster's autoscaler can add
+    GPU nodes; CPUs otherwise."""
+    up = ray.cluster_resources().get("GPU", 0)
+    if up:
+        return True, f"{up:g} GPU(s) up"
+    can_add = autoscaler_gpus()
+    if can_add:
+        return True, f"none up yet, the autoscaler can add {can_add:g}"
+    return False, "no GPU up, and no autoscaler config here offers GPU nodes; set scaling.use_gpu=true to wait for them"
+
+
+def autoscaler_gpus() -> float:
+    """GPUs the autoscaler can add: by the cluster config it reports to the GCS (KubeRay's does), else by the
+    config `ray up` leaves on the head, where the drivers of submitted jobs run."""
+    reported = ray_internals.autoscaler_max_resources().get("GPU", 0)
+    if reported:
+        return reported
+    launcher_config = Path(LAUNCHER_CONFIG).expanduser()
+    if not launcher_config.is_file():
+        return 0
+    node_types = (yaml.safe_load(launcher_config.read_text()) or {}).get("available_node_types", {})
+    return sum(t.get("resources", {}).get("GPU", 0) * t.get("max_workers", 0) for t in node_types.values())

@@ -80,6 +80,14 @@ def train_report_logger() -> logging.Logger:
                                           "context.py"))
 
 
+def autoscaler_max_resources() -> dict:
+    """The most of each resource the cluster's autoscaler says it can scale to, by the cluster config it reports to
+    the GCS (Ray Train reads the same to refuse requests no node type can meet); {} where none was reported."""
+    from ray._private.state import state
+
+    return state.get_max_resources_from_cluster_config() or {}
+
+
 def in_submitted_job() -> bool:
     """Whether this process is the driver of a job submitted through the Jobs API, whose runtime env (set at
     submission) Ray merges with the one ray.init passes and refuses to merge on any overlap."""

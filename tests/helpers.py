@@ -13,11 +13,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import torch
+from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
 from pipeline.train import checkpoint
 from pipeline.train.models import build_model
@@ -141,4 +143,68 @@ class LocalCluster:
     def stop(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=120)
+        shutil.rmtree(self.token.parent, ignore_errors=True)
+
+
+class AutoscalingCluster:
+    """A head that advertises no CPUs, under Ray's real autoscaler (v2, what `ray up` runs since Ray 2.50) with its
+    fake multi-node provider: worker nodes of `worker_types` start on this machine as jobs ask for them, and stop
+    when idle. Ray's own cluster_utils.AutoscalingCluster stops every Ray process on the machine; this one stops
+    only its own process tree."""
+
+    def __init__(self, worker_types: dict):
+        self.token = Path(tempfile.mkdtemp(prefix="imgjobs-as-")) / "auth_token"
+        self.token.write_text(secrets.token_hex(32))
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        config = {
+            "cluster_name": "imgjobs-test", "max_workers": 8, "head_node_type": "ray.head.default",
+            "provider": {"type": "external", "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                         "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True, "gcs_address": self.address,
+                         "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID},
+            "available_node_types": {"ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
+                                     **worker_types},
+            "upscaling_speed": 1.0, "idle_timeout_minutes": 0.25, "auth": {}, "docker": {},
+            **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                   "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                                   "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+            "file_mounts": {}, "file_mounts_sync_continuously": False,
+        }
+        # Where `ray up` leaves the config on the head: jobs started with HOME=home find it as they would there.
+        self.home = self.token.parent / "home"
+        config_file = self.home / "ray_bootstrap_config.yaml"
+        config_file.parent.mkdir()
+        config_file.write_text(json.dumps(config))
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+             "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", f"--temp-dir={self.token.parent}",
+             f"--autoscaling-config={config_file}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
+                 "RAY_AUTH_TOKEN_PATH": str(self.token), "RAY_enable_autoscaler_v2": "1",
+                 "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID})
+
+    def env(self) -> dict:
+        return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_TOKEN_PATH": str(self.token)}
+
+    def wait_until_at_rest(self, timeout: float = 120) -> None:
+        """Waits until the autoscaler has stopped every worker node it started: the head's raylet is the only one."""
+        deadline = time.monotonic() + timeout
+        while sum("raylet" in p.name() for p in psutil.Process(self.process.pid).children(recursive=True)) > 1:
+            assert time.monotonic() < deadline, "the autoscaler did not stop its idle worker nodes"
+            time.sleep(1)
+
+    def stop(self) -> None:
+        """Stops the head and the worker nodes its autoscaler started: the process tree of `ray start`."""
+        head = psutil.Process(self.process.pid)
+        tree = [head, *head.children(recursive=True)]
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        self.process.wait()
         shutil.rmtree(self.token.parent, ignore_errors=True)

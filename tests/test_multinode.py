@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, make_image_folder, write_config
-from tests.helpers import LocalCluster, start_label
+from tests.helpers import AutoscalingCluster, LocalCluster, start_label
 from tests.test_s3 import label_rows
 
 HEAD = {"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"}  # the state API, for Ray Train
@@ -23,7 +23,7 @@ def cluster():
     cluster.stop()
 
 
-def actor_nodes(cluster: LocalCluster, name: str) -> set[str]:
+def actor_nodes(cluster: LocalCluster | AutoscalingCluster, name: str) -> set[str]:
     """The nodes that ran actors whose name (class, or Ray Data's operator name) contains `name`, from the
     cluster's state API, in a process of its own: this one is connected to the session's Ray."""
     code = ("import json; from ray.util.state import list_actors; "
@@ -88,42 +88,62 @@ def test_storage_that_workers_cannot_see_is_one_line_exit_2(cluster, tmp_path):
                                            "a worker on "), result.stderr[-3000:]
 
 
-def test_labeling_waits_for_a_worker_node_and_its_pool_grows_as_nodes_join(s3_server, small_checkpoint, tmp_path):
-    """cluster.yaml at rest: a head with no CPUs and no workers. The job says what it waits for, does not crash,
-    and labels once nodes join (here added by hand, as the autoscaler would); its pool grows onto the second."""
-    empty = LocalCluster(HEAD, [])
-    try:
-        images = make_image_folder(tmp_path / "imgs", train_per_class=150, val_per_class=0) / "train"
-        proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(tmp_path / "out"),
-                            "--batch-size", "4", "--max-actors", "2"], empty.env(), stderr=subprocess.STDOUT)
-        first = [proc.stdout.readline() for _ in range(2)]
-        assert "waiting for a worker node with CPUs" in first[-1] and "grows to 2 actor(s)" in first[-1], first
-        empty.add_node(num_cpus=1)
-        empty.add_node(num_cpus=1)
-        out = proc.communicate(timeout=600)[0]
-        assert proc.returncode == 0, out[-3000:]
-        assert json.loads((tmp_path / "out" / "_summary.json").read_text())["labeled"] == 300
-        assert len(actor_nodes(empty, "MapBatches(Predictor)")) == 2
-    finally:
-        empty.stop()
+@pytest.fixture(scope="module")
+def autoscaling():
+    """cluster.yaml at rest: a head with no CPUs, no workers, and an autoscaler that may add up to 2 CPU nodes and
+    a GPU node (a GPU in name only: the tests only wait for it)."""
+    cluster = AutoscalingCluster({"cpu": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0,
+                                          "max_workers": 2},
+                                  "gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0,
+                                          "max_workers": 1}})
+    yield cluster
+    cluster.stop()
+
+
+def test_labeling_from_zero_workers_waits_then_its_pool_grows_with_the_autoscaler(autoscaling, small_checkpoint,
+                                                                                  tmp_path):
+    """The job says what it waits for and does not crash; the autoscaler adds a node for its first actor, then
+    another as the pool asks to grow."""
+    autoscaling.wait_until_at_rest()
+    images = make_image_folder(tmp_path / "imgs", train_per_class=150, val_per_class=0) / "train"
+    proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(tmp_path / "out"),
+                        "--batch-size", "4", "--max-actors", "2"], autoscaling.env(), stderr=subprocess.STDOUT)
+    first = [proc.stdout.readline() for _ in range(2)]
+    assert "waiting for a worker node with CPUs" in first[-1] and "grows to 2 actor(s)" in first[-1], first
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["labeled"] == 300
+    assert len(actor_nodes(autoscaling, "MapBatches(Predictor)")) == 2
 
 
 @pytest.mark.slow
-def test_training_waits_for_its_workers_from_zero(tmp_path):
-    """A 2-worker run submitted to a head with no workers says what it waits for and finishes once nodes join."""
-    empty = LocalCluster(HEAD, [])
+def test_training_from_zero_workers_waits_then_runs_on_nodes_the_autoscaler_adds(autoscaling, tmp_path):
+    """A 2-worker run on a cluster at rest says what it waits for and finishes on two new nodes."""
+    autoscaling.wait_until_at_rest()
+    folder = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2)
+    config = write_config(tmp_path / "c.json", "fromzero", folder, tmp_path / "runs",
+                          scaling={"num_workers": 2, "use_gpu": False})
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
+                            env=autoscaling.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = [proc.stdout.readline() for _ in range(2)]
+    assert first[-1].startswith("fromzero: waiting for 2 CPU(s) for the training workers, 0 up now"), first
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((tmp_path / "runs" / "fromzero" / "summary.json").read_text())["nodes"] == 2
+
+
+def test_use_gpu_auto_waits_for_the_gpu_nodes_the_autoscaler_can_add(autoscaling, tmp_path):
+    """At rest no GPU is up; `auto` finds the GPU node type in the autoscaler's config on the head and waits for a
+    GPU worker rather than train on CPU."""
+    folder = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    config = write_config(tmp_path / "c.json", "auto", folder, tmp_path / "runs", scaling={"use_gpu": "auto"})
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
+                            env={**autoscaling.env(), "HOME": str(autoscaling.home)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        folder = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2)
-        config = write_config(tmp_path / "c.json", "fromzero", folder, tmp_path / "runs",
-                              scaling={"num_workers": 2, "use_gpu": False})
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
-                                env=empty.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        first = [proc.stdout.readline() for _ in range(2)]
-        assert first[-1].startswith("fromzero: waiting for 2 CPU(s) for the training workers, 0 up now"), first
-        empty.add_node(num_cpus=1)
-        empty.add_node(num_cpus=1)
-        out = proc.communicate(timeout=600)[0]
-        assert proc.returncode == 0, out[-3000:]
-        assert json.loads((tmp_path / "runs" / "fromzero" / "summary.json").read_text())["nodes"] == 2
+        lines = [proc.stdout.readline() for _ in range(3)]
     finally:
-        empty.stop()
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert lines[1] == "auto: scaling.use_gpu auto: GPU workers (none up yet, the autoscaler can add 1)\n", lines
+    assert lines[2].startswith("auto: waiting for 1 GPU(s) for the training workers, 0 up now"), lines

@@ -3,6 +3,7 @@ one fails here, by name, instead of somewhere in a job."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import ray
 
 from pipeline import ray_internals
 from tests.conftest import REPO
+from tests.helpers import LocalCluster
 
 
 def test_loopback_mode_is_still_ray_s_single_node_switch():
@@ -64,3 +66,28 @@ def test_a_submitted_job_is_told_by_ray_s_job_config_variable(monkeypatch):
     assert not ray_internals.in_submitted_job()
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     assert ray_internals.in_submitted_job()
+
+
+def test_autoscaler_max_resources_are_those_of_the_config_reported_to_the_gcs():
+    """What an autoscaler that reports its cluster config (KubeRay's) tells the GCS, through the GCS's own RPC."""
+    cluster = LocalCluster({"num_cpus": 0}, [])
+    code = """
+import grpc, json, ray
+from ray.core.generated import autoscaler_pb2 as pb, autoscaler_pb2_grpc
+from pipeline import ray_internals
+ray.init()
+before = ray_internals.autoscaler_max_resources()
+gcs = autoscaler_pb2_grpc.AutoscalerStateServiceStub(grpc.insecure_channel(ray.get_runtime_context().gcs_address))
+config = pb.ClusterConfig(node_group_configs=[pb.NodeGroupConfig(name="gpu", resources={"CPU": 4, "GPU": 1},
+                                                                 max_count=3)])
+gcs.ReportClusterConfig(pb.ReportClusterConfigRequest(cluster_config=config),
+                        metadata=list(ray_internals.token_header().items()))
+print(json.dumps([before, ray_internals.autoscaler_max_resources()]))
+"""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env={**cluster.env(), "RAY_AUTH_MODE": "token"},
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        cluster.stop()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [{}, {"CPU": 12, "GPU": 3}]

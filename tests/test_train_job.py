@@ -40,7 +40,7 @@ def test_two_workers_aggregate_exactly_and_skip_bad_files(ray_local, tmp_path, c
     root = make_image_folder(tmp_path / "data", classes=("a", "b", "c"), train_per_class=8, val_per_class=5)
     (root / "train" / "a" / "truncated.jpg").write_bytes((root / "train" / "a" / "a_000.jpg").read_bytes()[:300])
     (root / "train" / "b" / "notes.jpg").write_text("not an image")
-    config = write_config(tmp_path / "c.yaml", "two", root, tmp_path / "runs", scaling={"num_workers": 2}, train={"epochs": 2})
+    config = write_config(tmp_path / "c.yaml", "two", root, tmp_path / "runs", scaling={"num_workers": 2, "use_gpu": "auto"}, train={"epochs": 2})
     summary = train(config)
 
     assert summary["world_size"] == 2 and summary["classes"] == ["a", "b", "c"]
@@ -49,6 +49,8 @@ def test_two_workers_aggregate_exactly_and_skip_bad_files(ray_local, tmp_path, c
     )
     out = capfd.readouterr().out
     assert out.count("warning: skipped") == 2  # one line per bad file, not one per epoch or worker
+    assert ("two: scaling.use_gpu auto: CPU workers (no GPU up, and no autoscaler config here offers GPU nodes; "
+            "set scaling.use_gpu=true to wait for them)") in out.splitlines()
     assert [m["epoch"] for m in summary["epochs"]] == [1, 2]
     assert all(m["val_images"] == 15 and m["train_images"] >= 22 for m in summary["epochs"])
     best = summary["epochs"][summary["best_epoch"] - 1]

@@ -10,7 +10,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipeline import storage
-from pipeline.cluster import gpus_available, init_ray
+from pipeline.cluster import gpu_choice, init_ray
 from pipeline.console import Console
 from pipeline.errors import UsageError
 from pipeline.metrics import confusion_matrix
@@ -34,7 +34,10 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, console: Console
     check_model(cfg, len(dataset.classes))
     console.line(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
     init_ray(dashboard=True)
-    use_gpu = gpus_available() if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu == "auto":
+        use_gpu, why = gpu_choice()
+        console.line(f"{cfg.name}: scaling.use_gpu auto: {'GPU' if use_gpu else 'CPU'} workers ({why})")
     kind = "GPU" if use_gpu else "CPU"
     up = ray.cluster_resources().get(kind, 0)
     if up < cfg.scaling.num_workers:  # Ray Train asks for them and waits; the autoscaler adds nodes
