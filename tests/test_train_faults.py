@@ -93,3 +93,31 @@ def test_killed_driver_then_rerun_resumes(ray_local, tmp_path):
     assert "resuming after epoch" in rerun.stdout and "epoch 1/3" not in rerun.stdout
     summary = train(config)
     assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3]
+
+
+def test_two_workers_on_mostly_broken_files_take_the_same_steps(ray_local, tmp_path):
+    """A step whose whole batch fails on one rank is skipped by both, so DDP's ranks never fall out of step (they
+    used to die with gloo's "Connection reset by peer", or hang until its timeout)."""
+    root = make_image_folder(tmp_path / "data", train_per_class=6, val_per_class=2)
+    for i in range(60):
+        (root / "train" / ("red", "blue")[i % 2] / f"empty_{i:02d}.jpg").write_bytes(b"")
+    config = write_config(tmp_path / "c.yaml", "desync", root, tmp_path / "runs", data={"max_unreadable": 1.0},
+                          scaling={"num_workers": 2}, train={"epochs": 2, "batch_size": 4})
+    summary = train(config)
+    assert summary["skipped_files"] == 60 and [m["epoch"] for m in summary["epochs"]] == [1, 2]
+    assert all(0 < m["train_images"] <= 12 for m in summary["epochs"])
+
+
+def test_training_whose_reads_mostly_fail_stops_with_one_line(ray_local, tmp_path, capfd):
+    """More than data.max_unreadable of a split unreadable (a dead mount, wrong credentials) ends the run with
+    one line and exit 1 after the first epoch, instead of a run that reports the accuracy of no data."""
+    root = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=2)
+    for i in range(10):
+        (root / "train" / "red" / f"empty_{i:02d}.jpg").write_bytes(b"")
+    config = write_config(tmp_path / "c.yaml", "dead", root, tmp_path / "runs", train={"epochs": 3})
+    assert main(["train", "-c", str(config)]) == 1
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("imgjobs train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0].startswith("imgjobs train: error: training failed: 10 of 14 train files could not be read or "
+                               "decoded, more than data.max_unreadable=0.5 of them (first: "), lines

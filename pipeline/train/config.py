@@ -18,6 +18,8 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     root: str = Field(description="ImageFolder root holding train/ and val/")
+    max_unreadable: float = Field(0.5, ge=0, le=1, description="stop when a larger share of a split's files fails "
+                                                               "to read or decode")
 
 
 class ModelConfig(_Section):

@@ -19,6 +19,15 @@ def sum_over_workers(sums: torch.Tensor) -> list[float]:
     return sums.cpu().tolist()
 
 
+def every_worker(flag: bool) -> bool:
+    """Whether the flag holds on every worker: ranks that must take the same steps agree on each one."""
+    if not _distributed():
+        return flag
+    agreed = torch.tensor([int(flag)], device=ray.train.torch.get_device())
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed.item())
+
+
 def merge_dicts(d: dict) -> dict:
     """The union of every worker's dict."""
     if not _distributed():

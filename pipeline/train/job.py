@@ -54,8 +54,10 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, console: Console
         "storage_marker": shared_storage.write_marker(run_dir, cfg.storage.path),
     }
     job["config"]["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
-    with relay(console) as events:
+    with relay(console) as (events, stopped):
         result = fit(cfg, job | {"events": events}, storage_path, use_gpu)
+    if stopped:
+        raise TrainingFailed(stopped[0])
     summary = summarise(cfg, job, dataset, result, run_dir, use_gpu)
     console.line(epoch_table(summary["epochs"]))
     console.line(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "

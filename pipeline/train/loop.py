@@ -54,11 +54,12 @@ class Worker:
     def autocast(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
-    def batches(self, loader: DataLoader):
-        """Batches on the device; files that did not decode are recorded and left out."""
+    def batches(self, loader: DataLoader, in_step: bool = False):
+        """Batches on the device; files that did not decode are recorded and left out. `in_step`: a step whose
+        batch failed whole on any rank is skipped by all of them, since DDP's collectives need every rank."""
         for images, targets, indices, skipped in loader:
             self.skipped.update(skipped)
-            if images is None:
+            if not (distributed.every_worker(images is not None) if in_step else images is not None):
                 continue
             images = images.to(self.device, non_blocking=True)
             if self.channels_last:
@@ -117,6 +118,10 @@ def train_loop_per_worker(job: dict) -> None:
         if epoch == progress.epoch and first_step_at is not None:
             metrics["startup_seconds"] = first_step_at - job["started_at"]  # command start to first training step
         new_skips = sorted(set(skipped) - set(progress.skipped))
+        unreadable = too_many_unreadable(skipped, job, cfg.data.max_unreadable)
+        if unreadable:  # the same on every rank: they all stop, without a checkpoint of a run that saw no data
+            reporter.stop(unreadable)
+            return
         progress.skipped = skipped
         if metrics["val_acc"] >= progress.best_val_acc:  # ties go to the later epoch, as Ray's CheckpointConfig does
             progress.best_val_acc, progress.best_epoch = metrics["val_acc"], epoch + 1
@@ -147,7 +152,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
     set_train_mode(model)
     sums = torch.zeros(3, dtype=torch.float64)
     first_step_at = None
-    for step, (images, targets, _) in enumerate(worker.batches(loader), start=1):
+    for step, (images, targets, _) in enumerate(worker.batches(loader, in_step=True), start=1):
         first_step_at = first_step_at or time.time()
         with worker.autocast():
             logits = model(images)
@@ -174,6 +179,19 @@ def evaluate(model, criterion, loader, worker: Worker) -> tuple[torch.Tensor, di
         sums += torch.tensor([criterion(logits.float(), targets).item(), (preds == targets).sum().item(), len(targets)])
         predictions.update(zip(indices.tolist(), preds.tolist()))
     return sums, predictions
+
+
+def too_many_unreadable(skipped: dict, job: dict, max_share: float) -> str | None:
+    """Why the run must stop when more than `max_share` of a split's files failed (a dead mount, wrong
+    credentials): a run that goes on would report the accuracy of no data. None while it may go on."""
+    for split in ("train", "val"):
+        paths = job[split]["paths"]
+        failed = [path for path in paths if path in skipped]
+        if paths and len(failed) > max_share * len(paths):
+            return (f"{len(failed)} of {len(paths)} {split} files could not be read or decoded, more than "
+                    f"data.max_unreadable={max_share:g} of them (first: {failed[0]}: {skipped[failed[0]]}); check that "
+                    "the workers can read data.root, or raise data.max_unreadable")
+    return None
 
 
 def epoch_metrics(epoch: int, train: list[float], val: list[float], lr: float, train_seconds: float,

@@ -29,6 +29,11 @@ class Reporter:
         if self.events is not None:
             self.events.put(("line", text))
 
+    def stop(self, reason: str) -> None:
+        """The run ends here on purpose, for this reason, which the driver reports as the job's error."""
+        if self.events is not None:
+            self.events.put(("stop", reason))
+
     def start_epoch(self, epoch: int, steps: int) -> None:
         self.epoch, self.steps = epoch, steps
         self.started = self.last_sent = time.perf_counter()
@@ -53,9 +58,11 @@ class Reporter:
 
 @contextlib.contextmanager
 def relay(console: Console):
-    """Driver side: yields the queue to hand the workers, and prints what comes through it until the block ends."""
+    """Driver side: yields the queue to hand the workers and a list that collects their stop reasons, and prints
+    what comes through the queue until the block ends."""
     events = Queue(actor_options={"num_cpus": 0})  # holds no CPU: on a small cluster every CPU trains
     stop = threading.Event()
+    stopped = []
 
     def pump():
         while True:
@@ -65,12 +72,12 @@ def relay(console: Console):
                 if stop.is_set():
                     return
                 continue
-            (console.line if kind == "line" else console.progress)(text)
+            {"line": console.line, "progress": console.progress, "stop": stopped.append}[kind](text)
 
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
     try:
-        yield events
+        yield events, stopped
     finally:
         stop.set()
         thread.join()
