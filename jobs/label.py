@@ -7,6 +7,7 @@ same command after an interruption labels only what DIR does not hold yet.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipeline.errors import UsageError
 
@@ -34,7 +35,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.label.job import LabelOptions, label
+    from pipeline.label.job import LabelOptions, ReadFailures, label
 
     if min(args.rows_per_file, args.batch_size or 1, args.max_actors or 1) < 1:
         raise UsageError("--rows-per-file, --batch-size and --max-actors must be at least 1")
@@ -43,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k {args.top_k} must be between 1 and the checkpoint's number of classes")
     opts = LabelOptions(**{k: v for k, v in vars(args).items() if k in LabelOptions.__dataclass_fields__})
-    summary = label(opts, started_at=getattr(args, "started_at", None))
+    try:
+        summary = label(opts, started_at=getattr(args, "started_at", None))
+    except ReadFailures as e:
+        print(f"imgjobs label: error: {e}", file=sys.stderr)
+        return 1
     if summary.get("accuracy") is not None:
         classes = summary["classes"]
         width = max(9, *map(len, classes))

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pyarrow.fs as pafs
 
 from pipeline.images import is_hidden, is_image_name
+
+T = TypeVar("T")
+READ_TRIES = 4  # around pyarrow's own S3 retries (about 6 s), with waits of 0.5, 1 and 2 s: outages of 20 s or so
+# Failures no wait cures. pyarrow raises a plain OSError for S3 errors, named in its message.
+PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+PERMANENT_MESSAGES = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")
 
 
 def is_uri(path: str) -> bool:
@@ -50,9 +57,29 @@ def host(uri: str) -> str:
     return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
+def retrying(read: Callable[[], T], tries: int = READ_TRIES) -> T:
+    """read(), retried with exponential backoff while it fails transiently (an OSError that is not a missing file,
+    a folder, or a refusal); the last failure is raised."""
+    for attempt in range(tries - 1):
+        try:
+            return read()
+        except OSError as e:
+            if is_permanent(e):
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+    return read()
+
+
+def is_permanent(error: OSError) -> bool:
+    return isinstance(error, PERMANENT_ERRORS) or any(name in str(error) for name in PERMANENT_MESSAGES)
+
+
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retrying(read)
 
 
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -208,3 +208,54 @@ class AutoscalingCluster:
                 process.kill()
         self.process.wait()
         shutil.rmtree(self.token.parent, ignore_errors=True)
+
+
+class FlakyProxy:
+    """An HTTP proxy in front of the S3 server that goes down for `down_for` seconds at the first GET of a .jpg
+    (it drops every connection without a reply, as a restarting server or a network blip does), and otherwise
+    forwards everything: listing works, then reading meets the outage."""
+
+    def __init__(self, target: str, down_for: float):
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.up_at = None  # when the outage ends, once it has started
+        self.dropped = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.up_at is None and self.command == "GET" and self.path.split("?")[0].endswith(".jpg"):
+                    proxy.up_at = time.monotonic() + down_for
+                if proxy.up_at is not None and time.monotonic() < proxy.up_at:
+                    proxy.dropped += 1
+                    self.close_connection = True
+                    return
+                upstream = http.client.HTTPConnection(target, timeout=60)
+                upstream.request(self.command, self.path, body, dict(self.headers))
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                # A HEAD reply has no body but states the object's size.
+                self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

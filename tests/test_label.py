@@ -74,6 +74,9 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
     assert errors == {str(tmp_path / "corpus" / n) for n in bad} | {
         f"{shard}!inner/text.png", str(tmp_path / "imgs/train/blue/missing.jpg")}
     assert "DecompressionBomb" in rows[str(tmp_path / "corpus" / "bomb.png")]["error"]
+    unreadable = {str(tmp_path / "corpus" / "dangling.jpg"), str(tmp_path / "imgs/train/blue/missing.jpg")}
+    assert {k for k in errors if rows[k]["error_kind"] == "io"} == unreadable
+    assert all(rows[k]["error_kind"] == "decode" for k in errors - unreadable)
     for key in errors:
         r = rows[key]
         assert "\n" not in r["error"] and r["label"] is None and r["label_index"] is None and r["score"] is None
@@ -96,11 +99,14 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
     assert summary["classes"] == CLASSES and summary["images_per_s"] > 0 and summary["checkpoint"] == small_checkpoint
     assert [pq.ParquetFile(f).metadata.num_rows for f in sorted(out.glob("*.parquet"))].count(7) == len(rows) // 7
 
-    # Rerun: everything is already there. --overwrite: everything again, in fresh files.
-    assert main(args) == 0
+    # Rerun: all but the unreadable rows are there; those are retried, fail again, and so are all this run did:
+    # exit 1, and still one row per input. --overwrite: everything again, in fresh files.
+    assert main(args) == 1
     again = json.loads((out / "_summary.json").read_text())
-    assert again["skipped_existing"] == len(rows) and again["labeled"] == again["errors"] == 0
-    assert len(read_output(out)) == len(rows)
+    assert again["skipped_existing"] == len(rows) - 2 and again["labeled"] == 0 and again["errors"] == 2
+    assert again["io_errors"] == 2
+    rerun_rows = read_output(out)
+    assert len(rerun_rows) == len(rows) and {r["path"] for r in rerun_rows} == set(rows)
     assert main([*args, "--overwrite", "--precision", "bf16", "--fast-decode"]) == 0
     bf16 = {r["path"]: r for r in read_output(out)}
     assert set(bf16) == set(rows) and {k for k, r in bf16.items() if r["error"]} == errors

@@ -84,7 +84,8 @@ def test_family_trains_a_step_and_labels(arch, ray_local):
     predictor = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=4)
     pixels = np.random.default_rng(0).integers(0, 256, (4, 3, size, size), dtype=np.uint8)
     batch = {"path": np.array([f"{i}.jpg" for i in range(4)], dtype=object), "pixels": pixels,
-             "width": np.full(4, size), "height": np.full(4, size), "error": np.array([""] * 4, dtype=object)}
+             "width": np.full(4, size), "height": np.full(4, size), "error": np.array([""] * 4, dtype=object),
+             "error_kind": np.array([""] * 4, dtype=object)}
     table = predictor(batch)
     mean, std = (torch.tensor(spec[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     with torch.inference_mode():

@@ -10,6 +10,8 @@ import json
 import time
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
+
 from pipeline import storage
 from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr
 from pipeline.errors import UsageError
@@ -19,6 +21,11 @@ from pipeline.label.sources import MEMBER_SEPARATOR, Listing, list_inputs
 from pipeline.train import checkpoint
 
 RATE_WINDOW_S = 5.0
+MAX_IO_ERRORS = 0.5  # a larger share of a run's inputs unreadable ends it with exit 1: the storage is wrong
+
+
+class ReadFailures(Exception):
+    """Most inputs could not be read. Their rows are written, and a rerun retries them."""
 
 
 @dataclass
@@ -85,6 +92,11 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         summary.update(evaluate(writer, listing.roots, state["classes"]))
     fs, base = storage.resolve(opts.output)
     storage.write_bytes(fs, f"{base}/{SUMMARY}", json.dumps(summary, indent=2).encode())
+    done = progress.labeled + progress.errors
+    if done and progress.io_errors > MAX_IO_ERRORS * done:
+        raise ReadFailures(f"{progress.io_errors} of {done} inputs could not be read (first: "
+                           f"{progress.first_io_error}); check the input's storage and credentials, then run the same "
+                           "command again: it retries those rows")
     return summary
 
 
@@ -137,7 +149,8 @@ class Progress:
     def __init__(self, console: Console, files: int, archives: int):
         self.console, self.files, self.archives = console, files, archives
         self.started = time.perf_counter()
-        self.labeled = self.errors = 0
+        self.labeled = self.errors = self.io_errors = 0
+        self.first_io_error = None
         self.startup_s = None  # command start to first labeled batch
         self.first_batch = (0.0, 0)  # (time, rows) at the first batch: throughput after start-up counts from here
         self.window = (0.0, 0)  # (time, rows) where the current images/s window starts
@@ -146,6 +159,10 @@ class Progress:
     def add(self, table, job_started_at: float) -> None:
         errors = table.num_rows - table.column("error").null_count
         self.errors += errors
+        io = table.filter(pc.fill_null(pc.equal(table.column("error_kind"), "io"), False))
+        self.io_errors += io.num_rows
+        if io.num_rows and self.first_io_error is None:
+            self.first_io_error = f"{io.column('path')[0]}: {io.column('error')[0]}"
         self.labeled += table.num_rows - errors
         now, done = time.perf_counter(), self.labeled + self.errors
         if self.startup_s is None:
@@ -180,6 +197,7 @@ class Progress:
             "total": done + skipped,
             "labeled": self.labeled,
             "errors": self.errors,
+            "io_errors": self.io_errors,
             "skipped_existing": skipped,
             "seconds": round(seconds, 3),
             "images_per_s": round(done / seconds, 2) if done else 0.0,

@@ -4,7 +4,9 @@ A row counts as done only once it is in a complete `*.parquet` file in the outpu
 written under a hidden temporary name and renamed when complete, so a job killed at any moment (kill -9
 included) leaves complete files plus, at worst, a hidden temporary that the next run deletes. The next
 run reads the `path` column of the complete files and labels only the rest. Files get a run-unique
-name, so a rerun never overwrites what an earlier run committed.
+name, so a rerun never overwrites what an earlier run committed. The one exception: rows whose input
+could not be read (`error_kind` "io") are retried by the next run, which first rewrites their files
+without them, under the same name, the same way (a temporary, then a rename over it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -28,6 +31,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("topk_scores", pa.list_(pa.float32())),
     ("uncertain", pa.bool_()),
     ("error", pa.string()),
+    ("error_kind", pa.string()),  # "decode": the file is bad; "io": it could not be read, and a rerun retries it
     ("width", pa.int32()),
     ("height", pa.int32()),
 ])
@@ -45,7 +49,7 @@ class LabelWriter:
             if entry.base_name.startswith(TEMP_PREFIX) or overwrite and (_is_part(entry) or entry.base_name == SUMMARY):
                 self.fs.delete_file(entry.path)  # a killed run's unfinished file, or --overwrite
             elif _is_part(entry):
-                self.done.update(read_column(self.fs, entry.path, "path"))
+                self.done.update(self._without_io_errors(entry.path))
         self.existing = len(self.done)
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.files_written = 0
@@ -67,6 +71,21 @@ class LabelWriter:
                 rows = rows.slice(self.rows_per_file)
             self._pending, self._pending_rows = [rows], rows.num_rows
         return table
+
+    def _without_io_errors(self, path: str) -> list[str]:
+        """The keys of a committed file, after dropping its io error rows from it so that this run retries them."""
+        keys = read_table(self.fs, path, ["path", "error_kind"])
+        io = pc.fill_null(pc.equal(keys.column("error_kind"), "io"), False)
+        if pc.any(io).as_py():
+            kept = read_table(self.fs, path).filter(pc.invert(io))
+            if kept.num_rows:
+                temp = f"{path.rsplit('/', 1)[0]}/{TEMP_PREFIX}retry-{uuid.uuid4().hex[:8]}.parquet"
+                pq.write_table(kept, temp, filesystem=self.fs)
+                self.fs.move(temp, path)
+            else:
+                self.fs.delete_file(path)
+            keys = keys.filter(pc.invert(io))
+        return keys.column("path").to_pylist()
 
     def close(self) -> None:
         """Commit the last, partly filled file."""
@@ -116,8 +135,9 @@ def _is_part(entry: pafs.FileInfo) -> bool:
     return entry.type == pafs.FileType.File and entry.base_name.endswith(".parquet") and entry.base_name[0] not in "._"
 
 
-def read_column(fs: pafs.FileSystem, path: str, column: str) -> list:
+def read_table(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
     try:
-        return pq.read_table(path, columns=[column], filesystem=fs).column(column).to_pylist()
+        return pq.read_table(path, columns=columns, filesystem=fs)
     except (pa.ArrowInvalid, KeyError) as e:
-        raise UsageError(f"output folder holds {path}, which is not a labels file ({e}); use another --output") from None
+        raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version "
+                         f"({str(e).splitlines()[0]}); use another --output, or --overwrite") from None

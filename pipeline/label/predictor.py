@@ -62,6 +62,7 @@ class Predictor:
                 _lists(pa.array(scores.reshape(-1), pa.float32()), k, bad),
                 pa.array(score < self.min_confidence, pa.bool_(), mask=bad),
                 pa.array(batch["error"], pa.string(), mask=ok),
+                pa.array(batch["error_kind"], pa.string(), mask=ok),
                 pa.array(batch["width"], pa.int32(), mask=bad),
                 pa.array(batch["height"], pa.int32(), mask=bad),
             ],

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.images import decode_image, image_error, resize_center_crop
-from pipeline.label.sources import Reader
+from pipeline.label.sources import Item, Reader, error_kind
 
 ROWS_PER_BLOCK = 32  # output block size: small enough to keep the predictor fed early, big enough to be cheap
 
@@ -46,17 +46,17 @@ class Preprocess:
         crop = resize_center_crop(img, self.resize_size, self.input_size, self.interpolation)
         return np.asarray(crop).transpose(2, 0, 1), width, height
 
-    def rows(self, items: Iterator[tuple[str, bytes | None, str | None]]) -> Iterator[dict]:
-        """Blocks of decoded rows from (key, bytes, read error) items."""
+    def rows(self, items: Iterator[Item]) -> Iterator[dict]:
+        """Blocks of decoded rows from (key, bytes, read error, its kind) items."""
         block = []
-        for key, data, error in items:
+        for key, data, error, kind in items:
             pixels, width, height = None, 0, 0
             if error is None:
                 try:
                     pixels, width, height = self(data)
                 except Exception as e:  # any bad file becomes an error row; the job goes on
-                    error = image_error(e)
-            block.append((key, pixels, width, height, error or ""))
+                    error, kind = image_error(e), "decode"
+            block.append((key, pixels, width, height, error or "", kind or ""))
             if len(block) == ROWS_PER_BLOCK:
                 yield self._block(block)
                 block = []
@@ -71,6 +71,7 @@ class Preprocess:
             "width": np.array([r[2] for r in rows], dtype=np.int32),
             "height": np.array([r[3] for r in rows], dtype=np.int32),
             "error": np.array([r[4] for r in rows], dtype=object),  # "" means decoded
+            "error_kind": np.array([r[5] for r in rows], dtype=object),
         }
 
 
@@ -87,9 +88,11 @@ def read_units(batch, spec: dict, fast_decode: bool, options: dict[str, str]) ->
             yield from preprocess.rows(_read_files(reader, unit["files"]))
 
 
-def _read_files(reader: Reader, keys: list[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
+def _read_files(reader: Reader, keys: list[str]) -> Iterator[Item]:
     for key in keys:
         try:
-            yield key, reader.read(key), None
+            data = reader.read(key)
         except Exception as e:  # missing (manifest lines), unreadable, a folder named like an image
-            yield key, None, image_error(e)
+            yield key, None, image_error(e), error_kind(e)
+        else:
+            yield key, data, None, None

@@ -22,6 +22,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 ZIP_SUFFIX = ".zip"
 MANIFEST_SUFFIX = ".txt"
 MEMBER_SEPARATOR = "!"
+FAIL_FAST_AFTER = 3  # reads in a row failing after their retries, before the next ones get a single try
+Item = tuple  # (key, bytes or None, error or None, error kind or None): what reading yields per input
 
 
 def archive_kind(name: str) -> str | None:
@@ -140,6 +142,7 @@ class Reader:
     def __init__(self, options: dict[str, str] | None = None):
         self.options = options or {}
         self._filesystems: dict[str, tuple[pafs.FileSystem, int]] = {}
+        self._failing = 0  # reads in a row that failed after their retries
 
     def open(self, key: str):
         if not storage.is_uri(key):
@@ -148,8 +151,19 @@ class Reader:
         return fs.open_input_file(fs_path)
 
     def read(self, key: str) -> bytes:
-        with self.open(key) as f:
-            return f.read()
+        """The key's bytes, retried while the storage fails transiently; once reads keep failing after their
+        retries (a wrong endpoint, a dead mount), each gets one try, until one succeeds."""
+        def read_all() -> bytes:
+            with self.open(key) as f:
+                return f.read()
+
+        try:
+            data = storage.retrying(read_all, tries=1 if self._failing >= FAIL_FAST_AFTER else storage.READ_TRIES)
+        except OSError:
+            self._failing += 1
+            raise
+        self._failing = 0
+        return data
 
     def _resolve(self, key: str) -> tuple[pafs.FileSystem, str]:
         host = storage.host(key)
@@ -159,19 +173,19 @@ class Reader:
         fs, prefix = self._filesystems[host]
         return fs, key[prefix:]
 
-    def archive_members(self, key: str, done: set[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
-        """(member key, bytes, None) for each image member not in `done`, streamed without extracting to disk.
-        A member that cannot be read gives (key, None, reason); a broken archive ends with (archive key, None,
-        reason). Member names are only labels, so `../` or absolute names cannot write anywhere."""
+    def archive_members(self, key: str, done: set[str]) -> Iterator[Item]:
+        """(member key, bytes, None, None) for each image member not in `done`, streamed without extracting to
+        disk. A member that cannot be read gives (key, None, reason, kind); a broken archive ends with (archive
+        key, None, reason, kind). Member names are only labels, so `../` or absolute names cannot write anywhere."""
         try:
-            with self.open(key) as f:
+            with storage.retrying(lambda: self.open(key)) as f:
                 if archive_kind(key) == "zip":
                     yield from self._zip_members(key, f, done)
                 else:
                     yield from self._tar_members(key, f, done)
         except Exception as e:
             if key not in done:
-                yield key, None, f"unreadable archive: {image_error(e)}"
+                yield key, None, f"unreadable archive: {image_error(e)}", error_kind(e)
 
     @staticmethod
     def _tar_members(key: str, f, done: set[str]):
@@ -181,7 +195,7 @@ class Reader:
                 if not member.isfile() or not _image_member(member.name) or member_key in done:
                     continue
                 done.add(member_key)  # a tar may hold the same name twice; label it once
-                yield member_key, tar.extractfile(member).read(), None
+                yield member_key, tar.extractfile(member).read(), None, None
 
     @staticmethod
     def _zip_members(key: str, f, done: set[str]):
@@ -192,9 +206,16 @@ class Reader:
                     continue
                 done.add(member_key)
                 try:
-                    yield member_key, archive.read(info), None
+                    data = archive.read(info)
                 except Exception as e:  # a bad member (CRC, encryption) does not spoil the others
-                    yield member_key, None, image_error(e)
+                    yield member_key, None, image_error(e), error_kind(e)
+                else:
+                    yield member_key, data, None, None
+
+
+def error_kind(error: BaseException) -> str:
+    """`io` when the storage failed (a rerun tries again), `decode` when the bytes themselves are bad."""
+    return "io" if isinstance(error, OSError) else "decode"
 
 
 def _image_member(name: str) -> bool:
