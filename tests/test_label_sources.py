@@ -91,7 +91,7 @@ def test_archives_stream_members_without_extracting_and_skip_done_ones(tmp_path,
     else:
         make_tar(path, members, "w" if kind == "tar" else "w:gz")
     key = f"file://{path}" if uri else str(path)
-    got = {k: data for k, data, err in Reader().archive_members(key, {f"{key}!a/1.jpg"})}
+    got = {k: data for k, data, _, _ in Reader().archive_members(key, {f"{key}!a/1.jpg"})}
     assert got == {f"{key}!../../evil.jpg": b"2", f"{key}!/abs/3.PNG": b"3"}
     assert sorted(os.listdir(tmp_path)) == [path.name]  # nothing was written next to (or above) the archive
     assert not (tmp_path.parent / "evil.jpg").exists()
@@ -102,5 +102,6 @@ def test_a_truncated_archive_yields_its_members_then_one_error_row(tmp_path):
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(data[: len(data) * 2 // 3])
     rows = list(Reader().archive_members(str(cut), set()))
-    assert 1 <= len(rows) - 1 < 5 and all(err is None for _, _, err in rows[:-1])
+    assert 1 <= len(rows) - 1 < 5 and all(err is None for _, _, err, _ in rows[:-1])
     assert rows[-1][0] == str(cut) and rows[-1][1] is None and rows[-1][2].startswith("unreadable archive:")
+    assert rows[-1][3] == "decode"  # the bytes are bad: a rerun would read the same

@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from tests.conftest import REPO, make_image_folder, write_config
-from tests.helpers import AutoscalingCluster, LocalCluster, start_label
+from tests.helpers import AutoscalingCluster, LocalCluster, read_output, start_label
 from tests.test_s3 import label_rows
+from tests.test_train_faults import wait_for_checkpoint
 
 HEAD = {"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"}  # the state API, for Ray Train
 
@@ -147,3 +148,54 @@ def test_use_gpu_auto_waits_for_the_gpu_nodes_the_autoscaler_can_add(autoscaling
         proc.wait(timeout=60)
     assert lines[1] == "auto: scaling.use_gpu auto: GPU workers (none up yet, the autoscaler can add 1)\n", lines
     assert lines[2].startswith("auto: waiting for 1 GPU(s) for the training workers, 0 up now"), lines
+
+
+def node_index(cluster: LocalCluster, hosts: set[str]) -> int:
+    """The index (for remove_node) of a worker node among `hosts`."""
+    return next(i for i, node in enumerate(cluster.nodes) if node in hosts)
+
+
+@pytest.mark.slow
+def test_training_survives_losing_a_worker_node(tmp_path):
+    """A node running a training worker dies hard mid-run: Ray Train restarts the group on the nodes left, from
+    the latest checkpoint, and the run finishes every epoch, none missing or repeated."""
+    lossy = LocalCluster(HEAD, [{"num_cpus": 1}] * 3)
+    try:
+        folder = make_image_folder(tmp_path / "data", train_per_class=60, val_per_class=10)
+        config = write_config(tmp_path / "c.json", "nodeloss", folder, tmp_path / "runs",
+                              scaling={"num_workers": 2}, train={"epochs": 5})
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
+                                env=lossy.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for_checkpoint(tmp_path / "runs" / "nodeloss")
+        lossy.remove_node(node_index(lossy, actor_nodes(lossy, "RayTrainWorker")))
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+        assert "resuming after epoch" in out, out[-3000:]
+        summary = json.loads((tmp_path / "runs" / "nodeloss" / "summary.json").read_text())
+        assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3, 4, 5]
+    finally:
+        lossy.stop()
+
+
+@pytest.mark.slow
+def test_labeling_survives_losing_a_node_each_input_once(small_checkpoint, tmp_path):
+    """A node running a predictor actor dies hard mid-job: Ray Data restarts its actor and re-runs its tasks on
+    the nodes left, the writer drops rows it already holds, and the job ends by itself, every input once."""
+    lossy = LocalCluster(HEAD, [{"num_cpus": 1}] * 3)
+    try:
+        images = make_image_folder(tmp_path / "imgs", train_per_class=500, val_per_class=0) / "train"
+        proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output",
+                            str(tmp_path / "out"), "--batch-size", "8", "--max-actors", "2", "--rows-per-file", "100"],
+                           lossy.env(), stderr=subprocess.STDOUT)
+        lines = []
+        while not any("first labeled batch" in line for line in lines):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], lines
+        lossy.remove_node(node_index(lossy, actor_nodes(lossy, "MapBatches(Predictor)")))
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+        rows = read_output(tmp_path / "out")
+        assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images.rglob("*.jpg"))
+        assert not [r for r in rows if r["error"]]
+    finally:
+        lossy.stop()
