@@ -39,8 +39,11 @@ def test_cluster_yaml_passes_the_launchers_validation(cluster_yaml):
     head = config["available_node_types"][config["head_node_type"]]
     assert head["resources"] == {"CPU": 0}  # workers and labeling tasks go to the GPU nodes
     workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
-    assert [(t["min_workers"], t["resources"]["GPU"]) for t in workers] == [(0, 1)]
-    assert workers[0]["max_workers"] >= 1
+    assert [(t["min_workers"], t["resources"]["GPU"]) for t in workers] == [(0, 1), (0, 1)]
+    assert all(t["max_workers"] >= 1 for t in workers)
+    spot = config["available_node_types"]["gpu_spot_worker"]["node_config"]
+    assert spot["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert "InstanceMarketOptions" not in config["available_node_types"]["gpu_worker"]["node_config"]
     assert any("pip install" in c and "~/imgjobs" in c for c in config["setup_commands"])
     assert config["file_mounts"]["~/imgjobs"] == "."
     # Token auth stays on and the dashboard stays on the head's loopback.

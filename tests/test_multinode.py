@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from pipeline.train import checkpoint
 from tests.conftest import REPO, make_image_folder, write_config
 from tests.helpers import AutoscalingCluster, LocalCluster, read_output, start_label
 from tests.test_s3 import label_rows
@@ -199,3 +201,48 @@ def test_labeling_survives_losing_a_node_each_input_once(small_checkpoint, tmp_p
         assert not [r for r in rows if r["error"]]
     finally:
         lossy.stop()
+
+
+@pytest.mark.slow
+def test_spot_preemption_saves_mid_epoch_and_resumes_there_with_the_weights_of_an_unbroken_run(tmp_path):
+    """A node running a training worker is drained for preemption (the spot notice), then lost. The workers save
+    a checkpoint mid-epoch on the notice; the restarted run goes on from that step, and ends with the weights of
+    the same run unbroken, on the same cluster shape."""
+    lossy = LocalCluster(HEAD, [{"num_cpus": 1}] * 3)
+    try:
+        folder = make_image_folder(tmp_path / "data", train_per_class=80, val_per_class=4, size=96)
+        runs = tmp_path / "runs"
+        config = write_config(tmp_path / "c.json", "spot", folder, runs, scaling={"num_workers": 2},
+                              train={"epochs": 4, "batch_size": 4, "max_failures": 0})
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
+                                env=lossy.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = [proc.stdout.readline()]
+        while "epoch 1/4" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+            assert lines[-1], lines
+        victim = node_index(lossy, actor_nodes(lossy, "RayTrainWorker"))
+        lossy.preempt_node(victim)
+        while "preemption notice: saving a checkpoint" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+            assert lines[-1], lines
+        lossy.remove_node(victim)
+        out = "".join(lines) + proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+        summary = json.loads((runs / "spot" / "summary.json").read_text())
+        assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3, 4]
+        assert len(summary["interruptions"]) == 1, out[-4000:]  # max_failures 0: paid from the preemption budget
+        [interruption] = summary["interruptions"]
+        assert interruption["reason"] == "preemption" and interruption["step"] > 0, interruption
+        assert f"resuming after epoch {interruption['epoch']} step {interruption['step']} (preemption" in out, out
+
+        unbroken = write_config(tmp_path / "u.json", "unbroken", folder, runs, scaling={"num_workers": 2},
+                                train={"epochs": 4, "batch_size": 4})
+        result = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", str(unbroken)], cwd=REPO,
+                                env=lossy.env(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        lossy.stop()
+    resumed = checkpoint.load(summary["latest_checkpoint"])["model_state"]
+    straight = checkpoint.load(json.loads((runs / "unbroken" / "summary.json").read_text())["latest_checkpoint"])
+    assert all(torch.equal(resumed[k], straight["model_state"][k]) for k in resumed)
+    assert [m["train_images"] for m in summary["epochs"]] == [160] * 4  # every image once per epoch

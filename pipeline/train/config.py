@@ -45,6 +45,8 @@ class TrainConfig(_Section):
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype; GPU only")
     channels_last: bool = Field(False, description="GPU only")
     max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
+    max_preemption_failures: int = Field(-1, ge=-1, description="restarts after a node's preemption (spot "
+                                                                "reclaim) before the run fails; -1: no limit")
 
 
 class ScalingConfig(_Section):

@@ -85,7 +85,8 @@ def fit(cfg: Config, job: dict, storage_path: str, use_gpu: bool) -> ray.train.R
             name=cfg.name,
             storage_path=path,
             storage_filesystem=filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
+                                                   max_preemption_failures=cfg.train.max_preemption_failures),
             # Keeps the best checkpoint by val accuracy; Ray never deletes the latest one, which resume needs.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
@@ -124,6 +125,7 @@ def summarise(cfg: Config, job: dict, dataset: ImageFolder, result: ray.train.Re
         "skipped": latest["skipped"],
         "confusion_matrix": confusion_matrix(dataset.val.targets, best["val_predictions"], len(dataset.classes)),
         "epochs": latest["history"],
+        "interruptions": latest["interruptions"],
         "config": job["config"],
     }
     write_run_outputs(run_dir, summary, best, dataset)

@@ -8,10 +8,12 @@ workers, and report, rank 0 with a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import ray
 import ray.train
@@ -27,6 +29,10 @@ from pipeline.train.dataset import ImageDataset, collate_skipping
 from pipeline.train.models import build_model, configure_trainable, set_train_mode
 from pipeline.train.progress import Reporter
 from pipeline.train.transforms import eval_transform, train_transform
+
+# Steps between the workers' joint question about preemption, a barrier across them: often enough for a notice
+# that comes two minutes before a spot reclaim.
+PREEMPTION_CHECK_STEPS = 10
 
 
 @dataclass
@@ -54,28 +60,51 @@ class Worker:
     def autocast(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
-    def batches(self, loader: DataLoader, in_step: bool = False):
-        """Batches on the device; files that did not decode are recorded and left out. `in_step`: a step whose
-        batch failed whole on any rank is skipped by all of them, since DDP's collectives need every rank."""
-        for images, targets, indices, skipped in loader:
+    def batches(self, loader: DataLoader, in_step: bool = False, start: int = 0, rng_state=None):
+        """(position, images, targets, indices) on the device, position counting the loader's batches from
+        `start`; files that did not decode are recorded and left out. `in_step`: a step whose batch failed
+        whole on any rank is skipped by all of them, since DDP's collectives need every rank. `rng_state` is
+        set once the loader has drawn its seed, as it had been when that state was saved."""
+        batches = iter(loader)
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        for position, (images, targets, indices, skipped) in enumerate(batches, start=start + 1):
             self.skipped.update(skipped)
             if not (distributed.every_worker(images is not None) if in_step else images is not None):
                 continue
             images = images.to(self.device, non_blocking=True)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield images, targets.to(self.device, non_blocking=True), indices
+            yield position, images, targets.to(self.device, non_blocking=True), indices
 
 
 @dataclass
 class Progress:
-    """What a checkpoint carries besides the weights and the optimizer: where the run is, and what it saw."""
+    """What a checkpoint carries besides the weights and the optimizer: where the run is, and what it saw. A
+    checkpoint saved on a preemption notice is mid-epoch: `step` steps of epoch `epoch` done, and each rank's
+    sums and random state at that point in `ranks`."""
 
     epoch: int = 0
     best_val_acc: float = 0.0
     best_epoch: int = 0
     history: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
+    step: int = 0
+    ranks: dict = field(default_factory=dict)  # rank -> {"sums": [loss, correct, count], "rng": torch state}
+    interruptions: list = field(default_factory=list)  # {reason, epoch, step, at} where the run resumed
+    noticed: bool = False  # a preemption notice came since the run last resumed
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start an epoch after the samples of its first `skip` of them."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
 
 
 def train_loop_per_worker(job: dict) -> None:
@@ -102,11 +131,23 @@ def train_loop_per_worker(job: dict) -> None:
         train_loader.sampler.set_epoch(epoch)  # a new shuffle, and so a new shard, every epoch
         # Seeding per epoch (loader workers are re-forked each epoch) makes a resumed run match an unbroken one.
         torch.manual_seed(cfg.train.seed * 1_000_000 + epoch * 1000 + worker.rank)
+        mid_epoch = progress.ranks.get(worker.rank) if epoch == progress.epoch else None
+        train_loader.sampler.skip = progress.step * cfg.train.batch_size if mid_epoch else 0
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         reporter.start_epoch(epoch, len(train_loader))
+
+        def save_on_preemption(step: int, sums: torch.Tensor) -> None:
+            """A just-in-time checkpoint: this epoch's steps so far, resumable from the next one."""
+            ranks = distributed.merge_dicts({worker.rank: {"sums": sums.tolist(), "rng": torch.get_rng_state()}})
+            progress.noticed = True  # this checkpoint's, and the next epoch's if the node lasts that long
+            saved = Progress(**{**vars(progress), "epoch": epoch, "step": step, "ranks": ranks})
+            reporter.line(f"preemption notice: saving a checkpoint at epoch {epoch + 1} step {step}")
+            report({"epoch": epoch, "step": step, "val_acc": -1.0},  # never the best
+                   checkpoint_state(job, spec, model, optimizer, scheduler, scaler, saved, []), worker)
+
         train_sums, first_step_at = train_one_epoch(ddp_model, criterion, optimizer, scaler, train_loader, worker,
-                                                    reporter)
+                                                    reporter, mid_epoch, save_on_preemption)
         train_seconds = time.perf_counter() - start
         scheduler.step()
         val_sums, predictions = evaluate(ddp_model, criterion, val_loader, worker)
@@ -126,17 +167,21 @@ def train_loop_per_worker(job: dict) -> None:
         if metrics["val_acc"] >= progress.best_val_acc:  # ties go to the later epoch, as Ray's CheckpointConfig does
             progress.best_val_acc, progress.best_epoch = metrics["val_acc"], epoch + 1
         progress.history.append(metrics)
-        progress.epoch = epoch + 1
+        progress.epoch, progress.step, progress.ranks = epoch + 1, 0, {}
         val_predictions = [predictions.get(i, -1) for i in range(len(job["val"]["paths"]))]
-        state = checkpoint_state(job, spec, model, optimizer, scheduler, scaler, progress, val_predictions)
-        report(metrics, state, worker, reporter, new_skips)
+        for path in new_skips:
+            reporter.line(f"warning: skipped {path}: {skipped[path]}")
+        reporter.line(epoch_line(metrics, reporter.epochs))
+        reporter.end_epoch(metrics["epoch_seconds"])
+        report(metrics, checkpoint_state(job, spec, model, optimizer, scheduler, scaler, progress, val_predictions),
+               worker)
 
 
 def build_loaders(cfg: Config, job: dict, spec: dict, worker: Worker) -> tuple[DataLoader, DataLoader]:
     """This worker's shard of train (reshuffled every epoch through the sampler) and its share of val."""
     train_set = ImageDataset(cfg.data.root, Split(**job["train"]), train_transform(spec))
-    sampler = DistributedSampler(train_set, num_replicas=worker.world, rank=worker.rank, shuffle=True,
-                                 seed=cfg.train.seed)
+    sampler = ResumableSampler(train_set, num_replicas=worker.world, rank=worker.rank, shuffle=True,
+                               seed=cfg.train.seed)
     # Val is split without padding, so every val image is counted exactly once across workers.
     val_split = Split(**job["val"])
     val_set = ImageDataset(cfg.data.root, val_split, eval_transform(spec),
@@ -146,13 +191,20 @@ def build_loaders(cfg: Config, job: dict, spec: dict, worker: Worker) -> tuple[D
     return DataLoader(train_set, sampler=sampler, **loader_args), DataLoader(val_set, shuffle=False, **loader_args)
 
 
-def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
-                    reporter: Reporter) -> tuple[torch.Tensor, float | None]:
-    """Sums of (loss, correct, count) over this worker's shard, and the time.time() of its first step."""
+def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker, reporter: Reporter,
+                    mid_epoch: dict | None, save_on_preemption) -> tuple[torch.Tensor, float | None]:
+    """Sums of (loss, correct, count) over this worker's shard, and the time.time() of its first step. From a
+    mid-epoch checkpoint it goes on where that one stopped, with its sums and random state. Every
+    PREEMPTION_CHECK_STEPS steps the workers ask Ray Train together whether a node is being preempted; on the
+    first notice they save a checkpoint and train on until the node goes."""
     set_train_mode(model)
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.tensor(mid_epoch["sums"] if mid_epoch else [0.0, 0.0, 0.0], dtype=torch.float64)
+    carried = int(sums[2])
+    batches = worker.batches(loader, in_step=True, start=loader.sampler.skip // loader.batch_size,
+                             rng_state=mid_epoch and mid_epoch["rng"])
     first_step_at = None
-    for step, (images, targets, _) in enumerate(worker.batches(loader, in_step=True), start=1):
+    noticed = False
+    for step, images, targets, _ in batches:
         first_step_at = first_step_at or time.time()
         with worker.autocast():
             logits = model(images)
@@ -162,7 +214,11 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
         scaler.step(optimizer)
         scaler.update()
         sums += torch.tensor([loss.item(), (logits.argmax(1) == targets).sum().item(), len(targets)])
-        reporter.step(step, int(sums[2]))
+        reporter.step(step, int(sums[2]) - carried)
+        # Only the batch of this step has been loaded yet: the random state resumes exactly at the next one.
+        if step % PREEMPTION_CHECK_STEPS == 0 and not noticed and ray.train.get_preemption_info() is not None:
+            noticed = True
+            save_on_preemption(step, sums)
     return sums, first_step_at
 
 
@@ -172,7 +228,7 @@ def evaluate(model, criterion, loader, worker: Worker) -> tuple[torch.Tensor, di
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     predictions = {}
-    for images, targets, indices in worker.batches(loader):
+    for _, images, targets, indices in worker.batches(loader):
         with worker.autocast():
             logits = model(images)
         preds = logits.argmax(1)
@@ -227,12 +283,8 @@ def checkpoint_state(job: dict, spec: dict, model, optimizer, scheduler, scaler,
     }
 
 
-def report(metrics: dict, state: dict, worker: Worker, reporter: Reporter, new_skips: list[str]) -> None:
-    """Every worker reports the epoch's metrics; rank 0 attaches the checkpoint and sends the epoch's line."""
-    for path in new_skips:
-        reporter.line(f"warning: skipped {path}: {state['skipped'][path]}")
-    reporter.line(epoch_line(metrics, reporter.epochs))
-    reporter.end_epoch(metrics["epoch_seconds"])
+def report(metrics: dict, state: dict, worker: Worker) -> None:
+    """Every worker reports the metrics; rank 0 attaches the checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if worker.rank == 0:
@@ -252,9 +304,14 @@ def restore(model, optimizer, scheduler, scaler, worker: Worker, reporter: Repor
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    progress = Progress(**{key: saved[key] for key in Progress.__dataclass_fields__})
+    progress = Progress(**{key: saved[key] for key in Progress.__dataclass_fields__ if key in saved})
     worker.skipped.update(progress.skipped)
-    reporter.line(f"resuming after epoch {progress.epoch} (best val acc {progress.best_val_acc:.4f})")
+    reason = "preemption" if progress.noticed else "failure"
+    progress.interruptions.append({"reason": reason, "epoch": progress.epoch + 1, "step": progress.step,
+                                   "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    progress.noticed = False
+    where = f"epoch {progress.epoch + 1} step {progress.step}" if progress.step else f"epoch {progress.epoch}"
+    reporter.line(f"resuming after {where} ({reason}; best val acc {progress.best_val_acc:.4f})")
     return progress
 
 
