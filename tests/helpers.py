@@ -96,8 +96,8 @@ cluster = Cluster(initialize_head=True, head_node_args=head)
 nodes = [cluster.add_node(**args) for args in workers]
 cluster.wait_for_nodes()
 print(json.dumps({"address": cluster.address, "nodes": [n.node_id for n in nodes]}), flush=True)
-# "add {args}" a worker node; "remove N": lose worker node N hard; "preempt N": drain it as the autoscaler does on
-# a spot notice, with two minutes to go; end of input: stop all.
+# "add {args}" a worker node; "remove N": lose worker node N hard; "preempt N SECONDS": drain it as the autoscaler
+# does on a spot notice, with SECONDS to go; end of input: stop all.
 for line in sys.stdin:
     command, argument = line.split(" ", 1)
     if command == "add":
@@ -107,9 +107,10 @@ for line in sys.stdin:
         import time
         from ray._raylet import GcsClient
         from ray.core.generated import autoscaler_pb2
+        index, seconds = argument.split()
         GcsClient(address=cluster.gcs_address).drain_node(
-            nodes[int(argument)].node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-            "spot instance reclaimed", int((time.time() + 120) * 1000))
+            nodes[int(index)].node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            "spot instance reclaimed", int((time.time() + float(seconds)) * 1000))
     else:
         cluster.remove_node(nodes[int(argument)], allow_graceful=False)
     print("done", flush=True)
@@ -140,8 +141,10 @@ class LocalCluster:
     def remove_node(self, index: int) -> None:
         self._command(f"remove {index}")
 
-    def preempt_node(self, index: int) -> None:
-        self._command(f"preempt {index}")
+    def preempt_node(self, index: int, seconds: float) -> None:
+        """Drain node `index` for preemption with a deadline `seconds` away. Ray counts the node's loss as a
+        preemption only once that deadline has passed, as when the cloud reclaims it on time."""
+        self._command(f"preempt {index} {seconds}")
 
     def _command(self, line: str) -> None:
         self.process.stdin.write(line + "\n")

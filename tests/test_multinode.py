@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -180,9 +181,11 @@ def test_training_survives_losing_a_worker_node(tmp_path):
 
 
 @pytest.mark.slow
-def test_labeling_survives_losing_a_node_each_input_once(small_checkpoint, tmp_path):
-    """A node running a predictor actor dies hard mid-job: Ray Data restarts its actor and re-runs its tasks on
-    the nodes left, the writer drops rows it already holds, and the job ends by itself, every input once."""
+@pytest.mark.parametrize("notice", [False, True], ids=["lost", "drained-then-lost"])
+def test_labeling_survives_losing_a_node_each_input_once(small_checkpoint, tmp_path, notice):
+    """A node running a predictor actor dies hard mid-job, with or without first being drained for preemption
+    (Ray then places nothing new on it): Ray Data restarts its actor and re-runs its tasks on the nodes left,
+    the writer drops rows it already holds, and the job ends by itself, every input once."""
     lossy = LocalCluster(HEAD, [{"num_cpus": 1}] * 3)
     try:
         images = make_image_folder(tmp_path / "imgs", train_per_class=500, val_per_class=0) / "train"
@@ -193,7 +196,11 @@ def test_labeling_survives_losing_a_node_each_input_once(small_checkpoint, tmp_p
         while not any("first labeled batch" in line for line in lines):
             lines.append(proc.stdout.readline())
             assert lines[-1], lines
-        lossy.remove_node(node_index(lossy, actor_nodes(lossy, "MapBatches(Predictor)")))
+        victim = node_index(lossy, actor_nodes(lossy, "MapBatches(Predictor)"))
+        if notice:
+            lossy.preempt_node(victim, 2)
+            time.sleep(3)
+        lossy.remove_node(victim)
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out[-3000:]
         rows = read_output(tmp_path / "out")
@@ -221,10 +228,12 @@ def test_spot_preemption_saves_mid_epoch_and_resumes_there_with_the_weights_of_a
             lines.append(proc.stdout.readline())
             assert lines[-1], lines
         victim = node_index(lossy, actor_nodes(lossy, "RayTrainWorker"))
-        lossy.preempt_node(victim)
+        reclaim_at = time.monotonic() + 8
+        lossy.preempt_node(victim, 8)
         while "preemption notice: saving a checkpoint" not in lines[-1]:
             lines.append(proc.stdout.readline())
             assert lines[-1], lines
+        time.sleep(max(0.0, reclaim_at - time.monotonic()) + 1)
         lossy.remove_node(victim)
         out = "".join(lines) + proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out[-3000:]
