@@ -27,6 +27,21 @@ def cluster():
     cluster.stop()
 
 
+def start_train(config, env: dict) -> subprocess.Popen:
+    """`imgjobs train -c CONFIG` as its own process, standard error merged into its output."""
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(proc: subprocess.Popen, text: str) -> list[str]:
+    """The process's output lines up to the first that contains `text`; fails if the output ends first."""
+    lines = []
+    while not lines or text not in lines[-1]:
+        lines.append(proc.stdout.readline())
+        assert lines[-1], lines
+    return lines
+
+
 def actor_nodes(cluster: LocalCluster | AutoscalingCluster, name: str) -> set[str]:
     """The nodes that ran actors whose name (class, or Ray Data's operator name) contains `name`, from the
     cluster's state API, in a process of its own: this one is connected to the session's Ray."""
@@ -127,8 +142,7 @@ def test_training_from_zero_workers_waits_then_runs_on_nodes_the_autoscaler_adds
     folder = make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2)
     config = write_config(tmp_path / "c.json", "fromzero", folder, tmp_path / "runs",
                           scaling={"num_workers": 2, "use_gpu": False})
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
-                            env=autoscaling.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_train(config, autoscaling.env())
     first = [proc.stdout.readline() for _ in range(2)]
     assert first[-1].startswith("fromzero: waiting for 2 CPU(s) for the training workers, 0 up now"), first
     out = proc.communicate(timeout=600)[0]
@@ -141,9 +155,7 @@ def test_use_gpu_auto_waits_for_the_gpu_nodes_the_autoscaler_can_add(autoscaling
     GPU worker rather than train on CPU."""
     folder = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
     config = write_config(tmp_path / "c.json", "auto", folder, tmp_path / "runs", scaling={"use_gpu": "auto"})
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
-                            env={**autoscaling.env(), "HOME": str(autoscaling.home)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_train(config, {**autoscaling.env(), "HOME": str(autoscaling.home)})
     try:
         lines = [proc.stdout.readline() for _ in range(3)]
     finally:
@@ -167,8 +179,7 @@ def test_training_survives_losing_a_worker_node(tmp_path):
         folder = make_image_folder(tmp_path / "data", train_per_class=60, val_per_class=10)
         config = write_config(tmp_path / "c.json", "nodeloss", folder, tmp_path / "runs",
                               scaling={"num_workers": 2}, train={"epochs": 5})
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
-                                env=lossy.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = start_train(config, lossy.env())
         wait_for_checkpoint(tmp_path / "runs" / "nodeloss")
         lossy.remove_node(node_index(lossy, actor_nodes(lossy, "RayTrainWorker")))
         out = proc.communicate(timeout=600)[0]
@@ -192,10 +203,7 @@ def test_labeling_survives_losing_a_node_each_input_once(small_checkpoint, tmp_p
         proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output",
                             str(tmp_path / "out"), "--batch-size", "8", "--max-actors", "2", "--rows-per-file", "100"],
                            lossy.env(), stderr=subprocess.STDOUT)
-        lines = []
-        while not any("first labeled batch" in line for line in lines):
-            lines.append(proc.stdout.readline())
-            assert lines[-1], lines
+        read_until(proc, "first labeled batch")
         victim = node_index(lossy, actor_nodes(lossy, "MapBatches(Predictor)"))
         if notice:
             lossy.preempt_node(victim, 2)
@@ -221,18 +229,12 @@ def test_spot_preemption_saves_mid_epoch_and_resumes_there_with_the_weights_of_a
         runs = tmp_path / "runs"
         config = write_config(tmp_path / "c.json", "spot", folder, runs, scaling={"num_workers": 2},
                               train={"epochs": 4, "batch_size": 4, "max_failures": 0})
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
-                                env=lossy.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = [proc.stdout.readline()]
-        while "epoch 1/4" not in lines[-1]:
-            lines.append(proc.stdout.readline())
-            assert lines[-1], lines
+        proc = start_train(config, lossy.env())
+        lines = read_until(proc, "epoch 1/4")
         victim = node_index(lossy, actor_nodes(lossy, "RayTrainWorker"))
         reclaim_at = time.monotonic() + 8
         lossy.preempt_node(victim, 8)
-        while "preemption notice: saving a checkpoint" not in lines[-1]:
-            lines.append(proc.stdout.readline())
-            assert lines[-1], lines
+        lines += read_until(proc, "preemption notice: saving a checkpoint")
         time.sleep(max(0.0, reclaim_at - time.monotonic()) + 1)
         lossy.remove_node(victim)
         out = "".join(lines) + proc.communicate(timeout=600)[0]

@@ -16,7 +16,7 @@ from pipeline import storage
 from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr
 from pipeline.errors import UsageError
 from pipeline.label.evaluate import check_class_folders, evaluate
-from pipeline.label.output import SUMMARY, LabelWriter
+from pipeline.label.output import SUMMARY, LabelWriter, io_errors
 from pipeline.label.sources import MEMBER_SEPARATOR, Listing, list_inputs
 from pipeline.train import checkpoint
 
@@ -90,8 +90,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     }
     if opts.evaluate:
         summary.update(evaluate(writer, listing.roots, state["classes"]))
-    fs, base = storage.resolve(opts.output)
-    storage.write_bytes(fs, f"{base}/{SUMMARY}", json.dumps(summary, indent=2).encode())
+    storage.write_bytes(writer.fs, f"{writer.base}/{SUMMARY}", json.dumps(summary, indent=2).encode())
     done = progress.labeled + progress.errors
     if done and progress.io_errors > MAX_IO_ERRORS * done:
         raise ReadFailures(f"{progress.io_errors} of {done} inputs could not be read (first: "
@@ -159,10 +158,12 @@ class Progress:
     def add(self, table, job_started_at: float) -> None:
         errors = table.num_rows - table.column("error").null_count
         self.errors += errors
-        io = table.filter(pc.fill_null(pc.equal(table.column("error_kind"), "io"), False))
-        self.io_errors += io.num_rows
-        if io.num_rows and self.first_io_error is None:
-            self.first_io_error = f"{io.column('path')[0]}: {io.column('error')[0]}"
+        io = io_errors(table)
+        io_count = pc.sum(io).as_py() or 0
+        self.io_errors += io_count
+        if io_count and self.first_io_error is None:
+            first = pc.index(io, True).as_py()
+            self.first_io_error = f"{table.column('path')[first]}: {table.column('error')[first]}"
         self.labeled += table.num_rows - errors
         now, done = time.perf_counter(), self.labeled + self.errors
         if self.startup_s is None:

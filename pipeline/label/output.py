@@ -75,7 +75,7 @@ class LabelWriter:
     def _without_io_errors(self, path: str) -> list[str]:
         """The keys of a committed file, after dropping its io error rows from it so that this run retries them."""
         keys = read_table(self.fs, path, ["path", "error_kind"])
-        io = pc.fill_null(pc.equal(keys.column("error_kind"), "io"), False)
+        io = io_errors(keys)
         if pc.any(io).as_py():
             kept = read_table(self.fs, path).filter(pc.invert(io))
             if kept.num_rows:
@@ -129,6 +129,11 @@ def check_writable(out_dir: str) -> tuple[pafs.FileSystem, str]:
     except OSError as e:
         raise UsageError(f"output {out_dir} cannot be written: {str(e).splitlines()[0]}") from None
     return fs, base
+
+
+def io_errors(table: pa.Table) -> pa.ChunkedArray:
+    """True for the rows whose input could not be read (error_kind "io"), false for the others."""
+    return pc.fill_null(pc.equal(table.column("error_kind"), "io"), False)
 
 
 def _is_part(entry: pafs.FileInfo) -> bool:
