@@ -9,6 +9,7 @@ import re
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 LOG_EVERY_S = 5.0  # progress lines in logs; a terminal redraws on every update
 # A line of Ray's C++ core, which no logger or option routes: it warns at every restartable actor whose arguments
@@ -51,6 +52,11 @@ class Console:
                 self.stream.write("\n")
                 self.stream.flush()
                 self._drawn = False
+
+
+def timestamp(seconds: float) -> str:
+    """A time.time() as ISO 8601 in UTC, as the summaries record start and end."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
 def duration(seconds: float) -> str:

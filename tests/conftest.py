@@ -34,10 +34,11 @@ def ray_local():
     os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     bind_to_loopback()
     # With the dashboard: Ray Train's placement-group cleaner queries the state API it serves, and
-    # without it decides the run is dead and tears the workers down.
+    # without it decides the run is dead and tears the workers down. address="local": an instance of its own,
+    # even while another cluster runs on this machine.
     from pipeline.cluster import setup_worker
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"worker_process_setup_hook": setup_worker})
     yield ray
     ray.shutdown()

@@ -122,7 +122,8 @@ class LocalCluster:
     """A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster: each node its own raylet), in its own
     process, so that stopping it touches only what it started. Jobs join it with RAY_ADDRESS=address."""
 
-    def __init__(self, head: dict, workers: list[dict]):
+    def __init__(self, head: dict, workers: list[dict], env: dict | None = None):
+        """`env`: more environment for every Ray process of the cluster (Ray's own settings)."""
         # Token authentication on, as on any cluster that `ray start` or `ray up` makes, with a token of its own.
         self.token = Path(tempfile.mkdtemp(prefix="imgjobs-cluster-")) / "auth_token"
         self.token.write_text(secrets.token_hex(32))
@@ -131,7 +132,7 @@ class LocalCluster:
         self.process = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(head), json.dumps(workers)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env={**os.environ, "RAY_AUTH_MODE": "token",
-                                             "RAY_AUTH_TOKEN_PATH": str(self.token)})
+                                             "RAY_AUTH_TOKEN_PATH": str(self.token), **(env or {})})
         started = json.loads(self.process.stdout.readline())
         self.address, self.nodes = started["address"], started["nodes"]
 

@@ -131,7 +131,7 @@ def test_labeling_from_zero_workers_waits_then_its_pool_grows_with_the_autoscale
     assert "waiting for a worker node with CPUs" in first[-1] and "grows to 2 actor(s)" in first[-1], first
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
-    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["labeled"] == 300
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["runs"][-1]["labeled"] == 300
     assert len(actor_nodes(autoscaling, "MapBatches(Predictor)")) == 2
 
 
@@ -220,34 +220,39 @@ def test_labeling_survives_losing_a_node_each_input_once(small_checkpoint, tmp_p
 
 @pytest.mark.slow
 def test_spot_preemption_saves_mid_epoch_and_resumes_there_with_the_weights_of_an_unbroken_run(tmp_path):
-    """A node running a training worker is drained for preemption (the spot notice), then lost. The workers save
-    a checkpoint mid-epoch on the notice; the restarted run goes on from that step, and ends with the weights of
-    the same run unbroken, on the same cluster shape."""
-    lossy = LocalCluster(HEAD, [{"num_cpus": 1}] * 3)
+    """A node running a training worker is drained for preemption (the spot notice), then lost once the workers
+    have saved a checkpoint mid-epoch on the notice. The restarted run goes on from that step, and ends with the
+    weights of the same run unbroken, on the same cluster shape."""
+    # Ray Train polls for drained nodes every second instead of five, so the notice comes early in the epoch.
+    lossy = LocalCluster(HEAD, [{"num_cpus": 1}] * 3, env={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"})
     try:
-        folder = make_image_folder(tmp_path / "data", train_per_class=80, val_per_class=4, size=96)
+        folder = make_image_folder(tmp_path / "data", train_per_class=120, val_per_class=4, size=96)
         runs = tmp_path / "runs"
+        train = {"epochs": 2, "batch_size": 2}  # 60 steps an epoch on each of 2 workers
         config = write_config(tmp_path / "c.json", "spot", folder, runs, scaling={"num_workers": 2},
-                              train={"epochs": 4, "batch_size": 4, "max_failures": 0})
+                              train={**train, "max_failures": 0})
         proc = start_train(config, lossy.env())
-        lines = read_until(proc, "epoch 1/4")
+        lines = read_until(proc, "epoch 1/2  train loss")
+        # The workers' line relay stays with the driver: on a lost node, it would fail every restarted worker.
+        assert not actor_nodes(lossy, "_QueueActor") & set(lossy.nodes)
         victim = node_index(lossy, actor_nodes(lossy, "RayTrainWorker"))
-        reclaim_at = time.monotonic() + 8
-        lossy.preempt_node(victim, 8)
-        lines += read_until(proc, "preemption notice: saving a checkpoint")
-        time.sleep(max(0.0, reclaim_at - time.monotonic()) + 1)
+        reclaim_at = time.monotonic() + 1
+        lossy.preempt_node(victim, 1)
+        lines += read_until(proc, "preemption notice: saving a checkpoint at epoch 2")
+        wait_for_checkpoint(runs / "spot", lambda metrics: metrics.get("step", 0) > 0)
+        time.sleep(max(0.0, reclaim_at - time.monotonic()))  # Ray counts the loss as a preemption from the deadline
         lossy.remove_node(victim)
         out = "".join(lines) + proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out[-3000:]
         summary = json.loads((runs / "spot" / "summary.json").read_text())
-        assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3, 4]
+        assert [m["epoch"] for m in summary["epochs"]] == [1, 2]
         assert len(summary["interruptions"]) == 1, out[-4000:]  # max_failures 0: paid from the preemption budget
         [interruption] = summary["interruptions"]
-        assert interruption["reason"] == "preemption" and interruption["step"] > 0, interruption
-        assert f"resuming after epoch {interruption['epoch']} step {interruption['step']} (preemption" in out, out
+        assert interruption["reason"] == "preemption" and interruption["epoch"] == 2, interruption
+        assert 0 < interruption["step"] < 60, interruption
+        assert f"resuming after epoch 2 step {interruption['step']} (preemption" in out, out[-4000:]
 
-        unbroken = write_config(tmp_path / "u.json", "unbroken", folder, runs, scaling={"num_workers": 2},
-                                train={"epochs": 4, "batch_size": 4})
+        unbroken = write_config(tmp_path / "u.json", "unbroken", folder, runs, scaling={"num_workers": 2}, train=train)
         result = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", str(unbroken)], cwd=REPO,
                                 env=lossy.env(), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -256,4 +261,4 @@ def test_spot_preemption_saves_mid_epoch_and_resumes_there_with_the_weights_of_a
     resumed = checkpoint.load(summary["latest_checkpoint"])["model_state"]
     straight = checkpoint.load(json.loads((runs / "unbroken" / "summary.json").read_text())["latest_checkpoint"])
     assert all(torch.equal(resumed[k], straight["model_state"][k]) for k in resumed)
-    assert [m["train_images"] for m in summary["epochs"]] == [160] * 4  # every image once per epoch
+    assert [m["train_images"] for m in summary["epochs"]] == [240] * 2  # every image once per epoch

@@ -1,5 +1,6 @@
 """Training under bad input and faults: nothing crashes, nothing is lost, no epoch is run twice."""
 
+import json
 import os
 import signal
 import subprocess
@@ -18,12 +19,19 @@ from tests.corpus import make_corpus
 from tests.test_train_job import train
 
 
-def wait_for_checkpoint(run_dir, timeout=180):
-    """Until Ray has recorded a checkpoint in its run snapshot (the file a rerun resumes from)."""
+def wait_for_checkpoint(run_dir, accept=lambda metrics: True, timeout=180):
+    """Until Ray has recorded a checkpoint, whose reported metrics `accept` takes, as the latest in its run
+    snapshot (the file a restart or rerun resumes from)."""
     deadline = time.time() + timeout
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
-        assert time.time() < deadline, f"no checkpoint in {run_dir} after {timeout}s"
+    while True:
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+            if latest and accept(latest["metrics"]):
+                return
+        except (OSError, ValueError):  # not written yet, or being written
+            pass
+        assert time.time() < deadline, f"no such checkpoint in {run_dir} after {timeout}s"
         time.sleep(0.1)
 
 

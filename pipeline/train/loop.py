@@ -13,7 +13,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import ray
 import ray.train
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pipeline.console import timestamp
 from pipeline.train import checkpoint, distributed, shared_storage
 from pipeline.train.config import Config
 from pipeline.train.data import Split
@@ -137,17 +137,20 @@ def train_loop_per_worker(job: dict) -> None:
         start = time.perf_counter()
         reporter.start_epoch(epoch, len(train_loader))
 
-        def save_on_preemption(step: int, sums: torch.Tensor) -> None:
-            """A just-in-time checkpoint: this epoch's steps so far, resumable from the next one."""
+        def on_preemption_check(step: int, sums: torch.Tensor) -> None:
+            """On the first preemption notice, a just-in-time checkpoint: this epoch's steps so far, resumable
+            from the next one. All ranks ask together: get_preemption_info is a collective."""
+            if progress.noticed or ray.train.get_preemption_info() is None:
+                return
             ranks = distributed.merge_dicts({worker.rank: {"sums": sums.tolist(), "rng": torch.get_rng_state()}})
-            progress.noticed = True  # this checkpoint's, and the next epoch's if the node lasts that long
+            progress.noticed = True  # in this checkpoint, and the next ones: a restart is the preemption's
             saved = Progress(**{**vars(progress), "epoch": epoch, "step": step, "ranks": ranks})
             reporter.line(f"preemption notice: saving a checkpoint at epoch {epoch + 1} step {step}")
             report({"epoch": epoch, "step": step, "val_acc": -1.0},  # never the best
                    checkpoint_state(job, spec, model, optimizer, scheduler, scaler, saved, []), worker)
 
         train_sums, first_step_at = train_one_epoch(ddp_model, criterion, optimizer, scaler, train_loader, worker,
-                                                    reporter, mid_epoch, save_on_preemption)
+                                                    reporter, mid_epoch, on_preemption_check)
         train_seconds = time.perf_counter() - start
         scheduler.step()
         val_sums, predictions = evaluate(ddp_model, criterion, val_loader, worker)
@@ -192,18 +195,17 @@ def build_loaders(cfg: Config, job: dict, spec: dict, worker: Worker) -> tuple[D
 
 
 def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker, reporter: Reporter,
-                    mid_epoch: dict | None, save_on_preemption) -> tuple[torch.Tensor, float | None]:
+                    mid_epoch: dict | None, on_preemption_check) -> tuple[torch.Tensor, float | None]:
     """Sums of (loss, correct, count) over this worker's shard, and the time.time() of its first step. From a
     mid-epoch checkpoint it goes on where that one stopped, with its sums and random state. Every
-    PREEMPTION_CHECK_STEPS steps the workers ask Ray Train together whether a node is being preempted; on the
-    first notice they save a checkpoint and train on until the node goes."""
+    PREEMPTION_CHECK_STEPS steps it calls `on_preemption_check`, which saves a checkpoint on the first notice of
+    a node's preemption; training goes on until the node goes."""
     set_train_mode(model)
     sums = torch.tensor(mid_epoch["sums"] if mid_epoch else [0.0, 0.0, 0.0], dtype=torch.float64)
     carried = int(sums[2])
     batches = worker.batches(loader, in_step=True, start=loader.sampler.skip // loader.batch_size,
                              rng_state=mid_epoch and mid_epoch["rng"])
     first_step_at = None
-    noticed = False
     for step, images, targets, _ in batches:
         first_step_at = first_step_at or time.time()
         with worker.autocast():
@@ -216,9 +218,8 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
         sums += torch.tensor([loss.item(), (logits.argmax(1) == targets).sum().item(), len(targets)])
         reporter.step(step, int(sums[2]) - carried)
         # Only the batch of this step has been loaded yet: the random state resumes exactly at the next one.
-        if step % PREEMPTION_CHECK_STEPS == 0 and not noticed and ray.train.get_preemption_info() is not None:
-            noticed = True
-            save_on_preemption(step, sums)
+        if step % PREEMPTION_CHECK_STEPS == 0:
+            on_preemption_check(step, sums)
     return sums, first_step_at
 
 
@@ -308,7 +309,7 @@ def restore(model, optimizer, scheduler, scaler, worker: Worker, reporter: Repor
     worker.skipped.update(progress.skipped)
     reason = "preemption" if progress.noticed else "failure"
     progress.interruptions.append({"reason": reason, "epoch": progress.epoch + 1, "step": progress.step,
-                                   "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                                   "at": timestamp(time.time())})
     progress.noticed = False
     where = f"epoch {progress.epoch + 1} step {progress.step}" if progress.step else f"epoch {progress.epoch}"
     reporter.line(f"resuming after {where} ({reason}; best val acc {progress.best_val_acc:.4f})")

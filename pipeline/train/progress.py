@@ -8,7 +8,9 @@ import queue
 import threading
 import time
 
+import ray
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.console import Console, duration
 
@@ -60,7 +62,10 @@ class Reporter:
 def relay(console: Console):
     """Driver side: yields the queue to hand the workers and a list that collects their stop reasons, and prints
     what comes through the queue until the block ends."""
-    events = Queue(actor_options={"num_cpus": 0})  # holds no CPU: on a small cluster every CPU trains
+    # On the driver's node, which the job cannot outlive anyway: anywhere else, losing that node (a spot
+    # preemption) would fail every restarted worker at its first line. It holds no CPU: every CPU trains.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     stop = threading.Event()
     stopped = []
 
