@@ -12,10 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Train the offline demo from scratch, then label the val folder with its best checkpoint.
+# Train the offline demo from scratch (an earlier demo run is moved aside), then label the val folder with its
+# best checkpoint.
 demo: setup
-	rm -rf runs/demo
-	$(VENV)/bin/imgjobs train -c configs/demo.yaml
+	$(VENV)/bin/imgjobs train -c configs/demo.yaml --fresh
 	$(VENV)/bin/imgjobs label --checkpoint runs/demo --input data/hymenoptera/val --output runs/demo/labels --evaluate
 
 test: setup

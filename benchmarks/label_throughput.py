@@ -7,9 +7,10 @@ Cases:
   main      3,000+ real photos (../shared/data/hymenoptera copied 8 times), ResNet18 checkpoint:
             (a) the plain PyTorch way, (b) model-only ceilings, then the job at fp32 and bf16; ratios,
             label/score agreement and start-up (command start to first labeled batch).
-  12mp      200 of the photos upscaled to ~12 MP, 3 copies: plain way vs the job with full and draft decoding.
+  12mp      200 of the photos upscaled to ~12 MP, 3 copies: plain way vs the job by default (reduced-size
+            decoding, precision auto) and with --exact-decode, fp32 and bf16.
   accuracy  the demo's trained checkpoint (runs/demo) on the full-resolution val set:
-            fp32 vs bf16 vs --fast-decode.
+            fp32 vs bf16, exact and reduced-size decoding.
   memory    peak memory (PSS and RSS of the driver and all Ray processes) labeling 3k and 30k images.
 Nothing here is a pass/fail test: it prints numbers for the README.
 """
@@ -36,6 +37,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.hardware import cpu_model  # noqa: E402
 from pipeline.images import decode_image, is_image_name  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, model_payload  # noqa: E402
 from pipeline.label.predictor import torchscript_model  # noqa: E402
@@ -154,7 +156,7 @@ def label_job(ckpt: str, inputs: list[str], out: Path, *extra: str) -> tuple[dic
         output = proc.communicate()[0]
     if proc.returncode:
         sys.exit(f"label failed:\n{output}")
-    return json.loads((out / "_summary.json").read_text()), {k: v / 2**30 for k, v in peak.items()}
+    return json.loads((out / "_summary.json").read_text())["runs"][-1], {k: v / 2**30 for k, v in peak.items()}
 
 
 def job_labels(out: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -182,8 +184,8 @@ def case_main(tmp: Path, ckpt: str, worker_counts: list[int]) -> None:
     for name, value in ceilings(ckpt).items():
         print(f"  (b) {name:<32} {value:6.1f} images/s ({value / rate:.2f}x plain)")
     inputs = [str(tmp / "photos")]
-    fp32, _ = label_job(ckpt, inputs, tmp / "out-fp32")
-    report_job("imgjobs label (fp32)", fp32, rate)
+    fp32, _ = label_job(ckpt, inputs, tmp / "out-fp32", "--precision", "fp32", "--exact-decode")
+    report_job("imgjobs label (fp32, --exact-decode)", fp32, rate)
     labels, scores = job_labels(tmp / "out-fp32", paths)
     print(f"    fp32 labels equal plain's: {(labels == ref_labels).mean() * 100:.2f}%, "
           f"max |score diff| {np.abs(scores - ref_scores).max():.2e}")
@@ -191,6 +193,8 @@ def case_main(tmp: Path, ckpt: str, worker_counts: list[int]) -> None:
     report_job("imgjobs label (bf16)", bf16, rate)
     labels16, _ = job_labels(tmp / "out-bf16", paths)
     print(f"    bf16 labels equal fp32's: {(labels16 == labels).mean() * 100:.2f}%")
+    default, _ = label_job(ckpt, inputs, tmp / "out-default")
+    report_job("imgjobs label (default: precision auto, reduced-size decoding)", default, rate)
 
 
 def case_12mp(tmp: Path, ckpt: str, worker_counts: list[int], count: int = 200, copies: int = 3) -> None:
@@ -210,8 +214,8 @@ def case_12mp(tmp: Path, ckpt: str, worker_counts: list[int], count: int = 200, 
     print(f"12mp: {len(paths)} photos upscaled to ~12 MP ({count} distinct, {copies} copies)")
     rate = max(plain_pytorch(ckpt, paths, w, tmp / "plain12.parquet")[0] for w in worker_counts)
     print(f"  (a) plain PyTorch (best of {worker_counts} DataLoader workers): {rate:.1f} images/s")
-    for name, extra in (("fp32, full decode", ()), ("fp32, --fast-decode", ("--fast-decode",)),
-                        ("bf16, --fast-decode", ("--precision", "bf16", "--fast-decode"))):
+    for name, extra in (("default", ()), ("fp32, --exact-decode", ("--precision", "fp32", "--exact-decode")),
+                        ("fp32", ("--precision", "fp32")), ("bf16", ("--precision", "bf16"))):
         summary, _ = label_job(ckpt, [str(folder)], tmp / "out12", *extra)
         report_job(f"imgjobs label ({name})", summary, rate)
 
@@ -219,8 +223,9 @@ def case_12mp(tmp: Path, ckpt: str, worker_counts: list[int], count: int = 200, 
 def case_accuracy(tmp: Path, demo_ckpt: str) -> None:
     print(f"accuracy: {demo_ckpt} on {SHARED / 'val'} (full resolution)")
     base = None
-    for name, extra in (("fp32", ()), ("bf16", ("--precision", "bf16")), ("fp32 --fast-decode", ("--fast-decode",)),
-                        ("bf16 --fast-decode", ("--precision", "bf16", "--fast-decode"))):
+    for name, extra in (("fp32 --exact-decode", ("--precision", "fp32", "--exact-decode")),
+                        ("bf16 --exact-decode", ("--precision", "bf16", "--exact-decode")),
+                        ("fp32", ("--precision", "fp32")), ("bf16", ("--precision", "bf16"))):
         out = tmp / "acc"
         summary, _ = label_job(demo_ckpt, [str(SHARED / "val")], out, "--evaluate", *extra)
         labels = pq.read_table(sorted(out.glob("*.parquet")), columns=["path", "label_index"]).to_pydict()
@@ -253,7 +258,7 @@ def main() -> None:
     if not SHARED.is_dir():
         sys.exit(f"needs the full-resolution photos in {SHARED}")
     torch.set_num_threads(os.cpu_count())
-    print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "|", os.cpu_count(), "CPUs |",
+    print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "|", cpu_model(), "|", os.cpu_count(), "CPUs |",
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB | torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,7 +1,8 @@
 """`imgjobs label --checkpoint CKPT --input PATH [PATH ...] --output DIR`: label an image collection into Parquet.
 
 Inputs are directories, .tar/.tar.gz/.tgz/.zip archives and .txt manifests, local or URIs. Rerunning the
-same command after an interruption labels only what DIR does not hold yet.
+same command after an interruption labels only what DIR does not hold yet; a rerun with another checkpoint or
+label options is refused (--overwrite starts over), and so is a second job into a DIR that one is writing.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, help="length of topk_labels/topk_scores (default: min(5, classes))")
     parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
                         help="mark rows whose top-1 score is below P as uncertain, for human review")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16: bf16 weights on CPU (~1.8x fp32 with avx512_bf16), autocast on GPUs")
-    parser.add_argument("--fast-decode", action="store_true",
-                        help="decode JPEGs at reduced size (PIL draft): much faster for big photos")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 where the hardware computes it natively (GPUs, CPUs with avx512_bf16 or "
+                             "amx_bf16), else fp32; bf16 or fp32 forces one")
+    parser.add_argument("--exact-decode", action="store_true",
+                        help="decode JPEGs at full size even when they are much bigger than the model's input "
+                             "(by default libjpeg decodes those at a reduced scale, several times faster)")
     parser.add_argument("--rows-per-file", type=int, default=100_000, help="rows per Parquet file (default 100000)")
+    parser.add_argument("--commit-every", type=float, default=60.0, metavar="SECONDS",
+                        help="commit a file at least this often, so a kill loses at most about that much (default 60)")
+    parser.add_argument("--max-member-mb", type=float, default=256.0, metavar="MB",
+                        help="archive members larger than this get an error row without being read (default 256)")
     parser.add_argument("--batch-size", type=int, help="images per model call (default 8 on CPU, 256 on GPU)")
     parser.add_argument("--max-actors", type=int, metavar="N",
                         help="most predictor actors; the pool grows to N as nodes join (default: what fits the "
@@ -39,11 +46,14 @@ def run(args: argparse.Namespace) -> int:
 
     if min(args.rows_per_file, args.batch_size or 1, args.max_actors or 1) < 1:
         raise UsageError("--rows-per-file, --batch-size and --max-actors must be at least 1")
+    if args.commit_every <= 0 or args.max_member_mb <= 0:
+        raise UsageError("--commit-every and --max-member-mb must be more than 0")
     if not 0.0 <= args.min_confidence <= 1.0:
         raise UsageError(f"--min-confidence {args.min_confidence} must be between 0 and 1")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k {args.top_k} must be between 1 and the checkpoint's number of classes")
-    opts = LabelOptions(**{k: v for k, v in vars(args).items() if k in LabelOptions.__dataclass_fields__})
+    opts = LabelOptions(**{k: v for k, v in vars(args).items() if k in LabelOptions.__dataclass_fields__},
+                        max_member_bytes=int(args.max_member_mb * 2**20))
     try:
         summary = label(opts, started_at=getattr(args, "started_at", None))
     except ReadFailures as e:

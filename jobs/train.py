@@ -11,6 +11,8 @@ import sys
 
 def add_arguments(parser) -> None:
     parser.add_argument("-c", "--config", required=True, help="YAML config, e.g. configs/train.yaml")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start the run over instead of resuming it; the earlier run is moved aside, not deleted")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, values parsed as YAML")
 
 
@@ -25,7 +27,7 @@ def run(args) -> int:
     from pipeline.train.job import TrainingFailed, train
 
     try:
-        train(cfg, dataset, started_at=args.started_at)
+        train(cfg, dataset, started_at=args.started_at, fresh=args.fresh)
     except TrainingFailed as e:
         print(f"imgjobs train: error: training failed: {e}", file=sys.stderr)
         return 1

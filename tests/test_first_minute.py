@@ -139,4 +139,4 @@ def test_labeling_progress_redraws_in_place_on_a_real_terminal(ray_local, small_
     assert re.search(r"\r\x1b\[Klabel: \d+/120 \(\d+%\), [\d.]+ images/s, ETA \d+:\d\d, 0 errors", text), text[-2000:]
     last = text.strip().splitlines()[-1]
     assert last.startswith("label: 120 images: 120 labeled, 0 errors") and str(tmp_path / "out") in last, text[-1500:]
-    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["labeled"] == 120
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["runs"][-1]["labeled"] == 120

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +21,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+import pipeline
 from jobs.cli import main
+from pipeline.hardware import native_bf16
 from pipeline.train import checkpoint
 from pipeline.images import decode_image, resize_center_crop
 from pipeline.label.plan import model_payload
@@ -27,7 +32,7 @@ from pipeline.train.models import build_model
 from pipeline.train.transforms import eval_transform
 from tests.conftest import REPO, make_image_folder
 from tests.corpus import make_corpus
-from tests.helpers import read_output, random_weight_state, start_label
+from tests.helpers import random_weight_state, read_output, start_label
 
 CLASSES = ["blue", "red"]
 
@@ -42,7 +47,7 @@ def reference_probs(ckpt: str, paths: list) -> np.ndarray:
         return checkpoint.build_from(state)(x).softmax(1).numpy()
 
 
-def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, small_checkpoint, tmp_path):
+def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, small_checkpoint, tmp_path, capsys):
     folder = make_image_folder(tmp_path / "imgs", train_per_class=6, val_per_class=0) / "train"
     corpus = make_corpus(tmp_path / "corpus")
     (tmp_path / "corpus" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")  # unreadable: no target
@@ -93,7 +98,7 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
     assert [r["label_index"] for r in got] == probs.argmax(1).tolist()
     np.testing.assert_allclose([r["score"] for r in got], probs.max(1), atol=1e-4)
 
-    summary = json.loads((out / "_summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())["runs"][-1]
     assert summary["total"] == len(rows) and summary["errors"] == len(errors)
     assert summary["labeled"] == len(rows) - len(errors) and summary["skipped_existing"] == 0
     assert summary["classes"] == CLASSES and summary["images_per_s"] > 0 and summary["checkpoint"] == small_checkpoint
@@ -102,14 +107,43 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
     # Rerun: all but the unreadable rows are there; those are retried, fail again, and so are all this run did:
     # exit 1, and still one row per input. --overwrite: everything again, in fresh files.
     assert main(args) == 1
-    again = json.loads((out / "_summary.json").read_text())
+    first, again = json.loads((out / "_summary.json").read_text())["runs"]  # one entry per run
+    assert first == summary and first["run_id"] != again["run_id"] and again["started"] >= first["ended"]
     assert again["skipped_existing"] == len(rows) - 2 and again["labeled"] == 0 and again["errors"] == 2
     assert again["io_errors"] == 2
     rerun_rows = read_output(out)
     assert len(rerun_rows) == len(rows) and {r["path"] for r in rerun_rows} == set(rows)
-    assert main([*args, "--overwrite", "--precision", "bf16", "--fast-decode"]) == 0
+
+    # Every file says where its labels came from.
+    weights_sha256 = hashlib.sha256(Path(small_checkpoint).read_bytes()).hexdigest()
+    for part in out.glob("*.parquet"):
+        provenance = json.loads(pq.read_schema(part).metadata[b"imgjobs"])
+        assert provenance == {"imgjobs_version": pipeline.__version__, "checkpoint": small_checkpoint,
+                              "weights_sha256": weights_sha256, "arch": "mobilenet_v3_small", "classes": CLASSES,
+                              "precision": "auto", "decode": {"exact": False}, "top_k": 2, "min_confidence": 0.7,
+                              "compute_precision": "bf16" if native_bf16() else "fp32"}
+
+    # Resuming with other weights or options would mix two kinds of labels: refused before any work, one line.
+    (tmp_path / "other").mkdir()
+    retrained = random_weight_state("mobilenet_v3_small", CLASSES, input_size=64)
+    retrained["model_state"]["classifier.3.bias"] += 0.1  # the same model, other weights
+    other = checkpoint.save(retrained, str(tmp_path / "other"))
+    capsys.readouterr()
+    for change, named in ([["--precision", "bf16"], 'precision "auto" there, "bf16" now'],
+                          [["--checkpoint", other], f'weights_sha256 "{weights_sha256[:18]}…'],
+                          [["--min-confidence", "0.5"], "min_confidence 0.7 there, 0.5 now"]):
+        assert main([*args, *change]) == 2
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1 and "--overwrite to start over" in err, err
+    assert len(json.loads((out / "_summary.json").read_text())["runs"]) == 2 and len(read_output(out)) == len(rows)
+
+    assert main([*args, "--overwrite", "--precision", "bf16", "--exact-decode"]) == 0
     bf16 = {r["path"]: r for r in read_output(out)}
     assert set(bf16) == set(rows) and {k for k, r in bf16.items() if r["error"]} == errors
+    provenance = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"imgjobs"])
+    assert provenance["precision"] == provenance["compute_precision"] == "bf16"
+    assert provenance["decode"] == {"exact": True}
+    assert len(json.loads((out / "_summary.json").read_text())["runs"]) == 1  # --overwrite starts over
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -205,7 +239,7 @@ def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_loc
     keys = [r["path"] for r in read_output(out)]
     assert sorted(keys) == sorted(str(p) for p in images.rglob("*.jpg"))  # no gaps and no duplicates
     assert not list(out.glob(".writing-*"))
-    summary = json.loads((out / "_summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())["runs"][-1]
     assert committed >= 4 and summary["skipped_existing"] == 8 * committed and summary["total"] == len(keys)
 
 
@@ -215,9 +249,62 @@ def test_evaluate_the_demo_checkpoint_on_the_ants_bees_val_set(demo_run, tmp_pat
     # The run folder stands for its best checkpoint, as in `make demo`.
     assert main(["label", "--checkpoint", demo_run["run_dir"], "--input", str(val), "--output", str(out),
                  "--evaluate"]) == 0
-    summary = json.loads((out / "_summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())["runs"][-1]
     assert summary["checkpoint"] == demo_run["best_checkpoint"]
     images = len(list(val.rglob("*.jpg")))
     assert summary["accuracy"] >= 0.93 and summary["evaluated"] == images == summary["labeled"]
     assert sum(map(sum, summary["confusion_matrix"])) == images and summary["classes"] == ["ants", "bees"]
     assert f"accuracy {summary['accuracy']:.4f} on {images} images" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_with_default_options_a_kill_9_loses_at_most_a_minute_and_a_second_job_is_refused_meanwhile(
+        ray_local, small_checkpoint, tmp_path):
+    """Files are committed every --commit-every seconds (60 by default), not only every 100,000 rows: what was
+    done more than a minute before a kill -9 is in the output. While the job runs, a second one into the same
+    output is refused, naming it; after the kill, the next one takes the dead job's lock over at once."""
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(photo, quality=90)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(40_000):  # more than this machine labels in the minute and a bit the test runs the job
+        os.link(photo, images / f"{i:05d}.jpg")
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    job = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(out),
+                       "--max-actors", "1"], env, stderr=subprocess.STDOUT)
+    progress = []  # (arrival time, images done) of each progress line
+
+    def follow():
+        for line in job.stdout:
+            if match := re.match(r"label: (\d+)/", line):
+                progress.append((time.monotonic(), int(match.group(1))))
+
+    threading.Thread(target=follow, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not progress:
+        assert time.monotonic() < deadline and job.poll() is None, "the job never reported progress"
+        time.sleep(0.2)
+
+    second = start_label(["--checkpoint", small_checkpoint, "--input", str(photo), "--output", str(out)], env)
+    assert second.wait(timeout=120) == 2
+    err = second.stderr.read()
+    assert err.count("\n") == 1 and "is being written by label run " in err and f"pid {job.pid})" in err, err
+
+    time.sleep(max(0.0, progress[0][0] + 65 - time.monotonic()))
+    assert job.poll() is None, "the job finished before it could be killed"
+    job.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    job.wait()
+    done_a_minute_before = max(done for at, done in progress if at <= killed_at - 60)
+    committed = read_output(out)
+    assert len(committed) >= done_a_minute_before > 0
+    assert len({r["path"] for r in committed}) == len(committed)
+
+    rerun = subprocess.run([sys.executable, "-m", "jobs.cli", "label", "--checkpoint", small_checkpoint, "--input",
+                            str(photo), "--output", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    said = rerun.stdout + rerun.stderr
+    assert "taking over the lock of label run" in said and f"its process {job.pid} is gone" in said, said
+    assert len(read_output(out)) == len(committed) + 1 and not (out / "_lock.json").exists()

@@ -71,7 +71,7 @@ def test_killed_predictor_actor_is_restarted_and_nothing_is_lost(ray_local, smal
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images.rglob("*.jpg"))  # exactly once
     assert [r for r in rows if r["error"]] == []  # the kill cost no input an error row
     assert killed.isdisjoint(p.pid for p in predictor_actors())  # the kill took: the pool was rebuilt, not reused
-    summary = json.loads((out / "_summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())["runs"][-1]
     assert summary["total"] == summary["labeled"] == len(rows) == 400
 
 
@@ -122,7 +122,7 @@ def test_disk_full_during_a_write_is_one_clear_line_and_a_rerun_completes(ray_lo
     keys = [r["path"] for r in read_output(out)]
     assert sorted(keys) == sorted(str(p) for p in images.rglob("*.jpg"))  # every input exactly once
     assert {p: digest(p) for p in committed} == committed  # the earlier files were kept as they were
-    assert json.loads((out / "_summary.json").read_text())["skipped_existing"] == 8 * len(committed)
+    assert json.loads((out / "_summary.json").read_text())["runs"][-1]["skipped_existing"] == 8 * len(committed)
 
 
 @pytest.mark.parametrize("variant", ["under-a-file", "immutable-folder"])

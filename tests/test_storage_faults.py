@@ -74,5 +74,5 @@ def test_unreadable_inputs_exit_1_then_a_rerun_retries_and_replaces_their_rows(r
     rows = read_output(tmp_path / "out")
     assert sorted(r["path"] for r in rows) == sorted(present + later)  # each input exactly once
     assert not [r for r in rows if r["error"]]
-    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())["runs"][-1]
     assert summary["skipped_existing"] == 3 and summary["labeled"] == 5 and summary["io_errors"] == 0

@@ -2,10 +2,15 @@
 
 import csv
 import json
+import platform
+import subprocess
 from pathlib import Path
 
 import pytest
+import ray
 import torch
+
+import pipeline
 
 from jobs.cli import main
 from pipeline.train import checkpoint
@@ -76,6 +81,10 @@ def test_checkpoint_is_self_describing(ray_local, tmp_path, tiny_folder):
         "std": [0.229, 0.224, 0.225], "resize_size": 256, "input_size": 224, "interpolation": "bilinear",
     }
     assert state["config"]["train"]["lr"] == 0.01 and state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 1
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert summary["versions"] == {"imgjobs": pipeline.__version__, "torch": torch.__version__, "ray": ray.__version__,
+                                   "python": platform.python_version(), "git_commit": commit or None}
+    assert summary["started"] < summary["ended"] and summary["ended"].endswith("+00:00")
     # A round trip through the file gives the same model.
     model = checkpoint.build_from(state)
     for name, tensor in model.state_dict().items():
@@ -101,6 +110,20 @@ def test_rerun_resumes_and_matches_an_unbroken_run(ray_local, tmp_path, tiny_fol
     final_b = checkpoint.load(resumed["latest_checkpoint"])
     for name, tensor in final_a["model_state"].items():
         torch.testing.assert_close(tensor, final_b["model_state"][name], rtol=1e-4, atol=1e-5)
+
+    # Another config would go on with this run's weights and schedule: refused before any work, one line.
+    assert main(["train", "-c", str(resumed_config), "train.lr=0.05", "model.mode=feature_extraction"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "was started with another config (model.mode: \"finetune\" -> " \
+        "\"feature_extraction\", train.lr: 0.01 -> 0.05); rerun with its config to resume it" in err, err
+    # --fresh starts over, after moving the earlier run aside.
+    assert main(["train", "-c", str(resumed_config), "--fresh", "train.epochs=1"]) == 0
+    out = capfd.readouterr().out
+    fresh = json.loads((tmp_path / "runs" / "resumed" / "summary.json").read_text())
+    [moved] = (tmp_path / "runs").glob("resumed-replaced-*")
+    assert f"train: --fresh: moved the earlier run to {moved}; delete it when it is no longer needed" in out
+    assert "resuming" not in out and [m["epoch"] for m in fresh["epochs"]] == [1]
+    assert json.loads((moved / "summary.json").read_text())["epochs"] == resumed["epochs"]
 
 
 def test_demo_recipe_on_full_resolution_ants_and_bees(ray_local, tmp_path, shared_hymenoptera):

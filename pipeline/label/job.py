@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import pyarrow.compute as pc
 
+import pipeline
 from pipeline import storage
-from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr
+from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr, timestamp
 from pipeline.errors import UsageError
 from pipeline.label.evaluate import check_class_folders, evaluate
 from pipeline.label.output import SUMMARY, LabelWriter, io_errors
-from pipeline.label.sources import MEMBER_SEPARATOR, Listing, list_inputs
+from pipeline.label.sources import MAX_MEMBER_BYTES, MEMBER_SEPARATOR, Listing, list_inputs
 from pipeline.train import checkpoint
 
 RATE_WINDOW_S = 5.0
@@ -35,9 +36,11 @@ class LabelOptions:
     output: str
     top_k: int | None = None
     min_confidence: float = 0.0
-    precision: str = "fp32"
-    fast_decode: bool = False
+    precision: str = "auto"
+    exact_decode: bool = False
     rows_per_file: int = 100_000
+    commit_every: float = 60.0
+    max_member_bytes: int = MAX_MEMBER_BYTES
     batch_size: int | None = None
     max_actors: int | None = None
     overwrite: bool = False
@@ -55,7 +58,7 @@ class Work:
 
 
 def label(opts: LabelOptions, started_at: float | None = None, console: Console | None = None) -> dict:
-    """Run the job and return the summary it writes to OUTPUT/_summary.json. User mistakes raise UsageError
+    """Run the job and return this run's entry in OUTPUT/_summary.json. User mistakes raise UsageError
     before any work starts. `started_at` (time.time() at command start) is where start-up is counted from."""
     started = started_at or time.time()
     console = console or Console()
@@ -68,29 +71,36 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     top_k = check_top_k(opts.top_k, state["classes"])
     if opts.evaluate:
         check_class_folders(listing.roots, state["classes"])
-    writer = LabelWriter(opts.output, opts.rows_per_file, opts.overwrite)  # fails first if it cannot write there
-    work = remaining(listing, writer.done)
-    console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
-                 f"{time.time() - started:.1f}s; {work.skipped} already in {opts.output}")
-
-    progress = Progress(console, len(work.files), len(work.archive_done))
-    if work.files or work.archive_done:
-        run(opts, state, model, work, top_k, lambda table: progress.add(writer.add(table), started), console)
-    writer.close()
-    console.close()
-    summary = progress.summary(work.skipped) | {
+    provenance = {
+        "imgjobs_version": pipeline.__version__,
         "checkpoint": opts.checkpoint,
+        "weights_sha256": state["sha256"],
+        "arch": state["model"]["arch"],
         "classes": state["classes"],
         "precision": opts.precision,
-        "fast_decode": opts.fast_decode,
+        "decode": {"exact": opts.exact_decode},
         "top_k": top_k,
         "min_confidence": opts.min_confidence,
-        "inputs": opts.inputs,
-        "files_written": writer.files_written,
     }
+    # Fails first if it cannot write there, another job holds the output, or the output holds other labels.
+    writer = LabelWriter(opts.output, provenance, opts.rows_per_file, opts.commit_every, opts.overwrite, console.line)
+    try:
+        work = remaining(listing, writer.done)
+        console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
+                     f"{time.time() - started:.1f}s; {work.skipped} already in {opts.output}")
+        progress = Progress(console, len(work.files), len(work.archive_done))
+        if work.files or work.archive_done:
+            run(opts, state, model, work, top_k, provenance, lambda table: progress.add(writer.add(table), started),
+                console)
+    finally:
+        writer.close()  # what was labeled is committed, and the lock given back, whatever stopped the run
+    console.close()
+    summary = {"run_id": writer.run_id, "started": timestamp(started), "ended": timestamp(time.time())}
+    summary |= progress.summary(work.skipped) | provenance | {"inputs": opts.inputs,
+                                                              "files_written": writer.files_written}
     if opts.evaluate:
         summary.update(evaluate(writer, listing.roots, state["classes"]))
-    storage.write_bytes(writer.fs, f"{writer.base}/{SUMMARY}", json.dumps(summary, indent=2).encode())
+    append_run(writer, summary)
     done = progress.labeled + progress.errors
     if done and progress.io_errors > MAX_IO_ERRORS * done:
         raise ReadFailures(f"{progress.io_errors} of {done} inputs could not be read (first: "
@@ -99,8 +109,20 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     return summary
 
 
-def run(opts: LabelOptions, state: dict, model, work: Work, top_k: int, take, console: Console) -> None:
-    """Start or join Ray, plan the actors, and hand every labeled block to take()."""
+def append_run(writer: LabelWriter, summary: dict) -> None:
+    """Add this run's entry to OUTPUT/_summary.json, which keeps one per run."""
+    path = f"{writer.base}/{SUMMARY}"
+    try:
+        runs = json.loads(storage.read_bytes(writer.fs, path))["runs"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # the first run, or a summary of imgjobs 0.1
+        runs = []
+    storage.write_bytes(writer.fs, path, json.dumps({"runs": [*runs, summary]}, indent=2).encode())
+
+
+def run(opts: LabelOptions, state: dict, model, work: Work, top_k: int, provenance: dict, take,
+        console: Console) -> None:
+    """Start or join Ray, plan the actors and their precision (recorded in `provenance`), and hand every labeled
+    block to take()."""
     from pipeline.cluster import init_ray
     from pipeline.label import plan
 
@@ -109,10 +131,14 @@ def run(opts: LabelOptions, state: dict, model, work: Work, top_k: int, take, co
     if actors["waiting"]:
         console.line("label: waiting for a worker node with CPUs: none is up yet, and the autoscaler adds one as the "
                      f"job asks for it; the pool grows to {actors['max_actors']} actor(s) (--max-actors)")
-    payload = plan.model_payload(state, model, opts.precision, gpu=actors["num_gpus"] > 0, log=console.line)
+    precision, why = plan.choose_precision(opts.precision, gpu=actors["num_gpus"] > 0)
+    provenance["compute_precision"] = precision  # before the first commit: every file records it
+    if opts.precision == "auto":
+        console.line(f"label: precision auto: {precision} ({why}; --precision fp32 or bf16 forces one)")
+    payload = plan.model_payload(state, model, precision, gpu=actors["num_gpus"] > 0, log=console.line)
     units = plan.read_units_of(work.files, work.archive_done, actors["batch_size"])
-    dataset = plan.dataset(units, work.options, actors, payload, fast_decode=opts.fast_decode, top_k=top_k,
-                           min_confidence=opts.min_confidence)
+    dataset = plan.dataset(units, work.options, actors, payload, exact_decode=opts.exact_decode,
+                           max_member_bytes=opts.max_member_bytes, top_k=top_k, min_confidence=opts.min_confidence)
     with filtered_stderr(RESTARTABLE_ACTOR_NOTICE):
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             take(table)

@@ -7,10 +7,20 @@ run reads the `path` column of the complete files and labels only the rest. File
 name, so a rerun never overwrites what an earlier run committed. The one exception: rows whose input
 could not be read (`error_kind` "io") are retried by the next run, which first rewrites their files
 without them, under the same name, the same way (a temporary, then a rename over it).
+
+Files are committed when they hold `rows_per_file` rows, or `commit_every` seconds after the last commit,
+whichever comes first: a kill loses at most about that much work. Small files are not merged afterwards: a
+merge is a second commit of the same rows, so a kill between writing the merged file and deleting its parts
+would leave duplicates, and one file a minute (1,440 a day) is well within what Parquet readers handle.
+
+Each file's schema metadata (key `imgjobs`) records where its labels came from (`provenance`). A run resumes
+into an output only when everything that changes labels is the same; `--overwrite` starts over. One job
+writes into an output at a time (lock.OutputLock).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -21,6 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UsageError
+from pipeline.label.lock import OutputLock
 
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -31,30 +42,56 @@ OUTPUT_SCHEMA = pa.schema([
     ("topk_scores", pa.list_(pa.float32())),
     ("uncertain", pa.bool_()),
     ("error", pa.string()),
-    ("error_kind", pa.string()),  # "decode": the file is bad; "io": it could not be read, and a rerun retries it
+    ("error_kind", pa.string()),  # "decode": the file is bad; "too_large": over the member cap; "io": it could not be read, and a rerun retries it
     ("width", pa.int32()),
     ("height", pa.int32()),
 ])
 SUMMARY = "_summary.json"
 TEMP_PREFIX = ".writing-"
+PROVENANCE_KEY = b"imgjobs"
+# What a resumed run must share with the files already there: anything else would mix two kinds of labels.
+LABEL_DEFINING = ("weights_sha256", "classes", "precision", "decode", "top_k", "min_confidence")
 
 
 class LabelWriter:
-    def __init__(self, out_dir: str, rows_per_file: int, overwrite: bool):
+    """Commits labeled rows into `out_dir` exactly once, under the output's lock; `provenance` goes into every
+    file's schema metadata and must match what the output already holds."""
+
+    def __init__(self, out_dir: str, provenance: dict, rows_per_file: int, commit_every: float, overwrite: bool,
+                 log=print):
         self.fs, self.base = check_writable(out_dir)
-        self.rows_per_file = rows_per_file
-        entries = self.fs.get_file_info(pafs.FileSelector(self.base))
-        self.done: set[str] = set()  # keys already in a committed file, including this run's
-        for entry in entries:
-            if entry.base_name.startswith(TEMP_PREFIX) or overwrite and (_is_part(entry) or entry.base_name == SUMMARY):
-                self.fs.delete_file(entry.path)  # a killed run's unfinished file, or --overwrite
-            elif _is_part(entry):
-                self.done.update(self._without_io_errors(entry.path))
-        self.existing = len(self.done)
+        self.out_dir = out_dir
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.lock = OutputLock(self.fs, self.base, self.run_id, out_dir)
+        took_over = self.lock.acquire()  # before touching anything: temporaries may be another job's
+        if took_over:
+            log(took_over)
+        try:
+            self._open(provenance, overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.rows_per_file, self.commit_every = rows_per_file, commit_every
         self.files_written = 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
+        self._last_commit = time.monotonic()
+
+    def _open(self, provenance: dict, overwrite: bool) -> None:
+        """Check the files there against `provenance`, then clean up and collect the keys already done."""
+        self.provenance = provenance  # the job adds to it what it learns once Ray is up (compute_precision)
+        parts = []
+        for entry in self.fs.get_file_info(pafs.FileSelector(self.base)):
+            if entry.base_name.startswith(TEMP_PREFIX) or overwrite and (_is_part(entry) or entry.base_name == SUMMARY):
+                self.fs.delete_file(entry.path)  # a killed run's unfinished file, or --overwrite
+            elif _is_part(entry):
+                parts.append(entry.path)
+        for path in parts:  # every check before the first change
+            check_same_labels(read_provenance(self.fs, path), provenance, path, self.out_dir)
+        self.done: set[str] = set()  # keys already in a committed file, including this run's
+        for path in parts:
+            self.done.update(self._without_io_errors(path))
+        self.existing = len(self.done)
 
     def add(self, table: pa.Table) -> pa.Table:
         """Buffer rows not yet done and commit full files; returns the rows taken."""
@@ -70,6 +107,8 @@ class LabelWriter:
                 self._commit(rows.slice(0, self.rows_per_file))
                 rows = rows.slice(self.rows_per_file)
             self._pending, self._pending_rows = [rows], rows.num_rows
+        if self._pending_rows and time.monotonic() - self._last_commit >= self.commit_every:
+            self._commit_pending()
         return table
 
     def _without_io_errors(self, path: str) -> list[str]:
@@ -88,16 +127,22 @@ class LabelWriter:
         return keys.column("path").to_pylist()
 
     def close(self) -> None:
-        """Commit the last, partly filled file."""
+        """Commit the last, partly filled file, and give the output's lock back."""
+        self._commit_pending()
+        self.lock.release()
+
+    def _commit_pending(self) -> None:
         if self._pending_rows:
             self._commit(pa.concat_tables(self._pending))
         self._pending, self._pending_rows = [], 0
 
     def _commit(self, table: pa.Table) -> None:
+        self.lock.check()
         name = f"part-{self.run_id}-{self.files_written:05d}.parquet"
         temp = f"{self.base}/{TEMP_PREFIX}{name}"
         try:
-            pq.write_table(table.cast(OUTPUT_SCHEMA), temp, filesystem=self.fs)
+            schema = OUTPUT_SCHEMA.with_metadata({PROVENANCE_KEY: json.dumps(self.provenance)})
+            pq.write_table(table.cast(schema), temp, filesystem=self.fs)
             self.fs.move(temp, f"{self.base}/{name}")  # atomic on local disks; object stores publish whole objects
         except OSError as e:  # disk full, file too large, permissions changed: earlier files stay complete
             try:
@@ -109,6 +154,7 @@ class LabelWriter:
                 f"are complete; free space or fix {self.base}, then run the same command again to resume"
             ) from None
         self.files_written += 1
+        self._last_commit = time.monotonic()
 
     def read_all(self, columns: list[str]) -> pa.Table:
         parts = [e.path for e in self.fs.get_file_info(pafs.FileSelector(self.base)) if _is_part(e)]
@@ -129,6 +175,32 @@ def check_writable(out_dir: str) -> tuple[pafs.FileSystem, str]:
     except OSError as e:
         raise UsageError(f"output {out_dir} cannot be written: {str(e).splitlines()[0]}") from None
     return fs, base
+
+
+def read_provenance(fs: pafs.FileSystem, path: str) -> dict:
+    """The provenance recorded in a labels file's schema metadata."""
+    try:
+        with fs.open_input_file(path) as f:
+            metadata = pq.read_schema(f).metadata or {}
+        return json.loads(metadata[PROVENANCE_KEY])
+    except (pa.ArrowInvalid, KeyError, ValueError) as e:
+        raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version "
+                         f"({str(e).splitlines()[0] or 'no provenance'}); use another --output, or --overwrite") from None
+
+
+def check_same_labels(found: dict, wanted: dict, path: str, out_dir: str) -> None:
+    """Refuse to resume into labels that another checkpoint, other classes or other label options made."""
+    differences = [f"{key} {_short(found.get(key))} there, {_short(wanted[key])} now"
+                   for key in LABEL_DEFINING if found.get(key) != wanted[key]]
+    if differences:
+        raise UsageError(f"output {out_dir} holds labels made differently ({'; '.join(differences)}; first in "
+                         f"{path.rsplit('/', 1)[-1]}); rerun with the same checkpoint and options to resume, use "
+                         "another --output, or --overwrite to start over")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text[:19] + "…" if len(text) > 20 else text
 
 
 def io_errors(table: pa.Table) -> pa.ChunkedArray:

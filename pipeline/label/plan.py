@@ -10,6 +10,7 @@ import warnings
 import ray
 import torch
 
+from pipeline.hardware import native_bf16
 from pipeline.label.predictor import DTYPES, Predictor, example_batch, torchscript_model
 from pipeline.label.reading import make_unit, read_units
 
@@ -66,14 +67,15 @@ def read_units_of(files: list[str], archive_done: dict[str, list[str]], batch_si
     return units + [make_unit(archive=a, done=keys) for a, keys in archive_done.items()]
 
 
-def dataset(units: list[dict], options: dict[str, str], actors: dict, payload: dict, fast_decode: bool, top_k: int,
-            min_confidence: float) -> ray.data.Dataset:
+def dataset(units: list[dict], options: dict[str, str], actors: dict, payload: dict, exact_decode: bool,
+            max_member_bytes: int, top_k: int, min_confidence: float) -> ray.data.Dataset:
     """Read units → read-and-decode tasks → predictor actors."""
     quiet_ray_data()
     return (
         ray.data.from_items(units, override_num_blocks=len(units))
         .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors["read_cpus"],
-                     fn_kwargs={"spec": payload["model"], "fast_decode": fast_decode, "options": options})
+                     fn_kwargs={"spec": payload["model"], "exact_decode": exact_decode, "options": options,
+                                "max_member_bytes": max_member_bytes})
         .map_batches(
             Predictor,
             batch_size=actors["batch_size"],
@@ -100,6 +102,20 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+
+
+def choose_precision(requested: str, gpu: bool) -> tuple[str, str]:
+    """The precision the actors compute in, and why: `auto` takes bf16 where it is native (GPUs, whose
+    predictors autocast; CPUs with native bf16, hardware.native_bf16) and fp32 elsewhere, where bf16 would be
+    emulated and several times slower. The driver's CPU stands for the CPU actors' (one kind of CPU per cluster)."""
+    if requested != "auto":
+        return requested, "--precision"
+    if gpu:
+        return "bf16", "GPU actors autocast to bf16"
+    flag = native_bf16()
+    if flag:
+        return "bf16", f"this CPU computes bf16 natively ({flag})"
+    return "fp32", "this CPU has no native bf16 (no avx512_bf16 or amx_bf16), where bf16 runs several times slower"
 
 
 def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool, log=print) -> dict:

@@ -27,12 +27,12 @@ def make_unit(files: list[str] = (), archive: str | None = None, done: list[str]
 
 
 class Preprocess:
-    def __init__(self, spec: dict, fast_decode: bool):
+    def __init__(self, spec: dict, exact_decode: bool = False):
         self.resize_size, self.input_size = spec["resize_size"], spec["input_size"]
         self.interpolation = spec["interpolation"]
-        # Reduced-size JPEG decoding keeps at least resize_size pixels on the short side, so Resize still
-        # downsamples; only the anti-aliasing source differs.
-        self.draft_size = self.resize_size if fast_decode else None
+        # A JPEG at least twice the resize size decodes at a reduced DCT scale (1/2 to 1/8) that keeps at least
+        # resize_size pixels on the short side, so Resize still downsamples; only its anti-aliasing source differs.
+        self.draft_size = None if exact_decode else self.resize_size
 
     def __call__(self, data: bytes) -> tuple[np.ndarray, int, int]:
         """(3×S×S uint8, width, height) where width and height are the upright image's full size."""
@@ -75,11 +75,11 @@ class Preprocess:
         }
 
 
-def read_units(batch, spec: dict, fast_decode: bool, options: dict[str, str]) -> Iterator[dict]:
+def read_units(batch, spec: dict, exact_decode: bool, options: dict[str, str], max_member_bytes: int) -> Iterator[dict]:
     """Ray Data map_batches function (a generator, so an archive's members stream out block by block).
     `spec` is the checkpoint's model spec (sizes and interpolation), `options` the inputs' filesystem options."""
-    preprocess = Preprocess(spec, fast_decode)
-    reader = Reader(options)
+    preprocess = Preprocess(spec, exact_decode)
+    reader = Reader(options, max_member_bytes)
     for text in batch["unit"].to_pylist():
         unit = json.loads(text)
         if unit["archive"]:

@@ -22,6 +22,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 ZIP_SUFFIX = ".zip"
 MANIFEST_SUFFIX = ".txt"
 MEMBER_SEPARATOR = "!"
+MAX_MEMBER_BYTES = 256 * 2**20  # no photo comes near; a member this large is a mistake or a bomb
 FAIL_FAST_AFTER = 3  # reads in a row failing after their retries, before the next ones get a single try
 Item = tuple  # (key, bytes or None, error or None, error kind or None): what reading yields per input
 
@@ -137,10 +138,12 @@ def _uri_prefix(path: str, fs_path: str) -> str:
 
 class Reader:
     """Reads keys' bytes; one filesystem object per URI host, because creating one can cost a network call.
-    `options` are the hosts' query strings (Listing.options)."""
+    `options` are the hosts' query strings (Listing.options). Archive members over `max_member_bytes` get an
+    error row without being read into memory."""
 
-    def __init__(self, options: dict[str, str] | None = None):
+    def __init__(self, options: dict[str, str] | None = None, max_member_bytes: int = MAX_MEMBER_BYTES):
         self.options = options or {}
+        self.max_member_bytes = max_member_bytes
         self._filesystems: dict[str, tuple[pafs.FileSystem, int]] = {}
         self._failing = 0  # reads in a row that failed after their retries
 
@@ -187,30 +190,39 @@ class Reader:
             if key not in done:
                 yield key, None, f"unreadable archive: {image_error(e)}", error_kind(e)
 
-    @staticmethod
-    def _tar_members(key: str, f, done: set[str]):
+    def _tar_members(self, key: str, f, done: set[str]):
         with tarfile.open(fileobj=f, mode="r|*") as tar:  # stream mode: one pass, no seeking, works on URIs
             for member in tar:
                 member_key = f"{key}{MEMBER_SEPARATOR}{member.name}"
                 if not member.isfile() or not _image_member(member.name) or member_key in done:
                     continue
                 done.add(member_key)  # a tar may hold the same name twice; label it once
-                yield member_key, tar.extractfile(member).read(), None, None
+                if member.size > self.max_member_bytes:
+                    yield self._too_large(member_key, member.size)
+                else:
+                    yield member_key, tar.extractfile(member).read(), None, None
 
-    @staticmethod
-    def _zip_members(key: str, f, done: set[str]):
+    def _zip_members(self, key: str, f, done: set[str]):
         with zipfile.ZipFile(f) as archive:  # zip needs seeks: pyarrow's input files and local files have them
             for info in archive.infolist():
                 member_key = f"{key}{MEMBER_SEPARATOR}{info.filename}"
                 if info.is_dir() or not _image_member(info.filename) or member_key in done:
                     continue
                 done.add(member_key)
+                if info.file_size > self.max_member_bytes:  # as declared: zipfile never inflates past that
+                    yield self._too_large(member_key, info.file_size)
+                    continue
                 try:
                     data = archive.read(info)
                 except Exception as e:  # a bad member (CRC, encryption) does not spoil the others
                     yield member_key, None, image_error(e), error_kind(e)
                 else:
                     yield member_key, data, None, None
+
+
+    def _too_large(self, member_key: str, size: int) -> Item:
+        return (member_key, None, f"archive member of {size / 2**20:.0f} MiB is over the "
+                f"{self.max_member_bytes / 2**20:g} MiB cap (--max-member-mb)", "too_large")
 
 
 def error_kind(error: BaseException) -> str:

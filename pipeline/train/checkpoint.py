@@ -6,6 +6,7 @@ and is always loaded with `weights_only=True`, so loading one can never run code
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -63,6 +64,7 @@ def load(path: str) -> dict:
         raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}); pass a checkpoint written by imgjobs train") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"checkpoint {path} is not an imgjobs checkpoint; pass one written by imgjobs train")
+    state["sha256"] = hashlib.sha256(data).hexdigest()  # of the file: `sha256sum checkpoint.pt` checks it
     arch = state["model"]["arch"]
     state["model"].setdefault("interpolation", "bilinear")  # checkpoints of imgjobs 0.1 resized bilinearly
     if not known_arch(arch):

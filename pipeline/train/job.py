@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import platform
 import shlex
+import subprocess
+import time
 
 import ray
 import ray.train
@@ -11,10 +14,10 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import storage
 from pipeline.cluster import gpu_choice, init_ray
-from pipeline.console import Console
+from pipeline.console import Console, timestamp
 from pipeline.errors import UsageError
 from pipeline.metrics import confusion_matrix
-from pipeline.train import checkpoint, shared_storage
+from pipeline.train import checkpoint, rerun, shared_storage
 from pipeline.train.config import Config
 from pipeline.train.data import ImageFolder
 from pipeline.train.loop import train_loop_per_worker
@@ -27,12 +30,19 @@ class TrainingFailed(Exception):
     """Ray Train gave up after its failure budget."""
 
 
-def train(cfg: Config, dataset: ImageFolder, started_at: float, console: Console | None = None) -> dict:
+def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = False,
+          console: Console | None = None) -> dict:
     """Run the job on a checked config and data folder (config.load_config, data.scan_image_folder) and return
-    the summary it writes to <storage.path>/<name>/summary.json."""
+    the summary it writes to <storage.path>/<name>/summary.json. A rerun of the name resumes it when its config
+    allows (rerun.prepare); `fresh` starts over."""
     console = console or Console()
     check_model(cfg, len(dataset.classes))
     console.line(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
+    storage_path = storage.absolute(cfg.storage.path)
+    run_dir = storage.join(storage_path, cfg.name)
+    config = cfg.model_dump(mode="json")
+    config["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
+    rerun.prepare(run_dir, config, fresh, console.line)
     init_ray(dashboard=True)
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
@@ -43,17 +53,14 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, console: Console
     if up < cfg.scaling.num_workers:  # Ray Train asks for them and waits; the autoscaler adds nodes
         console.line(f"{cfg.name}: waiting for {cfg.scaling.num_workers} {kind}(s) for the training workers, "
                      f"{up:g} up now")
-    storage_path = storage.absolute(cfg.storage.path)
-    run_dir = storage.join(storage_path, cfg.name)
     job = {
-        "config": cfg.model_dump(mode="json"),
+        "config": config,
         "classes": dataset.classes,
         "train": vars(dataset.train),
         "val": vars(dataset.val),
         "started_at": started_at,
         "storage_marker": shared_storage.write_marker(run_dir, cfg.storage.path),
     }
-    job["config"]["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
     with relay(console) as (events, stopped):
         result = fit(cfg, job | {"events": events}, storage_path, use_gpu)
     if stopped:
@@ -103,6 +110,21 @@ def fit(cfg: Config, job: dict, storage_path: str, use_gpu: bool) -> ray.train.R
         raise TrainingFailed(reason) from None
 
 
+def versions() -> dict:
+    """What made the run: package versions, and the git commit of the code when it runs from a checkout."""
+    import torch
+
+    import pipeline
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.dirname(pipeline.__file__)),
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except OSError:  # no git here
+        commit = None
+    return {"imgjobs": pipeline.__version__, "torch": torch.__version__, "ray": ray.__version__,
+            "python": platform.python_version(), "git_commit": commit}
+
+
 def summarise(cfg: Config, job: dict, dataset: ImageFolder, result: ray.train.Result, run_dir: str,
               use_gpu: bool) -> dict:
     """summary.json, metrics.csv and the plots, from the best and the latest checkpoints."""
@@ -127,6 +149,9 @@ def summarise(cfg: Config, job: dict, dataset: ImageFolder, result: ray.train.Re
         "epochs": latest["history"],
         "interruptions": latest["interruptions"],
         "config": job["config"],
+        "started": timestamp(job["started_at"]),
+        "ended": timestamp(time.time()),
+        "versions": versions(),
     }
     write_run_outputs(run_dir, summary, best, dataset)
     return summary
