@@ -18,11 +18,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from pipeline.train.config import check_weights_file, load_config
-    from pipeline.train.data import scan_image_folder
+    from pipeline.train.data import scan
 
     # The config and the paths are checked before torch and Ray load, which takes seconds.
     cfg = load_config(args.config, args.overrides)
-    dataset = scan_image_folder(cfg.data.root)
+    dataset = scan(cfg.data)
     check_weights_file(cfg.model.weights)
     from pipeline.train.job import TrainingFailed, train
 

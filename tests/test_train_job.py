@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import pipeline
 
@@ -68,6 +69,14 @@ def test_two_workers_aggregate_exactly_and_skip_bad_files(ray_local, tmp_path, c
     assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[0]["lr"]) == 0.01 and float(rows[1]["lr"]) == 0.005
     for png in ("curves.png", "confusion_matrix.png", "predictions.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for split in ("train", "val"):
+        logged = events.Scalars(f"accuracy/{split}")
+        assert [e.step for e in logged] == [1, 2]
+        assert [e.value for e in logged] == pytest.approx([m[f"{split}_acc"] for m in summary["epochs"]])
+    [grid] = events.Images("predictions (best checkpoint)")
+    assert grid.step == summary["best_epoch"] and grid.width > 300 and grid.encoded_image_string[:4] == b"\x89PNG"
     assert out.strip().splitlines()[-1] == (f"run in {run_dir}; label with it: imgjobs label --checkpoint {run_dir} "
                                             f"--input IMAGES --output {run_dir / 'labels'}")
 

@@ -146,6 +146,7 @@ class Reader:
         self.max_member_bytes = max_member_bytes
         self._filesystems: dict[str, tuple[pafs.FileSystem, int]] = {}
         self._failing = 0  # reads in a row that failed after their retries
+        self._archives: dict[str, object] = {}  # archive key -> member name -> bytes (read_key)
 
     def open(self, key: str):
         if not storage.is_uri(key):
@@ -167,6 +168,25 @@ class Reader:
             raise
         self._failing = 0
         return data
+
+    def read_key(self, key: str) -> bytes:
+        """The bytes of any key: a file, a URI, or a member of a .tar or .zip archive (ARCHIVE!MEMBER), read by
+        itself. Each archive is opened once and indexed; compressed tars cannot be read member by member."""
+        archive, member = split_member(key)
+        if archive is None:
+            return self.read(key)
+        if archive not in self._archives:
+            f = storage.retrying(lambda: self.open(archive))
+            if archive_kind(archive) == "zip":
+                self._archives[archive] = zipfile.ZipFile(f).read
+            else:
+                tar = tarfile.open(fileobj=f, mode="r:")  # random access: uncompressed tars only
+                members = {m.name: m for m in tar.getmembers()}
+                self._archives[archive] = lambda name: tar.extractfile(members[name]).read()
+        try:
+            return self._archives[archive](member)
+        except KeyError:
+            raise FileNotFoundError(f"{member} is not in {archive}") from None
 
     def _resolve(self, key: str) -> tuple[pafs.FileSystem, str]:
         host = storage.host(key)
@@ -223,6 +243,16 @@ class Reader:
     def _too_large(self, member_key: str, size: int) -> Item:
         return (member_key, None, f"archive member of {size / 2**20:.0f} MiB is over the "
                 f"{self.max_member_bytes / 2**20:g} MiB cap (--max-member-mb)", "too_large")
+
+
+def split_member(key: str) -> tuple[str | None, str]:
+    """(archive, member) for an ARCHIVE!MEMBER key, (None, key) for others; either part may contain a '!'."""
+    cut = key.find(MEMBER_SEPARATOR)
+    while cut >= 0:
+        if archive_kind(key[:cut]):
+            return key[:cut], key[cut + 1:]
+        cut = key.find(MEMBER_SEPARATOR, cut + 1)
+    return None, key
 
 
 def error_kind(error: BaseException) -> str:

@@ -16,8 +16,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# YAML 1.1 reads 1e-3 (no dot) as a string, so float keys also accept numeric strings.
+LaxFloat = Annotated[float, Strict(False)]
+
+
 class DataConfig(_Section):
-    root: str = Field(description="ImageFolder root holding train/ and val/")
+    root: str = Field(description="ImageFolder root holding train/ and val/, or a labels Parquet (file or folder)")
+    min_score: LaxFloat = Field(0.0, ge=0, le=1, description="labels Parquet: leave out rows scored below this")
+    val_fraction: LaxFloat = Field(0.2, gt=0, lt=1, description="labels Parquet without a split column: the share of "
+                                                               "each class held out for val")
+    split_seed: int = Field(0, description="labels Parquet: the seed of that split")
     max_unreadable: float = Field(0.5, ge=0, le=1, description="stop when a larger share of a split's files fails "
                                                                "to read or decode")
 
@@ -27,10 +35,6 @@ class ModelConfig(_Section):
     weights: str = Field("imagenet", description="imagenet, none, or a path to a state_dict file")
     mode: Literal["finetune", "feature_extraction"] = "finetune"
     trainable: Union[Literal["all"], list[str]] = "all"
-
-
-# YAML 1.1 reads 1e-3 (no dot) as a string, so float keys also accept numeric strings.
-LaxFloat = Annotated[float, Strict(False)]
 
 
 class TrainConfig(_Section):

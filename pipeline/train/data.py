@@ -1,9 +1,11 @@
-"""ImageFolder listing (root/{train,val}/<class>/...) on local disk or any pyarrow filesystem, checked before
-torch loads (pipeline.train.dataset reads the images)."""
+"""What training reads: an ImageFolder (root/{train,val}/<class>/...) on local disk or any pyarrow filesystem,
+or a labels Parquet (from_labels), listed and checked before torch loads (pipeline.train.dataset reads the
+images)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow.fs as pafs
 
@@ -26,6 +28,27 @@ class ImageFolder:
     classes: list[str]
     train: Split
     val: Split
+    keys: bool = False  # paths are keys (local paths, URIs, ARCHIVE!MEMBER) rather than paths in root's filesystem
+
+
+def scan(data) -> ImageFolder:
+    """The training data that data.root names (a DataConfig): a labels Parquet, or an ImageFolder."""
+    from pipeline.train import from_labels
+
+    if from_labels.is_labels(data.root):
+        return from_labels.scan_labels(data.root, data.min_score, data.val_fraction, data.split_seed)
+    return scan_image_folder(data.root)
+
+
+def image_reader(root: str, keys: bool) -> Callable[[str], bytes]:
+    """path -> bytes for the paths of a split, in this process (a DataLoader worker opens its own files)."""
+    if keys:
+        from pipeline.label.sources import Reader
+
+        path, query = storage.split_query(root)
+        return Reader({storage.host(path): query} if query else {}).read_key
+    fs, _ = storage.resolve(root)
+    return lambda path: storage.read_bytes(fs, path)
 
 
 def scan_image_folder(root: str) -> ImageFolder:

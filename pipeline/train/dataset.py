@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import storage
 from pipeline.images import decode_image, image_error
-from pipeline.train.data import Split
+from pipeline.train.data import Split, image_reader
 
 
 class ImageDataset(Dataset):
     """Yields (tensor, target, index), or (None, path, reason) for a file that does not decode."""
 
-    def __init__(self, root: str, split: Split, transform, indices=None):
-        self.fs, _ = storage.resolve(root)
+    def __init__(self, root: str, split: Split, transform, indices=None, keys: bool = False):
+        self.root, self.keys = root, keys
+        self._reader = (None, None)  # (pid, reader): DataLoader workers fork, and must not share open files
         self.split = split
         self.transform = transform
         self.indices = list(range(len(split))) if indices is None else list(indices)
@@ -26,10 +28,16 @@ class ImageDataset(Dataset):
         index = self.indices[i]
         path = self.split.paths[index]
         try:
-            image = decode_image(storage.read_bytes(self.fs, path))
+            image = decode_image(self.read(path))
         except Exception as e:  # one bad file must never stop training
             return None, path, image_error(e)
         return self.transform(image), self.split.targets[index], index
+
+
+    def read(self, path: str) -> bytes:
+        if self._reader[0] != os.getpid():
+            self._reader = (os.getpid(), image_reader(self.root, self.keys))
+        return self._reader[1](path)
 
 
 def collate_skipping(samples):

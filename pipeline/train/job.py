@@ -58,6 +58,7 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
         "classes": dataset.classes,
         "train": vars(dataset.train),
         "val": vars(dataset.val),
+        "keys": dataset.keys,
         "started_at": started_at,
         "storage_marker": shared_storage.write_marker(run_dir, cfg.storage.path),
     }

@@ -1,20 +1,25 @@
-"""Run outputs: summary.json, metrics.csv, the terminal table and PNG plots."""
+"""Run outputs: summary.json, metrics.csv, the terminal table, PNG plots and TensorBoard event files."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import tempfile
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: plots go to files only
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow.fs as pafs  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.images import decode_image, resize_center_crop  # noqa: E402
-from pipeline.train.data import ImageFolder  # noqa: E402
+from pipeline.train.data import ImageFolder, image_reader  # noqa: E402
 
+TENSORBOARD = "tensorboard"
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s"]
 
 
@@ -41,7 +46,33 @@ def write_run_outputs(run_dir: str, summary: dict, best: dict, dataset: ImageFol
     storage.write_bytes(fs, f"{base}/metrics.csv", buf.getvalue().encode())
     storage.write_bytes(fs, f"{base}/curves.png", _png(_curves(history)))
     storage.write_bytes(fs, f"{base}/confusion_matrix.png", _png(_confusion(summary["confusion_matrix"], dataset.classes)))
-    storage.write_bytes(fs, f"{base}/predictions.png", _png(_prediction_grid(best["val_predictions"], dataset)))
+    grid = _prediction_grid(best["val_predictions"], dataset)
+    grid.canvas.draw()
+    pixels = np.asarray(grid.canvas.buffer_rgba())[..., :3].copy()
+    storage.write_bytes(fs, f"{base}/predictions.png", _png(grid))
+    _tensorboard(fs, f"{base}/{TENSORBOARD}", history, pixels, summary["best_epoch"])
+
+
+def _tensorboard(fs, folder: str, history: list[dict], predictions, best_epoch: int) -> None:
+    """Event files with the per-epoch scalars and the prediction grid, for `tensorboard --logdir <storage.path>`.
+    Written whole at the end of each run (a resumed run's replace the earlier ones) in a local folder, then
+    copied, so that the run folder may be on S3."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = SummaryWriter(tmp)
+        for m in history:
+            for split in ("train", "val"):
+                writer.add_scalar(f"loss/{split}", m[f"{split}_loss"], m["epoch"])
+                writer.add_scalar(f"accuracy/{split}", m[f"{split}_acc"], m["epoch"])
+            writer.add_scalar("lr", m["lr"], m["epoch"])
+            writer.add_scalar("images_per_s", m["images_per_s"], m["epoch"])
+        writer.add_image("predictions (best checkpoint)", predictions, best_epoch, dataformats="HWC")
+        writer.close()
+        if fs.get_file_info(folder).type == pafs.FileType.Directory:
+            fs.delete_dir(folder)
+        for event_file in Path(tmp).iterdir():
+            storage.write_bytes(fs, f"{folder}/{event_file.name}", event_file.read_bytes())
 
 
 def _png(fig) -> bytes:
@@ -88,14 +119,14 @@ def _prediction_grid(predictions: list[int], dataset: ImageFolder, count: int = 
     # Take evenly spaced correct ones so every class shows, not just the first folder.
     right = right[:: max(1, len(right) // (count - len(wrong)))][: count - len(wrong)]
     shown = wrong + right
-    fs, _ = storage.resolve(dataset.root)
+    read = image_reader(dataset.root, dataset.keys)
     cols = 4
     rows = max(1, (len(shown) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, shown):
-        ax.imshow(resize_center_crop(decode_image(storage.read_bytes(fs, val.paths[i])), 128, 128))
+        ax.imshow(resize_center_crop(decode_image(read(val.paths[i])), 128, 128))
         wrong = predictions[i] != val.targets[i]
         ax.set_title(
             f"{'WRONG ' if wrong else ''}pred: {dataset.classes[predictions[i]]}\ntrue: {dataset.classes[val.targets[i]]}",

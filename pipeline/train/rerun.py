@@ -57,10 +57,13 @@ def check_continuable(before: dict | None, now: dict, run_dir: str) -> None:
 
 
 def diff(before: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
-    """Dotted keys whose values differ, with (before, now); a key missing on one side is None there."""
+    """Dotted keys whose values differ, with (before, now); a key the run's config lacks is left out, and one
+    the new config lacks is None there."""
     changes = {}
     for key in sorted(set(before) | set(now)):
-        old, new = before.get(key), now.get(key)
+        if key not in before:  # a key this imgjobs added since the run started: the run had its default
+            continue
+        old, new = before[key], now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             changes |= diff(old, new, f"{prefix}{key}.")
         elif old != new:
