@@ -39,6 +39,8 @@ def run_cli(capsys, *argv):
         ("model.arch=resnet1800", "model.arch: unknown architecture 'resnet1800'"),
         ("model.weights=missing.pth", "model.weights: file missing.pth not found"),
         ("model.trainable=[layer9]", "model.trainable: no module 'layer9'"),
+        ("data.min_score=2", "data.min_score: Input should be less than or equal to 1"),
+        ("storage.path=/proc/imgjobs-runs", "storage.path /proc/imgjobs-runs cannot be written: "),
     ],
 )
 def test_bad_config_is_one_line_and_exit_2(capsys, config, override, expected):

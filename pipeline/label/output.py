@@ -42,7 +42,9 @@ OUTPUT_SCHEMA = pa.schema([
     ("topk_scores", pa.list_(pa.float32())),
     ("uncertain", pa.bool_()),
     ("error", pa.string()),
-    ("error_kind", pa.string()),  # "decode": the file is bad; "too_large": over the member cap; "io": it could not be read, and a rerun retries it
+    # "decode": the file is bad; "too_large": an archive member over the cap; "io": it could not be read, and a
+    # rerun retries it.
+    ("error_kind", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
 ])
@@ -86,7 +88,7 @@ class LabelWriter:
                 self.fs.delete_file(entry.path)  # a killed run's unfinished file, or --overwrite
             elif _is_part(entry):
                 parts.append(entry.path)
-        for path in parts:  # every check before the first change
+        for path in parts:  # every check before any committed file changes
             check_same_labels(read_provenance(self.fs, path), provenance, path, self.out_dir)
         self.done: set[str] = set()  # keys already in a committed file, including this run's
         for path in parts:
@@ -184,8 +186,9 @@ def read_provenance(fs: pafs.FileSystem, path: str) -> dict:
             metadata = pq.read_schema(f).metadata or {}
         return json.loads(metadata[PROVENANCE_KEY])
     except (pa.ArrowInvalid, KeyError, ValueError) as e:
-        raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version "
-                         f"({str(e).splitlines()[0] or 'no provenance'}); use another --output, or --overwrite") from None
+        reason = str(e).splitlines()[0] or "no provenance"
+        raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version ({reason}); "
+                         "use another --output, or --overwrite") from None
 
 
 def check_same_labels(found: dict, wanted: dict, path: str, out_dir: str) -> None:

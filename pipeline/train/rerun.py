@@ -24,13 +24,17 @@ def prepare(run_dir: str, config: dict, fresh: bool, log=print) -> None:
     """Check a rerun of `run_dir` against `config` (or move the earlier run aside with `fresh`), then record
     `config` as the run's."""
     fs, base = storage.resolve(run_dir)
-    if fs.get_file_info(f"{base}/{RAY_SNAPSHOT}").type == pafs.FileType.File:
-        if fresh:
-            log(f"train: --fresh: moved the earlier run to {move_aside(fs, base, run_dir)}; delete it when it is no "
-                "longer needed")
-        else:
-            check_continuable(earlier_config(fs, base), config, run_dir)
-    storage.write_bytes(fs, f"{base}/{CONFIG}", json.dumps(config, indent=2).encode())
+    try:
+        if fs.get_file_info(f"{base}/{RAY_SNAPSHOT}").type == pafs.FileType.File:
+            if fresh:
+                log(f"train: --fresh: moved the earlier run to {move_aside(fs, base, run_dir)}; delete it when it is "
+                    "no longer needed")
+            else:
+                check_continuable(earlier_config(fs, base), config, run_dir)
+        storage.write_bytes(fs, f"{base}/{CONFIG}", json.dumps(config, indent=2).encode())
+    except OSError as e:  # the first access to storage.path: an unreachable or read-only store fails here
+        raise UsageError(f"storage.path {config['storage']['path']} cannot be written: {str(e).splitlines()[0]}") \
+            from None
 
 
 def earlier_config(fs: pafs.FileSystem, base: str) -> dict | None:
@@ -51,7 +55,8 @@ def check_continuable(before: dict | None, now: dict, run_dir: str) -> None:
     if epochs and epochs[0] is not None and epochs[1] is not None and epochs[1] >= epochs[0]:
         del changed["train.epochs"]  # more epochs: the run goes on from where it stopped
     if changed:
-        listed = ", ".join(f"{key}: {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in sorted(changed.items()))
+        listed = ", ".join(f"{key}: {json.dumps(old)} -> {json.dumps(new)}"
+                           for key, (old, new) in sorted(changed.items()))
         raise UsageError(f"run {run_dir} was started with another config ({listed}); rerun with its config to resume "
                          "it, pick another name, or pass --fresh to start over (the earlier run is moved aside)")
 

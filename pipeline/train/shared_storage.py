@@ -15,7 +15,7 @@ NOT_SHARED = "is not shared storage"
 
 
 def write_marker(run_dir: str, storage_path: str) -> dict:
-    """Also the first write to storage.path, so a store that cannot be written fails here, in one line."""
+    """The marker, written by the driver; a store that cannot be written fails here, in one line."""
     fs, base = storage.resolve(run_dir)
     token = uuid.uuid4().hex
     try:
