@@ -37,6 +37,8 @@ def add_arguments(parser) -> None:
                         help="most predictor actors; the pool grows to N as nodes join (default: what fits the "
                              "nodes up at start, at least 1)")
     parser.add_argument("--overwrite", action="store_true", help="delete DIR's labels first instead of resuming")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="add an `embedding` column: the model's pooled features before its head (float32)")
     parser.add_argument("--evaluate", action="store_true",
                         help="the input is a class-folder tree: report accuracy and the confusion matrix")
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
         assert provenance == {"imgjobs_version": pipeline.__version__, "checkpoint": small_checkpoint,
                               "weights_sha256": weights_sha256, "arch": "mobilenet_v3_small", "classes": CLASSES,
                               "precision": "auto", "decode": {"exact": False}, "top_k": 2, "min_confidence": 0.7,
-                              "compute_precision": "bf16" if native_bf16() else "fp32"}
+                              "embeddings": None, "compute_precision": "bf16" if native_bf16() else "fp32"}
 
     # Resuming with other weights or options would mix two kinds of labels: refused before any work, one line.
     (tmp_path / "other").mkdir()
@@ -144,6 +145,26 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
     assert provenance["precision"] == provenance["compute_precision"] == "bf16"
     assert provenance["decode"] == {"exact": True}
     assert len(json.loads((out / "_summary.json").read_text())["runs"]) == 1  # --overwrite starts over
+
+
+def test_embeddings_are_the_pooled_features_and_equal_for_byte_identical_files(ray_local, small_checkpoint, tmp_path,
+                                                                              capsys):
+    folder = make_image_folder(tmp_path / "imgs", train_per_class=5, val_per_class=0) / "train"
+    shutil.copy(folder / "red" / "red_000.jpg", folder / "red" / "zz_copy.jpg")  # a batch of its own, at the end
+    (folder / "blue" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    args = ["label", "--checkpoint", small_checkpoint, "--input", str(folder), "--output", str(out), "--batch-size",
+            "4"]
+    assert main([*args, "--embeddings"]) == 0
+    rows = {Path(r["path"]).name: r for r in read_output(out)}
+    assert len(rows["red_000.jpg"]["embedding"]) == 1024  # MobileNetV3-small's features before classifier.3
+    assert rows["zz_copy.jpg"]["embedding"] == rows["red_000.jpg"]["embedding"] != rows["red_001.jpg"]["embedding"]
+    assert rows["broken.jpg"]["embedding"] is None
+    provenance = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"imgjobs"])
+    assert provenance["embeddings"] == 1024
+    capsys.readouterr()
+    assert main(args) == 2  # the files there have an embedding column
+    assert "embeddings 1024 there, null now" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

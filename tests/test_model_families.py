@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
 import torchvision
 
 from jobs.cli import main
+from pipeline.errors import UsageError
 from pipeline.label.plan import model_payload
 from pipeline.label.predictor import Predictor
 from pipeline.train import checkpoint
-from pipeline.train.models import TORCHVISION_HEADS, _family, build_model, torchvision_archs
+from pipeline.train.models import TORCHVISION_HEADS, WithEmbedding, _family, build_model, torchvision_archs
 from tests.conftest import make_image_folder, write_config
 from tests.helpers import random_weight_state
 
@@ -92,7 +94,28 @@ def test_family_trains_a_step_and_labels(arch, ray_local):
         expected = eager((torch.from_numpy(pixels).float() / 255 - mean) / std).softmax(1)
     assert table.column("label_index").to_pylist() == expected.argmax(1).tolist()
     np.testing.assert_allclose(table.column("score").to_numpy(), expected.max(1).values.numpy(), atol=1e-3)
+
+    # --embeddings: the head's input, the same labels; a row that failed to decode has none.
+    payload = model_payload(state, checkpoint.build_from(state), "fp32", gpu=False, embeddings=True)
+    predictor = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=4)
+    batch["error"][2] = "broken"
+    table = predictor(batch)
+    with torch.inference_mode():
+        features = WithEmbedding(eager, spec["head"])((torch.from_numpy(pixels).float() / 255 - mean) / std)[0]
+    embeddings = table.column("embedding")
+    assert embeddings.type == pa.list_(pa.float32(), head.in_features) and embeddings.null_count == 1
+    assert embeddings[2].as_py() is None
+    assert [table.column("label_index")[i].as_py() for i in (0, 1, 3)] == expected.argmax(1)[[0, 1, 3]].tolist()
+    np.testing.assert_allclose(np.array([embeddings[i].as_py() for i in (0, 1, 3)]), features[[0, 1, 3]].numpy(),
+                               atol=1e-3 * features.abs().max().item())
     torch.jit.enable_onednn_fusion(False)  # the TorchScript path turns it on for the whole process
+
+
+def test_embeddings_need_a_head_that_takes_a_feature_vector():
+    """SqueezeNet classifies with a 1x1 convolution over a feature map: there is no pooled vector to give."""
+    state = random_weight_state("squeezenet1_1", CLASSES, input_size=64)
+    with pytest.raises(UsageError, match=r"--embeddings: this model's head \(classifier.1, Conv2d\) takes no pooled"):
+        model_payload(state, checkpoint.build_from(state), "fp32", gpu=False, embeddings=True)
 
 
 def test_a_family_with_auxiliary_heads_trains_end_to_end(ray_local, tmp_path):

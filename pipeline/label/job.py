@@ -45,6 +45,7 @@ class LabelOptions:
     max_actors: int | None = None
     overwrite: bool = False
     evaluate: bool = False
+    embeddings: bool = False
 
 
 @dataclass
@@ -81,6 +82,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         "decode": {"exact": opts.exact_decode},
         "top_k": top_k,
         "min_confidence": opts.min_confidence,
+        "embeddings": embedding_size(model, state) if opts.embeddings else None,
     }
     # Fails first if it cannot write there, another job holds the output, or the output holds other labels.
     writer = LabelWriter(opts.output, provenance, opts.rows_per_file, opts.commit_every, opts.overwrite, console.line)
@@ -109,6 +111,13 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     return summary
 
 
+def embedding_size(model, state: dict) -> int:
+    """The length of the embedding column; a model whose head takes no feature vector fails here, before Ray."""
+    from pipeline.train.models import WithEmbedding
+
+    return WithEmbedding(model, state["model"]["head"]).size
+
+
 def append_run(writer: LabelWriter, summary: dict) -> None:
     """Add this run's entry to OUTPUT/_summary.json, which keeps one per run."""
     path = f"{writer.base}/{SUMMARY}"
@@ -135,7 +144,8 @@ def run(opts: LabelOptions, state: dict, model, work: Work, top_k: int, provenan
     provenance["compute_precision"] = precision  # before the first commit: every file records it
     if opts.precision == "auto":
         console.line(f"label: precision auto: {precision} ({why}; --precision fp32 or bf16 forces one)")
-    payload = plan.model_payload(state, model, precision, gpu=actors["num_gpus"] > 0, log=console.line)
+    payload = plan.model_payload(state, model, precision, gpu=actors["num_gpus"] > 0, embeddings=opts.embeddings,
+                                 log=console.line)
     units = plan.read_units_of(work.files, work.archive_done, actors["batch_size"])
     dataset = plan.dataset(units, work.options, actors, payload, exact_decode=opts.exact_decode,
                            max_member_bytes=opts.max_member_bytes, top_k=top_k, min_confidence=opts.min_confidence)

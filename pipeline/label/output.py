@@ -48,11 +48,12 @@ OUTPUT_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
 ])
+EMBEDDING = "embedding"  # with --embeddings: fixed-size list<float32>, the model's pooled features
 SUMMARY = "_summary.json"
 TEMP_PREFIX = ".writing-"
 PROVENANCE_KEY = b"imgjobs"
 # What a resumed run must share with the files already there: anything else would mix two kinds of labels.
-LABEL_DEFINING = ("weights_sha256", "classes", "precision", "decode", "top_k", "min_confidence")
+LABEL_DEFINING = ("weights_sha256", "classes", "precision", "decode", "top_k", "min_confidence", "embeddings")
 
 
 class LabelWriter:
@@ -143,7 +144,8 @@ class LabelWriter:
         name = f"part-{self.run_id}-{self.files_written:05d}.parquet"
         temp = f"{self.base}/{TEMP_PREFIX}{name}"
         try:
-            schema = OUTPUT_SCHEMA.with_metadata({PROVENANCE_KEY: json.dumps(self.provenance)})
+            schema = output_schema(self.provenance.get("embeddings")).with_metadata(
+                {PROVENANCE_KEY: json.dumps(self.provenance)})
             pq.write_table(table.cast(schema), temp, filesystem=self.fs)
             self.fs.move(temp, f"{self.base}/{name}")  # atomic on local disks; object stores publish whole objects
         except OSError as e:  # disk full, file too large, permissions changed: earlier files stay complete
@@ -162,6 +164,13 @@ class LabelWriter:
         parts = [e.path for e in self.fs.get_file_info(pafs.FileSelector(self.base)) if _is_part(e)]
         tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in sorted(parts)]
         return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table().select(columns)
+
+
+def output_schema(embedding_size: int | None = None) -> pa.Schema:
+    """The labels' columns, and the embedding column when the job writes one."""
+    if not embedding_size:
+        return OUTPUT_SCHEMA
+    return OUTPUT_SCHEMA.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_size)))
 
 
 def check_writable(out_dir: str) -> tuple[pafs.FileSystem, str]:

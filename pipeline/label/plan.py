@@ -13,6 +13,7 @@ import torch
 from pipeline.hardware import native_bf16
 from pipeline.label.predictor import DTYPES, Predictor, example_batch, torchscript_model
 from pipeline.label.reading import make_unit, read_units
+from pipeline.train.models import WithEmbedding
 
 # Images per model call. On CPU, small batches keep a ResNet's activations in cache (README, Performance);
 # a GPU needs big ones to stay busy.
@@ -118,19 +119,23 @@ def choose_precision(requested: str, gpu: bool) -> tuple[str, str]:
     return "fp32", "this CPU has no native bf16 (no avx512_bf16 or amx_bf16), where bf16 runs several times slower"
 
 
-def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool, log=print) -> dict:
+def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool, embeddings: bool = False,
+                  log=print) -> dict:
     """What the predictors need of a checkpoint, built once here and put once in the object store.
 
     GPU predictors build the model from its weights. CPU predictors get it as TorchScript instead: traced in
     channels_last (oneDNN's fastest layout), frozen (BatchNorm folded into the convolutions), with bf16 weights
     for bf16. They load it with torch alone, without torchvision or timm, which saves each actor seconds.
-    Freezing changes some models' results (inception_v3's, for one); those run eagerly on CPUs too."""
+    Freezing changes some models' results (inception_v3's, for one); those run eagerly on CPUs too. With
+    `embeddings`, the model returns (pooled features, logits) (models.WithEmbedding)."""
+    if embeddings:
+        model = WithEmbedding(model, state["model"]["head"])
     payload = {"classes": state["classes"], "model": state["model"], "precision": precision,
-               "device": "cuda" if gpu else "cpu"}
+               "device": "cuda" if gpu else "cpu", "embedding_size": model.size if embeddings else None}
     if not gpu:
         example = torch.randn(2, 3, state["model"]["input_size"], state["model"]["input_size"])
         with torch.inference_mode():
-            expected = model(example)
+            expected = logits_of(model(example))
         frozen = payload | {"torchscript": torchscript(model, state["model"]["input_size"], precision)}
         if _computes(frozen, example, expected, tolerance=1e-3 if precision == "fp32" else 5e-2):
             return frozen
@@ -148,12 +153,16 @@ def torchscript(model: torch.nn.Module, input_size: int, precision: str) -> byte
     return buffer.getvalue()
 
 
+def logits_of(output) -> torch.Tensor:
+    return output[1] if isinstance(output, tuple) else output
+
+
 def _computes(payload: dict, example: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
     """Whether the actors' TorchScript model, fused as they fuse it, gives the eager model's logits."""
     try:
         forward = torchscript_model(payload, len(example))
         with torch.inference_mode():
-            got = forward(example.contiguous(memory_format=torch.channels_last)).float()
+            got = logits_of(forward(example.contiguous(memory_format=torch.channels_last))).float()
     except RuntimeError:  # oneDNN Graph cannot fuse some graphs (swin_t's, for one)
         return False
     return bool(((got - expected).abs().max() <= tolerance * expected.abs().max()).item())

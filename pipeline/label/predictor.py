@@ -12,7 +12,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.label.output import OUTPUT_SCHEMA
+from pipeline.label.output import output_schema
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -26,17 +26,27 @@ class Predictor:
         self.device = torch.device(payload["device"])
         self.top_k = top_k
         self.min_confidence = min_confidence
+        self.batch_size = batch_size
+        self.embedding_size = payload["embedding_size"]
+        self.schema = output_schema(self.embedding_size)
         spec = payload["model"]
         mean, std = (torch.tensor(spec[k], dtype=torch.float32, device=self.device) for k in ("mean", "std"))
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
         self.model = torchscript_model(payload, batch_size) if "torchscript" in payload else eager_model(payload)
 
     @torch.inference_mode()
-    def logits(self, pixels: np.ndarray) -> torch.Tensor:
+    def forward(self, pixels: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(embeddings or None, logits) in float32."""
+        n = len(pixels)
+        if self.embedding_size and n < self.batch_size:
+            # Always one batch shape, so that kernels, and so embeddings, do not depend on a batch's other images.
+            pixels = np.concatenate([pixels, np.zeros((self.batch_size - n, *pixels.shape[1:]), pixels.dtype)])
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         # Same operations as ToTensor (float, /255) then Normalize (sub mean, div std): identical inputs.
         x = x.float().div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float()
+        out = self.model(x)
+        embeddings, logits = out if isinstance(out, tuple) else (None, out)
+        return None if embeddings is None else embeddings[:n].float(), logits[:n].float()
 
     def __call__(self, batch: dict) -> pa.Table:
         ok = batch["error"] == ""
@@ -44,30 +54,34 @@ class Predictor:
         label_index = np.zeros(n, dtype=np.int32)
         scores = np.zeros((n, self.top_k), dtype=np.float32)
         indices = np.zeros((n, self.top_k), dtype=np.int64)
+        embeddings = np.zeros((n, self.embedding_size or 0), dtype=np.float32)
         if ok.any():
-            probs = self.logits(batch["pixels"][ok]).softmax(dim=1)
-            top = probs.topk(self.top_k, dim=1)
+            features, logits = self.forward(batch["pixels"][ok])
+            top = logits.softmax(dim=1).topk(self.top_k, dim=1)
             scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
             label_index[ok] = indices[ok, 0]
+            if features is not None:
+                embeddings[ok] = features.cpu().numpy()
         bad = ~ok
         score = scores[:, 0]
         k = self.top_k
-        return pa.Table.from_arrays(
-            [
-                pa.array(batch["path"], pa.string()),
-                pa.array(self.classes[label_index], pa.string(), mask=bad),
-                pa.array(label_index, pa.int32(), mask=bad),
-                pa.array(score, pa.float32(), mask=bad),
-                _lists(pa.array(self.classes[indices].reshape(-1), pa.string()), k, bad),
-                _lists(pa.array(scores.reshape(-1), pa.float32()), k, bad),
-                pa.array(score < self.min_confidence, pa.bool_(), mask=bad),
-                pa.array(batch["error"], pa.string(), mask=ok),
-                pa.array(batch["error_kind"], pa.string(), mask=ok),
-                pa.array(batch["width"], pa.int32(), mask=bad),
-                pa.array(batch["height"], pa.int32(), mask=bad),
-            ],
-            schema=OUTPUT_SCHEMA,
-        )
+        columns = [
+            pa.array(batch["path"], pa.string()),
+            pa.array(self.classes[label_index], pa.string(), mask=bad),
+            pa.array(label_index, pa.int32(), mask=bad),
+            pa.array(score, pa.float32(), mask=bad),
+            _lists(pa.array(self.classes[indices].reshape(-1), pa.string()), k, bad),
+            _lists(pa.array(scores.reshape(-1), pa.float32()), k, bad),
+            pa.array(score < self.min_confidence, pa.bool_(), mask=bad),
+            pa.array(batch["error"], pa.string(), mask=ok),
+            pa.array(batch["error_kind"], pa.string(), mask=ok),
+            pa.array(batch["width"], pa.int32(), mask=bad),
+            pa.array(batch["height"], pa.int32(), mask=bad),
+        ]
+        if self.embedding_size:
+            columns.append(pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.embedding_size,
+                                                             mask=pa.array(bad)))
+        return pa.Table.from_arrays(columns, schema=self.schema)
 
 
 def _lists(values: pa.Array, k: int, null: np.ndarray) -> pa.Array:
@@ -101,7 +115,12 @@ def eager_model(payload: dict):
 
     device = torch.device(payload["device"])
     bf16 = payload["precision"] == "bf16"
-    model = checkpoint.build_from(payload).to(device, memory_format=torch.channels_last)
+    model = checkpoint.build_from(payload)
+    if payload["embedding_size"]:
+        from pipeline.train.models import WithEmbedding
+
+        model = WithEmbedding(model, payload["model"]["head"])
+    model = model.to(device, memory_format=torch.channels_last)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

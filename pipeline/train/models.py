@@ -8,6 +8,7 @@ default for every family: inception_v3 wants 299 pixels, efficientnet_b3 320 and
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -165,6 +166,30 @@ def _drop_aux_heads(arch: str, model: nn.Module) -> None:
         setattr(model, name, None)
     if _family(arch, AUX_FAMILIES):
         model.aux_logits = False
+
+
+class WithEmbedding(nn.Module):
+    """The model, returning (embedding, logits): the pooled features its head takes, and the head's output. The
+    head is a Linear applied last in every family we build, so the features are what it sees."""
+
+    def __init__(self, model: nn.Module, head: str):
+        super().__init__()
+        parent_name, _, leaf = head.rpartition(".")
+        self.head = getattr(model.get_submodule(parent_name), leaf)
+        if not isinstance(self.head, nn.Linear):
+            raise UsageError(f"--embeddings: this model's head ({head}, {type(self.head).__name__}) takes no pooled "
+                             "feature vector; label without --embeddings")
+        self.backbone = copy.deepcopy(model)
+        setattr(self.backbone.get_submodule(parent_name), leaf, nn.Identity())
+        self.train(model.training)  # in eval mode like the model it wraps: TorchScript freezes only those
+
+    @property
+    def size(self) -> int:
+        return self.head.in_features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)
+        return features, self.head(features)
 
 
 def _replace_head(model: nn.Module, name: str, num_classes: int) -> None:
