@@ -1,0 +1,121 @@
+"""The labeling pipeline's own ceiling: rows/s through list -> read -> predict -> commit, with a model that costs
+next to nothing (random-weight MobileNetV3-small at 32 pixels) on tiny JPEGs, and where the time goes.
+
+    .venv/bin/python benchmarks/pipeline_ceiling.py [--images 20000] [--gpu-images-per-s 3000]
+
+Each stage is timed alone on this machine, then the whole job:
+  listing   list_inputs over the folder (the driver)
+  read      Ray Data's read tasks alone: read, decode, resize and crop, rows counted in the driver
+  commit    LabelWriter.add and close on ready label tables: Parquet, provenance, the lock (the driver)
+  job       `imgjobs label` as a fresh command, after start-up (its summary), and end to end
+The job's rate against one GPU's labeling rate (--gpu-images-per-s, an assumption to set for your GPU and model)
+says how many GPUs one driver can feed. Nothing here is a pass/fail test: it prints numbers for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from label_throughput import label_job  # noqa: E402
+
+from pipeline.hardware import cpu_model  # noqa: E402
+from pipeline.label.output import OUTPUT_SCHEMA, LabelWriter  # noqa: E402
+from pipeline.label.sources import list_inputs  # noqa: E402
+from tests.helpers import random_weight_checkpoint  # noqa: E402
+
+
+def tiny_images(folder: Path, count: int) -> None:
+    """`count` 32x32 JPEGs: 64 distinct ones, hard-linked, so making 20,000 takes a second."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    distinct = []
+    for i in range(64):
+        distinct.append(folder / f"distinct-{i:02d}.jpg")
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(distinct[-1], quality=90)
+    for i in range(count - len(distinct)):
+        os.link(distinct[i % len(distinct)], folder / f"{i:06d}.jpg")
+
+
+def time_read(files: list[str], spec: dict) -> float:
+    """Rows/s of the read tasks alone, as the job plans them."""
+    import ray
+
+    from pipeline.cluster import init_ray
+    from pipeline.label import plan
+    from pipeline.label.reading import read_units
+
+    init_ray()
+    plan.quiet_ray_data()
+    actors = plan.actor_plan(None, None)
+    units = plan.read_units_of(files, {}, actors["batch_size"])
+    start = time.perf_counter()
+    rows = 0
+    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors["read_cpus"],
+        fn_kwargs={"spec": spec, "exact_decode": False, "options": {}, "max_member_bytes": 2**28})
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows += batch.num_rows
+    seconds = time.perf_counter() - start
+    ray.shutdown()
+    return rows / seconds
+
+
+def time_commit(out: Path, rows: int) -> float:
+    """Rows/s of the driver's commits: blocks of 32 label rows, as the predictors return them."""
+    block = pa.Table.from_pylist([{
+        "path": f"/data/{i:09d}.jpg", "label": "a", "label_index": 0, "score": 0.9, "topk_labels": ["a", "b"],
+        "topk_scores": [0.9, 0.1], "uncertain": False, "error": None, "error_kind": None, "width": 32, "height": 32,
+    } for i in range(32)], schema=OUTPUT_SCHEMA)
+    blocks = [block.set_column(0, "path", pa.array([f"/data/{n:06d}-{i:02d}.jpg" for i in range(32)]))
+              for n in range(rows // 32)]
+    start = time.perf_counter()
+    writer = LabelWriter(str(out), {"classes": ["a", "b"]}, rows_per_file=100_000, commit_every=60.0,
+                         overwrite=False, log=lambda line: None)
+    for table in blocks:
+        writer.add(table)
+    writer.close()
+    return len(blocks) * 32 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--gpu-images-per-s", type=float, default=3000.0,
+                        help="what one GPU labels with your model, to say how many GPUs one driver feeds")
+    args = parser.parse_args()
+    print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "|", cpu_model(), "|", os.cpu_count(), "CPUs")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = random_weight_checkpoint("mobilenet_v3_small", ["a", "b"], tmp, input_size=32)
+        images = tmp / "images"
+        tiny_images(images, args.images)
+
+        start = time.perf_counter()
+        files = list_inputs([str(images)]).files
+        print(f"  listing  {len(files) / (time.perf_counter() - start):9.0f} files/s ({len(files)} files)")
+        spec = {"resize_size": 36, "input_size": 32, "interpolation": "bilinear"}
+        print(f"  read     {time_read(files, spec):9.0f} rows/s (read tasks alone)")
+        print(f"  commit   {time_commit(tmp / 'commit', args.images):9.0f} rows/s (driver: Parquet, lock)")
+        summary, _ = label_job(ckpt, [str(images)], tmp / "out")
+        steady = summary["images_per_s_after_startup"]
+        print(f"  job      {steady:9.0f} rows/s after start-up ({summary['startup_seconds']:.1f}s), "
+              f"{summary['images_per_s']:.0f} end to end")
+        print(f"  one driver feeds {steady / args.gpu_images_per_s:.2f} GPU(s) labeling "
+              f"{args.gpu_images_per_s:.0f} images/s each")
+
+
+if __name__ == "__main__":
+    main()
