@@ -113,9 +113,9 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
 
 def embedding_size(model, state: dict) -> int:
     """The length of the embedding column; a model whose head takes no feature vector fails here, before Ray."""
-    from pipeline.train.models import WithEmbedding
+    from pipeline.train.models import embedding_head
 
-    return WithEmbedding(model, state["model"]["head"]).size
+    return embedding_head(model, state["model"]["head"]).in_features
 
 
 def append_run(writer: LabelWriter, summary: dict) -> None:

@@ -85,15 +85,16 @@ class LabelWriter:
         self.provenance = provenance  # the job adds to it what it learns once Ray is up (compute_precision)
         parts = []
         for entry in self.fs.get_file_info(pafs.FileSelector(self.base)):
-            if entry.base_name.startswith(TEMP_PREFIX) or overwrite and (_is_part(entry) or entry.base_name == SUMMARY):
+            if entry.base_name.startswith(TEMP_PREFIX) or overwrite and (is_part(entry) or entry.base_name == SUMMARY):
                 self.fs.delete_file(entry.path)  # a killed run's unfinished file, or --overwrite
-            elif _is_part(entry):
+            elif is_part(entry):
                 parts.append(entry.path)
-        for path in parts:  # every check before any committed file changes
-            check_same_labels(read_provenance(self.fs, path), provenance, path, self.out_dir)
+        keys = {path: read_table(self.fs, path, ["path", "error_kind"]) for path in parts}  # one read each
+        for path, table in keys.items():  # every check before any committed file changes
+            check_same_labels(provenance_of(table.schema, path), provenance, path, self.out_dir)
         self.done: set[str] = set()  # keys already in a committed file, including this run's
-        for path in parts:
-            self.done.update(self._without_io_errors(path))
+        for path, table in keys.items():
+            self.done.update(self._without_io_errors(path, table))
         self.existing = len(self.done)
 
     def add(self, table: pa.Table) -> pa.Table:
@@ -114,9 +115,9 @@ class LabelWriter:
             self._commit_pending()
         return table
 
-    def _without_io_errors(self, path: str) -> list[str]:
-        """The keys of a committed file, after dropping its io error rows from it so that this run retries them."""
-        keys = read_table(self.fs, path, ["path", "error_kind"])
+    def _without_io_errors(self, path: str, keys: pa.Table) -> list[str]:
+        """The keys of a committed file (`keys`: its path and error_kind columns), after dropping its io error rows
+        from it so that this run retries them."""
         io = io_errors(keys)
         if pc.any(io).as_py():
             kept = read_table(self.fs, path).filter(pc.invert(io))
@@ -161,7 +162,7 @@ class LabelWriter:
         self._last_commit = time.monotonic()
 
     def read_all(self, columns: list[str]) -> pa.Table:
-        parts = [e.path for e in self.fs.get_file_info(pafs.FileSelector(self.base)) if _is_part(e)]
+        parts = [e.path for e in self.fs.get_file_info(pafs.FileSelector(self.base)) if is_part(e)]
         tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in sorted(parts)]
         return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table().select(columns)
 
@@ -188,13 +189,11 @@ def check_writable(out_dir: str) -> tuple[pafs.FileSystem, str]:
     return fs, base
 
 
-def read_provenance(fs: pafs.FileSystem, path: str) -> dict:
-    """The provenance recorded in a labels file's schema metadata."""
+def provenance_of(schema: pa.Schema, path: str) -> dict:
+    """The provenance recorded in the schema metadata of the labels file `path`."""
     try:
-        with fs.open_input_file(path) as f:
-            metadata = pq.read_schema(f).metadata or {}
-        return json.loads(metadata[PROVENANCE_KEY])
-    except (pa.ArrowInvalid, KeyError, ValueError) as e:
+        return json.loads((schema.metadata or {})[PROVENANCE_KEY])
+    except (KeyError, ValueError) as e:
         reason = str(e).splitlines()[0] or "no provenance"
         raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version ({reason}); "
                          "use another --output, or --overwrite") from None
@@ -220,7 +219,8 @@ def io_errors(table: pa.Table) -> pa.ChunkedArray:
     return pc.fill_null(pc.equal(table.column("error_kind"), "io"), False)
 
 
-def _is_part(entry: pafs.FileInfo) -> bool:
+def is_part(entry: pafs.FileInfo) -> bool:
+    """A committed labels file: a visible .parquet file (temporaries and _summary.json start with . or _)."""
     return entry.type == pafs.FileType.File and entry.base_name.endswith(".parquet") and entry.base_name[0] not in "._"
 
 

@@ -131,7 +131,7 @@ def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool
     if embeddings:
         model = WithEmbedding(model, state["model"]["head"])
     payload = {"classes": state["classes"], "model": state["model"], "precision": precision,
-               "device": "cuda" if gpu else "cpu", "embedding_size": model.size if embeddings else None}
+               "device": "cuda" if gpu else "cpu", "embedding_size": model.head.in_features if embeddings else None}
     if not gpu:
         example = torch.randn(2, 3, state["model"]["input_size"], state["model"]["input_size"])
         with torch.inference_mode():

@@ -239,7 +239,6 @@ class Reader:
                 else:
                     yield member_key, data, None, None
 
-
     def _too_large(self, member_key: str, size: int) -> Item:
         return (member_key, None, f"archive member of {size / 2**20:.0f} MiB is over the "
                 f"{self.max_member_bytes / 2**20:g} MiB cap (--max-member-mb)", "too_large")

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UsageError
+from pipeline.label.output import PROVENANCE_KEY, is_part
 from pipeline.label.sources import split_member
 from pipeline.train.data import ImageFolder, Split
 
@@ -66,9 +67,7 @@ def scan_labels(root: str, min_score: float, val_fraction: float, seed: int) -> 
 
 
 def _parquet_files(fs: pafs.FileSystem, base: str) -> list[str]:
-    entries = fs.get_file_info(pafs.FileSelector(base))
-    return sorted(e.path for e in entries if e.type == pafs.FileType.File and e.base_name.endswith(".parquet")
-                  and e.base_name[0] not in "._")
+    return sorted(e.path for e in fs.get_file_info(pafs.FileSelector(base)) if is_part(e))
 
 
 def _read(fs: pafs.FileSystem, files: list[str], root: str) -> tuple[pa.Table, list[str] | None]:
@@ -86,7 +85,7 @@ def _read(fs: pafs.FileSystem, files: list[str], root: str) -> tuple[pa.Table, l
                 tables.append(pq.read_table(f, columns=columns))
         except (pa.ArrowInvalid, OSError) as e:
             raise UsageError(f"data.root: {path} cannot be read as Parquet: {str(e).splitlines()[0]}") from None
-        provenance = (schema.metadata or {}).get(b"imgjobs")
+        provenance = (schema.metadata or {}).get(PROVENANCE_KEY)
         if provenance and classes is None:
             classes = json.loads(provenance).get("classes")
     if not tables:
@@ -105,8 +104,11 @@ def _split(rows: list[dict], classes: list[str], val_fraction: float, seed: int,
             splits[r["split"]].targets.append(index[r["label"]])
         return splits
     rng = random.Random(seed)
+    by_class = {name: [] for name in classes}
+    for r in rows:
+        by_class[r["label"]].append(r["path"])
     for name in classes:
-        paths = sorted(r["path"] for r in rows if r["label"] == name)
+        paths = sorted(by_class[name])
         rng.shuffle(paths)
         n_val = round(len(paths) * val_fraction) if len(paths) > 1 else 0
         n_val = max(n_val, 1) if len(paths) > 1 else n_val  # every class in val, while train keeps one

@@ -168,24 +168,27 @@ def _drop_aux_heads(arch: str, model: nn.Module) -> None:
         model.aux_logits = False
 
 
+def embedding_head(model: nn.Module, head: str) -> nn.Linear:
+    """The model's head, which must take a pooled feature vector (its in_features long) for --embeddings."""
+    parent_name, _, leaf = head.rpartition(".")
+    layer = getattr(model.get_submodule(parent_name), leaf)
+    if not isinstance(layer, nn.Linear):
+        raise UsageError(f"--embeddings: this model's head ({head}, {type(layer).__name__}) takes no pooled "
+                         "feature vector; label without --embeddings")
+    return layer
+
+
 class WithEmbedding(nn.Module):
     """The model, returning (embedding, logits): the pooled features its head takes, and the head's output. The
     head is a Linear applied last in every family we build, so the features are what it sees."""
 
     def __init__(self, model: nn.Module, head: str):
         super().__init__()
+        self.head = embedding_head(model, head)
         parent_name, _, leaf = head.rpartition(".")
-        self.head = getattr(model.get_submodule(parent_name), leaf)
-        if not isinstance(self.head, nn.Linear):
-            raise UsageError(f"--embeddings: this model's head ({head}, {type(self.head).__name__}) takes no pooled "
-                             "feature vector; label without --embeddings")
         self.backbone = copy.deepcopy(model)
         setattr(self.backbone.get_submodule(parent_name), leaf, nn.Identity())
         self.train(model.training)  # in eval mode like the model it wraps: TorchScript freezes only those
-
-    @property
-    def size(self) -> int:
-        return self.head.in_features
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(x)
