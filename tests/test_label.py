@@ -302,21 +302,26 @@ def test_with_default_options_a_kill_9_loses_at_most_a_minute_and_a_second_job_i
                 progress.append((time.monotonic(), int(match.group(1))))
 
     threading.Thread(target=follow, daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not progress:
-        assert time.monotonic() < deadline and job.poll() is None, "the job never reported progress"
-        time.sleep(0.2)
+    try:
+        deadline = time.monotonic() + 120
+        while not progress:
+            assert time.monotonic() < deadline and job.poll() is None, "the job never reported progress"
+            time.sleep(0.2)
 
-    second = start_label(["--checkpoint", small_checkpoint, "--input", str(photo), "--output", str(out)], env)
-    assert second.wait(timeout=120) == 2
-    err = second.stderr.read()
-    assert err.count("\n") == 1 and "is being written by label run " in err and f"pid {job.pid})" in err, err
+        second = start_label(["--checkpoint", small_checkpoint, "--input", str(photo), "--output", str(out)], env)
+        assert second.wait(timeout=120) == 2
+        err = second.stderr.read()
+        assert err.count("\n") == 1 and "is being written by label run " in err and f"pid {job.pid})" in err, err
 
-    time.sleep(max(0.0, progress[0][0] + 65 - time.monotonic()))
-    assert job.poll() is None, "the job finished before it could be killed"
-    job.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    job.wait()
+        time.sleep(max(0.0, progress[0][0] + 65 - time.monotonic()))
+        assert job.poll() is None, "the job finished before it could be killed"
+        job.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        job.wait()
+    finally:  # whatever failed above, the job this test started stops with it
+        if job.poll() is None:
+            job.kill()
+            job.wait()
     done_a_minute_before = max(done for at, done in progress if at <= killed_at - 60)
     committed = read_output(out)
     assert len(committed) >= done_a_minute_before > 0
