@@ -39,6 +39,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete DIR's labels first instead of resuming")
     parser.add_argument("--embeddings", action="store_true",
                         help="add an `embedding` column: the model's pooled features before its head (float32)")
+    parser.add_argument("--report", action="store_true",
+                        help="write OUTPUT/report.html, a self-contained page to review the labels (imgjobs report "
+                             "OUTPUT rebuilds it)")
     parser.add_argument("--evaluate", action="store_true",
                         help="the input is a class-folder tree: report accuracy and the confusion matrix")
 

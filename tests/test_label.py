@@ -264,20 +264,6 @@ def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_loc
     assert committed >= 4 and summary["skipped_existing"] == 8 * committed and summary["total"] == len(keys)
 
 
-def test_evaluate_the_demo_checkpoint_on_the_ants_bees_val_set(demo_run, tmp_path, capsys):
-    out = tmp_path / "labels"
-    val = REPO / "data" / "hymenoptera" / "val"
-    # The run folder stands for its best checkpoint, as in `make demo`.
-    assert main(["label", "--checkpoint", demo_run["run_dir"], "--input", str(val), "--output", str(out),
-                 "--evaluate"]) == 0
-    summary = json.loads((out / "_summary.json").read_text())["runs"][-1]
-    assert summary["checkpoint"] == demo_run["best_checkpoint"]
-    images = len(list(val.rglob("*.jpg")))
-    assert summary["accuracy"] >= 0.93 and summary["evaluated"] == images == summary["labeled"]
-    assert sum(map(sum, summary["confusion_matrix"])) == images and summary["classes"] == ["ants", "bees"]
-    assert f"accuracy {summary['accuracy']:.4f} on {images} images" in capsys.readouterr().out
-
-
 @pytest.mark.slow
 def test_with_default_options_a_kill_9_loses_at_most_a_minute_and_a_second_job_is_refused_meanwhile(
         ray_local, small_checkpoint, tmp_path):

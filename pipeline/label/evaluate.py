@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.label.output import LabelWriter
 from pipeline.metrics import confusion_matrix
 
 
@@ -25,27 +25,30 @@ def check_class_folders(roots: list[str], classes: list[str]) -> None:
             )
 
 
-def evaluate(writer: LabelWriter, roots: list[str], classes: list[str]) -> dict:
-    """Accuracy and confusion matrix over every labeled image of the class-folder inputs in the output,
-    earlier runs' rows included, so a resumed job reports the whole collection."""
-    rows = writer.read_all(["path", "label_index"])
+def true_classes(paths: list[str], roots: list[str], classes: list[str]) -> list[int | None]:
+    """The class index each path's folder names (root/<class>/...), None for paths outside the class folders."""
     index = {name: i for i, name in enumerate(classes)}
     prefixes = [storage.split_query(r)[0].rstrip("/") + "/" for r in roots]
-    targets, predictions, unlabeled = [], [], 0
-    for path, predicted in zip(rows.column("path").to_pylist(), rows.column("label_index").to_pylist()):
+    found = []
+    for path in paths:
         prefix = next((p for p in prefixes if path.startswith(p)), None)
         folder, _, rest = path[len(prefix):].partition("/") if prefix else (None, "", "")
-        if folder not in index or not rest:  # not inside a class folder of an evaluated tree
-            continue
-        if predicted is None:
-            unlabeled += 1
-            continue
-        targets.append(index[folder])
-        predictions.append(predicted)
-    correct = sum(t == p for t, p in zip(targets, predictions))
+        found.append(index[folder] if folder in index and rest else None)
+    return found
+
+
+def evaluate(rows: pa.Table, roots: list[str], classes: list[str]) -> dict:
+    """Accuracy and confusion matrix over the labeled images of the class-folder inputs among `rows` (path and
+    label_index columns). The job passes every row of the output, earlier runs' included, so a resumed job
+    reports the whole collection."""
+    targets = true_classes(rows.column("path").to_pylist(), roots, classes)
+    pairs = [(t, p) for t, p in zip(targets, rows.column("label_index").to_pylist()) if t is not None]
+    labeled = [(t, p) for t, p in pairs if p is not None]
+    correct = sum(t == p for t, p in labeled)
     return {
-        "accuracy": round(correct / len(targets), 4) if targets else None,
-        "evaluated": len(targets),
-        "evaluated_errors": unlabeled,
-        "confusion_matrix": confusion_matrix(targets, predictions, len(classes)),
+        "accuracy": round(correct / len(labeled), 4) if labeled else None,
+        "evaluated": len(labeled),
+        "evaluated_errors": len(pairs) - len(labeled),
+        "evaluated_roots": roots,
+        "confusion_matrix": confusion_matrix([t for t, _ in labeled], [p for _, p in labeled], len(classes)),
     }

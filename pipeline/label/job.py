@@ -18,6 +18,7 @@ from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filter
 from pipeline.errors import UsageError
 from pipeline.label.evaluate import check_class_folders, evaluate
 from pipeline.label.output import SUMMARY, LabelWriter, io_errors
+from pipeline.label.report import write_report
 from pipeline.label.sources import MAX_MEMBER_BYTES, MEMBER_SEPARATOR, Listing, list_inputs
 from pipeline.train import checkpoint
 
@@ -46,6 +47,7 @@ class LabelOptions:
     overwrite: bool = False
     evaluate: bool = False
     embeddings: bool = False
+    report: bool = False
 
 
 @dataclass
@@ -101,8 +103,10 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     summary |= progress.summary(work.skipped) | provenance | {"inputs": opts.inputs,
                                                               "files_written": writer.files_written}
     if opts.evaluate:
-        summary.update(evaluate(writer, listing.roots, state["classes"]))
+        summary.update(evaluate(writer.read_all(["path", "label_index"]), listing.roots, state["classes"]))
     append_run(writer, summary)
+    if opts.report:
+        write_report(opts.output, console.line)
     done = progress.labeled + progress.errors
     if done and progress.io_errors > MAX_IO_ERRORS * done:
         raise ReadFailures(f"{progress.io_errors} of {done} inputs could not be read (first: "
