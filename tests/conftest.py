@@ -78,7 +78,7 @@ def write_config(path: Path, name: str, data_root: Path, storage: Path, **sectio
         "storage": {"path": str(storage)},
     }
     for section, values in sections.items():
-        config[section].update(values)
+        config.setdefault(section, {}).update(values)
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
 

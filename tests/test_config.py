@@ -41,9 +41,14 @@ def run_cli(capsys, *argv):
         ("model.trainable=[layer9]", "model.trainable: no module 'layer9'"),
         ("data.min_score=2", "data.min_score: Input should be less than or equal to 1"),
         ("storage.path=/proc/imgjobs-runs", "storage.path /proc/imgjobs-runs cannot be written: "),
+        ("tracking.mlflow_ur=x", "unknown key 'tracking.mlflow_ur'; allowed keys here: mlflow_uri, mlflow_experiment"),
+        ("tracking.mlflow_uri=http://127.0.0.1:9", "tracking.mlflow_uri http://127.0.0.1:9: MlflowException: API "
+                                                   "request to http://127.0.0.1:9/api/2.0/mlflow/experiments/"),
+        ("tracking.mlflow_uri=file:mlruns", "MLflow 3 uses a file store only with MLFLOW_ALLOW_FILE_STORE=true"),
     ],
 )
-def test_bad_config_is_one_line_and_exit_2(capsys, config, override, expected):
+def test_bad_config_is_one_line_and_exit_2(capsys, config, override, expected, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     code, err = run_cli(capsys, "-c", config, override)
     assert code == 2
     assert expected in err

@@ -100,9 +100,13 @@ def test_checkpoint_is_self_describing(ray_local, tmp_path, tiny_folder):
         assert torch.equal(tensor, state["model_state"][name].cpu())
 
 
-def test_rerun_resumes_and_matches_an_unbroken_run(ray_local, tmp_path, tiny_folder, capfd):
+def test_rerun_resumes_and_matches_an_unbroken_run(ray_local, tmp_path, tiny_folder, capfd, monkeypatch):
     unbroken = train(write_config(tmp_path / "a.yaml", "unbroken", tiny_folder, tmp_path / "runs", train={"epochs": 3}))
-    resumed_config = write_config(tmp_path / "b.yaml", "resumed", tiny_folder, tmp_path / "runs", train={"epochs": 3})
+    # The resumed run also goes to a local MLflow file store (MLflow 3 asks to opt in to those).
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlruns = f"file:{tmp_path / 'mlruns'}"
+    resumed_config = write_config(tmp_path / "b.yaml", "resumed", tiny_folder, tmp_path / "runs", train={"epochs": 3},
+                                  tracking={"mlflow_uri": mlruns})
     train(resumed_config, "train.epochs=2")  # stops after epoch 2, as an interrupted run would
     capfd.readouterr()
     resumed = train(resumed_config)
@@ -120,6 +124,10 @@ def test_rerun_resumes_and_matches_an_unbroken_run(ray_local, tmp_path, tiny_fol
     for name, tensor in final_a["model_state"].items():
         torch.testing.assert_close(tensor, final_b["model_state"][name], rtol=1e-4, atol=1e-5)
 
+    # One MLflow run for the interrupted and resumed run: each epoch once, as summary.json has it, and the files.
+    [tracked] = mlflow_runs(mlruns)
+    assert_tracked(mlruns, tracked, resumed)
+
     # Another config would go on with this run's weights and schedule: refused before any work, one line.
     assert main(["train", "-c", str(resumed_config), "train.lr=0.05", "model.mode=feature_extraction"]) == 2
     err = capfd.readouterr().err
@@ -133,6 +141,30 @@ def test_rerun_resumes_and_matches_an_unbroken_run(ray_local, tmp_path, tiny_fol
     assert f"train: --fresh: moved the earlier run to {moved}; delete it when it is no longer needed" in out
     assert "resuming" not in out and [m["epoch"] for m in fresh["epochs"]] == [1]
     assert json.loads((moved / "summary.json").read_text())["epochs"] == resumed["epochs"]
+    later, earlier = mlflow_runs(mlruns)  # --fresh: a new MLflow run; the earlier one stays as it was
+    assert earlier.info.run_id == tracked.info.run_id and later.info.run_id != tracked.info.run_id
+    assert_tracked(mlruns, later, fresh)
+
+
+def mlflow_runs(uri: str) -> list:
+    """The runs of the imgjobs experiment, newest first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("imgjobs").experiment_id
+    return client.search_runs([experiment], order_by=["attributes.start_time DESC"])
+
+
+def assert_tracked(uri: str, run, summary: dict) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for metric in ("val_acc", "train_loss", "lr"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
+        assert history == [(m["epoch"], pytest.approx(m[metric])) for m in summary["epochs"]], metric
+    assert run.data.params["train.lr"] == "0.01" and run.data.params["model.arch"] == "mobilenet_v3_small"
+    assert run.info.status == "FINISHED" and run.data.tags["imgjobs.run_dir"] == summary["run_dir"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"summary.json", "curves.png", "predictions.png"}
 
 
 def test_demo_recipe_on_full_resolution_ants_and_bees(ray_local, tmp_path, shared_hymenoptera):

@@ -62,6 +62,12 @@ class StorageConfig(_Section):
     path: str = Field("runs", description="local folder or pyarrow URI (s3://, gs://, ...)")
 
 
+class TrackingConfig(_Section):
+    mlflow_uri: Union[str, None] = Field(None, description="MLflow tracking URI (http://host:5000, databricks, "
+                                                           "file:./mlruns): params, per-epoch metrics and plots go there")
+    mlflow_experiment: str = Field("imgjobs", min_length=1, description="the MLflow experiment of the runs")
+
+
 class Config(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     data: DataConfig
@@ -69,6 +75,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:

@@ -43,6 +43,12 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
     config = cfg.model_dump(mode="json")
     config["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
     rerun.prepare(run_dir, config, fresh, console.line)
+    tracker = None
+    if cfg.tracking.mlflow_uri:
+        from pipeline.train.tracking import MlflowRun
+
+        tracker = MlflowRun(cfg.tracking.mlflow_uri, cfg.tracking.mlflow_experiment, cfg.name, run_dir, config,
+                            console.line)
     init_ray(dashboard=True)
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
@@ -62,11 +68,18 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
         "started_at": started_at,
         "storage_marker": shared_storage.write_marker(run_dir, cfg.storage.path),
     }
-    with relay(console) as (events, stopped):
-        result = fit(cfg, job | {"events": events}, storage_path, use_gpu)
-    if stopped:
-        raise TrainingFailed(stopped[0])
+    try:
+        with relay(console, on_epoch=tracker.epoch if tracker else lambda metrics: None) as (events, stopped):
+            result = fit(cfg, job | {"events": events}, storage_path, use_gpu)
+        if stopped:
+            raise TrainingFailed(stopped[0])
+    except BaseException:
+        if tracker:
+            tracker.failed()
+        raise
     summary = summarise(cfg, job, dataset, result, run_dir, use_gpu)
+    if tracker:
+        tracker.finish(summary)
     console.line(epoch_table(summary["epochs"]))
     console.line(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
                  f"{summary['skipped_files']} unreadable file(s) skipped")

@@ -175,9 +175,9 @@ def train_loop_per_worker(job: dict) -> None:
         for path in new_skips:
             reporter.line(f"warning: skipped {path}: {skipped[path]}")
         reporter.line(epoch_line(metrics, reporter.epochs))
-        reporter.end_epoch(metrics["epoch_seconds"])
         report(metrics, checkpoint_state(job, spec, model, optimizer, scheduler, scaler, progress, val_predictions),
                worker)
+        reporter.end_epoch(metrics)
 
 
 def build_loaders(cfg: Config, job: dict, spec: dict, worker: Worker) -> tuple[DataLoader, DataLoader]:

@@ -54,14 +54,17 @@ class Reporter:
                                      f"{images * self.world / elapsed:.1f} img/s  "
                                      f"ETA {duration(epoch_eta)} epoch, {duration(run_eta)} run"))
 
-    def end_epoch(self, seconds: float) -> None:
-        self.epoch_seconds = seconds
+    def end_epoch(self, metrics: dict) -> None:
+        """After the epoch's checkpoint is reported: the driver logs its metrics (MLflow)."""
+        self.epoch_seconds = metrics["epoch_seconds"]
+        if self.events is not None:
+            self.events.put(("epoch", metrics))
 
 
 @contextlib.contextmanager
-def relay(console: Console):
-    """Driver side: yields the queue to hand the workers and a list that collects their stop reasons, and prints
-    what comes through the queue until the block ends."""
+def relay(console: Console, on_epoch=lambda metrics: None):
+    """Driver side: yields the queue to hand the workers and a list that collects their stop reasons, prints
+    what comes through the queue until the block ends, and hands each finished epoch's metrics to on_epoch."""
     # On the driver's node, which the job cannot outlive anyway: anywhere else, losing that node (a spot
     # preemption) would fail every restarted worker at its first line. It holds no CPU: every CPU trains.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -72,12 +75,13 @@ def relay(console: Console):
     def pump():
         while True:
             try:
-                kind, text = events.get(timeout=0.5)
+                kind, payload = events.get(timeout=0.5)
             except (Empty, queue.Empty):
                 if stop.is_set():
                     return
                 continue
-            {"line": console.line, "progress": console.progress, "stop": stopped.append}[kind](text)
+            handlers = {"line": console.line, "progress": console.progress, "stop": stopped.append, "epoch": on_epoch}
+            handlers[kind](payload)
 
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
