@@ -7,6 +7,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+ORIENTATION = 0x0112  # the EXIF tag
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
@@ -35,6 +36,25 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     img.load()  # decode now, so truncated files fail here and not later
     img = ImageOps.exif_transpose(img)
     return to_rgb(img)
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(upright width, upright height, EXIF orientation 1-8) of a whole RGB or grayscale JPEG, which a GPU's
+    nvjpeg decodes; None for anything else (other formats, CMYK, a missing end marker, past PIL's pixel limit),
+    which the CPU decodes instead. Reads the header only."""
+    if not (data.startswith(b"\xff\xd8") and data.endswith(b"\xff\xd9")):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            (width, height), orientation = img.size, img.getexif().get(ORIENTATION, 1)
+    except Exception:  # a bad header: the CPU path gives it its error row
+        return None
+    if width * height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+        return None
+    orientation = orientation if orientation in range(1, 9) else 1
+    return (height, width, orientation) if orientation >= 5 else (width, height, orientation)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

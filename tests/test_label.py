@@ -122,7 +122,8 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
         assert provenance == {"imgjobs_version": pipeline.__version__, "checkpoint": small_checkpoint,
                               "weights_sha256": weights_sha256, "arch": "mobilenet_v3_small", "classes": CLASSES,
                               "precision": "auto", "decode": {"exact": False}, "top_k": 2, "min_confidence": 0.7,
-                              "embeddings": None, "compute_precision": "bf16" if native_bf16() else "fp32"}
+                              "embeddings": None, "compute_precision": "bf16" if native_bf16() else "fp32",
+                              "decode_device": "cpu"}
 
     # Resuming with other weights or options would mix two kinds of labels: refused before any work, one line.
     (tmp_path / "other").mkdir()

@@ -146,6 +146,7 @@ def run(opts: LabelOptions, state: dict, model, work: Work, top_k: int, provenan
                      f"job asks for it; the pool grows to {actors['max_actors']} actor(s) (--max-actors)")
     precision, why = plan.choose_precision(opts.precision, gpu=actors["num_gpus"] > 0)
     provenance["compute_precision"] = precision  # before the first commit: every file records it
+    provenance["decode_device"] = "gpu" if actors["num_gpus"] else "cpu"
     if opts.precision == "auto":
         console.line(f"label: precision auto: {precision} ({why}; --precision fp32 or bf16 forces one)")
     payload = plan.model_payload(state, model, precision, gpu=actors["num_gpus"] > 0, embeddings=opts.embeddings,

@@ -70,13 +70,15 @@ def read_units_of(files: list[str], archive_done: dict[str, list[str]], batch_si
 
 def dataset(units: list[dict], options: dict[str, str], actors: dict, payload: dict, exact_decode: bool,
             max_member_bytes: int, top_k: int, min_confidence: float) -> ray.data.Dataset:
-    """Read units → read-and-decode tasks → predictor actors."""
+    """Read units → read-and-decode tasks → predictor actors. GPU predictors decode JPEGs themselves, on the GPU:
+    their read tasks only read (device_decoding)."""
     quiet_ray_data()
+    gpu = actors["num_gpus"] > 0
     return (
         ray.data.from_items(units, override_num_blocks=len(units))
         .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors["read_cpus"],
                      fn_kwargs={"spec": payload["model"], "exact_decode": exact_decode, "options": options,
-                                "max_member_bytes": max_member_bytes})
+                                "max_member_bytes": max_member_bytes, "encoded": gpu})
         .map_batches(
             Predictor,
             batch_size=actors["batch_size"],
@@ -87,6 +89,8 @@ def dataset(units: list[dict], options: dict[str, str], actors: dict, payload: d
                 "min_confidence": min_confidence,
                 "threads": actors["threads"],
                 "batch_size": actors["batch_size"],
+                "device_decode": gpu,
+                "exact_decode": exact_decode,
             },
             compute=ray.data.ActorPoolStrategy(min_size=1, initial_size=actors["initial_actors"],
                                                max_size=actors["max_actors"]),

@@ -18,7 +18,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Predictor:
-    def __init__(self, payload_ref: list, top_k: int, min_confidence: float, threads: int, batch_size: int):
+    def __init__(self, payload_ref: list, top_k: int, min_confidence: float, threads: int, batch_size: int,
+                 device_decode: bool = False, exact_decode: bool = False):
+        """With `device_decode`, batches hold encoded files (reading.encoded_rows) that the actor decodes on its
+        device (device_decoding); otherwise decoded crops."""
         # Ray caps the actor's OpenMP threads at its num_cpus, which is fractional here so read tasks keep a CPU.
         torch.set_num_threads(threads)
         payload = ray.get(payload_ref[0])
@@ -33,15 +36,20 @@ class Predictor:
         mean, std = (torch.tensor(spec[k], dtype=torch.float32, device=self.device) for k in ("mean", "std"))
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
         self.model = torchscript_model(payload, batch_size) if "torchscript" in payload else eager_model(payload)
+        self.decode = None
+        if device_decode:
+            from pipeline.label.device_decoding import DeviceDecoder
+
+            self.decode = DeviceDecoder(spec, exact_decode, self.device)
 
     @torch.inference_mode()
-    def forward(self, pixels: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(embeddings or None, logits) in float32."""
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(embeddings or None, logits) in float32, from N×3×S×S uint8 crops."""
         n = len(pixels)
         if self.embedding_size and n < self.batch_size:
             # Always one batch shape, so that kernels, and so embeddings, do not depend on a batch's other images.
-            pixels = np.concatenate([pixels, np.zeros((self.batch_size - n, *pixels.shape[1:]), pixels.dtype)])
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+            pixels = torch.cat([pixels, pixels.new_zeros((self.batch_size - n, *pixels.shape[1:]))])
+        x = pixels.to(self.device, non_blocking=True)
         # Same operations as ToTensor (float, /255) then Normalize (sub mean, div std): identical inputs.
         x = x.float().div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
         out = self.model(x)
@@ -49,6 +57,7 @@ class Predictor:
         return None if embeddings is None else embeddings[:n].float(), logits[:n].float()
 
     def __call__(self, batch: dict) -> pa.Table:
+        crops = self.decode(batch) if self.decode else None  # decoding may add error rows
         ok = batch["error"] == ""
         n = len(ok)
         label_index = np.zeros(n, dtype=np.int32)
@@ -56,7 +65,8 @@ class Predictor:
         indices = np.zeros((n, self.top_k), dtype=np.int64)
         embeddings = np.zeros((n, self.embedding_size or 0), dtype=np.float32)
         if ok.any():
-            features, logits = self.forward(batch["pixels"][ok])
+            pixels = torch.from_numpy(batch["pixels"][ok]) if crops is None else crops[torch.from_numpy(ok).to(self.device)]
+            features, logits = self.forward(pixels)
             top = logits.softmax(dim=1).topk(self.top_k, dim=1)
             scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
             label_index[ok] = indices[ok, 0]

@@ -9,13 +9,14 @@ exactly what `eval_transform` would give it. A file that cannot be read or decod
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from pipeline.images import decode_image, image_error, resize_center_crop
+from pipeline.images import decode_image, image_error, jpeg_header, resize_center_crop
 from pipeline.label.sources import Item, Reader, error_kind
 
 ROWS_PER_BLOCK = 32  # output block size: small enough to keep the predictor fed early, big enough to be cheap
@@ -75,17 +76,39 @@ class Preprocess:
         }
 
 
-def read_units(batch, spec: dict, exact_decode: bool, options: dict[str, str], max_member_bytes: int) -> Iterator[dict]:
+def encoded_rows(items: Iterator[Item]) -> Iterator[dict]:
+    """Blocks of undecoded rows, for predictors that decode on their GPU (pipeline.label.device_decoding): the
+    bytes, and for JPEGs the GPU takes, the upright size and EXIF orientation from the header; orientation 0
+    marks the files the predictor decodes on its CPU instead."""
+    while True:
+        rows = list(itertools.islice(items, ROWS_PER_BLOCK))
+        if not rows:
+            return
+        headers = [jpeg_header(data) if data else None for _, data, _, _ in rows]
+        yield {
+            "path": np.array([r[0] for r in rows], dtype=object),
+            "data": np.array([r[1] or b"" for r in rows], dtype=object),
+            "width": np.array([h[0] if h else 0 for h in headers], dtype=np.int32),
+            "height": np.array([h[1] if h else 0 for h in headers], dtype=np.int32),
+            "orientation": np.array([h[2] if h else 0 for h in headers], dtype=np.int8),
+            "error": np.array([r[2] or "" for r in rows], dtype=object),
+            "error_kind": np.array([r[3] or "" for r in rows], dtype=object),
+        }
+
+
+def read_units(batch, spec: dict, exact_decode: bool, options: dict[str, str], max_member_bytes: int,
+               encoded: bool = False) -> Iterator[dict]:
     """Ray Data map_batches function (a generator, so an archive's members stream out block by block).
-    `spec` is the checkpoint's model spec (sizes and interpolation), `options` the inputs' filesystem options."""
-    preprocess = Preprocess(spec, exact_decode)
+    `spec` is the checkpoint's model spec (sizes and interpolation), `options` the inputs' filesystem options.
+    With `encoded`, rows carry the files' bytes instead of decoded crops (encoded_rows)."""
+    rows = encoded_rows if encoded else Preprocess(spec, exact_decode).rows
     reader = Reader(options, max_member_bytes)
     for text in batch["unit"].to_pylist():
         unit = json.loads(text)
         if unit["archive"]:
-            yield from preprocess.rows(reader.archive_members(unit["archive"], set(unit["done"])))
+            yield from rows(reader.archive_members(unit["archive"], set(unit["done"])))
         else:
-            yield from preprocess.rows(_read_files(reader, unit["files"]))
+            yield from rows(_read_files(reader, unit["files"]))
 
 
 def _read_files(reader: Reader, keys: list[str]) -> Iterator[Item]:
