@@ -17,7 +17,7 @@ from pipeline import storage
 from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr, timestamp
 from pipeline.errors import UsageError
 from pipeline.label.evaluate import check_class_folders, evaluate
-from pipeline.label.output import SUMMARY, LabelWriter, io_errors
+from pipeline.label.output import SUMMARY, LabelWriter, io_errors, read_runs
 from pipeline.label.report import write_report
 from pipeline.label.sources import MAX_MEMBER_BYTES, MEMBER_SEPARATOR, Listing, list_inputs
 from pipeline.train import checkpoint
@@ -125,10 +125,7 @@ def embedding_size(model, state: dict) -> int:
 def append_run(writer: LabelWriter, summary: dict) -> None:
     """Add this run's entry to OUTPUT/_summary.json, which keeps one per run."""
     path = f"{writer.base}/{SUMMARY}"
-    try:
-        runs = json.loads(storage.read_bytes(writer.fs, path))["runs"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # the first run, or a summary of imgjobs 0.1
-        runs = []
+    runs = read_runs(writer.fs, writer.base)
     storage.write_bytes(writer.fs, path, json.dumps({"runs": [*runs, summary]}, indent=2).encode())
 
 

@@ -167,6 +167,15 @@ class LabelWriter:
         return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table().select(columns)
 
 
+def read_runs(fs: pafs.FileSystem, base: str) -> list[dict]:
+    """The runs recorded in base/_summary.json; none when there is no summary yet (the first run, or one killed
+    before its end) or it is one of imgjobs 0.1."""
+    try:
+        return json.loads(storage.read_bytes(fs, f"{base}/{SUMMARY}"))["runs"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return []
+
+
 def output_schema(embedding_size: int | None = None) -> pa.Schema:
     """The labels' columns, and the embedding column when the job writes one."""
     if not embedding_size:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import time
 from collections import Counter
 
@@ -25,7 +24,8 @@ from pipeline.console import timestamp
 from pipeline.errors import UsageError
 from pipeline.images import decode_image
 from pipeline.label.evaluate import true_classes
-from pipeline.label.output import SUMMARY, is_part, provenance_of, read_table
+from pipeline.label.output import is_part, provenance_of, read_runs, read_table
+from pipeline.metrics import confusion_matrix
 
 REPORT = "report.html"
 COLUMNS = ["path", "label", "label_index", "score", "topk_labels", "topk_scores", "uncertain", "error", "error_kind"]
@@ -52,10 +52,7 @@ def write_report(output: str, log=print) -> str:
     tables = [read_table(fs, path, COLUMNS) for path in parts]
     provenance = provenance_of(tables[0].schema, parts[0])
     rows = pa.concat_tables([t.replace_schema_metadata() for t in tables])
-    try:
-        runs = json.loads(storage.read_bytes(fs, f"{base}/{SUMMARY}"))["runs"]
-    except (FileNotFoundError, ValueError, KeyError):
-        runs = []  # a job killed before it ended writes no summary; its Parquet files are all the page needs
+    runs = read_runs(fs, base)  # none for a job killed before its end: its Parquet files are all the page needs
     path, query = storage.split_query(output)
     thumbnails = Thumbnails({storage.host(path): query} if storage.is_uri(path) and query else {})
     page = Page(path, rows, provenance, runs, thumbnails).html()  # no query: it may hold credentials
@@ -141,10 +138,8 @@ class Page:
         roots = self.evaluated["evaluated_roots"]
         targets = true_classes(self.ok.column("path").to_pylist(), roots, self.classes)
         predicted = self.ok.column("label_index").to_pylist()
-        matrix = [[0] * len(self.classes) for _ in self.classes]
-        for t, p in zip(targets, predicted):
-            if t is not None:
-                matrix[t][p] += 1
+        pairs = [(t, p) for t, p in zip(targets, predicted) if t is not None]
+        matrix = confusion_matrix([t for t, _ in pairs], [p for _, p in pairs], len(self.classes))
         evaluated = sum(map(sum, matrix))
         correct = sum(matrix[i][i] for i in range(len(self.classes)))
         wrong = [i for i, (t, p) in enumerate(zip(targets, predicted)) if t is not None and t != p]
