@@ -16,12 +16,15 @@ STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the autoscaler's config on the head
 
 
-def init_ray(dashboard: bool = False) -> None:
+def init_ray(training: bool = False) -> None:
     """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray on 127.0.0.1.
 
-    A local Ray gets a dashboard only when asked: Ray Train's placement-group cleaner queries the state API it
+    A local Ray gets a dashboard for training only: Ray Train's placement-group cleaner queries the state API it
     serves, while a labeling job has no use for one, and on a small machine its processes cost start-up and CPU.
-    `ray start --head` gives one, and imgjobs then joins it."""
+    `ray start --head` gives one, and imgjobs then joins it. Likewise the job's runtime env: training's workers
+    need setup_worker, and a joined cluster's workers the storage variables, while the workers of a Ray that this
+    process starts inherit its environment. Labeling there runs without one: any runtime env makes Ray start new
+    workers for the job rather than use the ones it prestarts (3 s of labeling's start-up on 2 CPUs)."""
     if ray.is_initialized():
         return
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
@@ -32,9 +35,10 @@ def init_ray(dashboard: bool = False) -> None:
         ray_internals.bind_to_loopback()
     elif ray_internals.runs_on_this_machine(address):
         ray_internals.present_token_if_any()
+    runtime_env = {"worker_process_setup_hook": setup_worker, "env_vars": storage_environment()}
     ray.init(logging_level=logging.WARNING, log_to_driver=True,
-             include_dashboard=dashboard if address is None else None,
-             runtime_env={"worker_process_setup_hook": setup_worker, "env_vars": storage_environment()})
+             include_dashboard=training if address is None else None,
+             runtime_env=runtime_env if address is not None or training else None)
     ray_internals.drop_forwarded_lines(RESTARTABLE_ACTOR_NOTICE)
 
 
@@ -47,9 +51,10 @@ def storage_environment() -> dict[str, str]:
 
 
 def setup_worker() -> None:
-    """Runs in every worker process of the job. Ray Train's helper actors query the state API with no address,
-    which fails when a second Ray runs on the machine: RAY_ADDRESS tells them which one is theirs. Ray Train's
-    INFO line per report (the job prints its own) stays in Ray's log files."""
+    """Runs in every worker process of a training job, and of any job on a joined cluster. Ray Train's helper
+    actors query the state API with no address, which fails when a second Ray runs on the machine: RAY_ADDRESS
+    tells them which one is theirs. Ray Train's INFO line per report (the job prints its own) stays in Ray's log
+    files."""
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     ray_internals.train_report_logger().setLevel(logging.WARNING)
 

@@ -200,16 +200,23 @@ class AutoscalingCluster:
             env={**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
                  "RAY_AUTH_TOKEN_PATH": str(self.token), "RAY_enable_autoscaler_v2": "1",
                  "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID})
+        self.wait_for_raylets(1)  # the head's: a job that comes sooner finds no Ray on this machine to join
+
+    def raylets(self) -> int:
+        return sum("raylet" in p.name() for p in psutil.Process(self.process.pid).children(recursive=True))
+
+    def wait_for_raylets(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.raylets() != count:
+            assert time.monotonic() < deadline, f"the cluster did not come to {count} raylet(s)"
+            time.sleep(0.5)
 
     def env(self) -> dict:
         return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_TOKEN_PATH": str(self.token)}
 
     def wait_until_at_rest(self, timeout: float = 120) -> None:
         """Waits until the autoscaler has stopped every worker node it started: the head's raylet is the only one."""
-        deadline = time.monotonic() + timeout
-        while sum("raylet" in p.name() for p in psutil.Process(self.process.pid).children(recursive=True)) > 1:
-            assert time.monotonic() < deadline, "the autoscaler did not stop its idle worker nodes"
-            time.sleep(1)
+        self.wait_for_raylets(1, timeout)
 
     def stop(self) -> None:
         """Stops the head and the worker nodes its autoscaler started: the process tree of `ray start`."""

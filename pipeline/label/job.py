@@ -1,14 +1,16 @@
 """`imgjobs label`: list inputs, stream them through Ray Data into the checkpoint's model, write Parquet once.
 
-`label` reads top to bottom: load the checkpoint, list the inputs and what the output already holds, plan
-the actors, stream the rest through them into the writer, then summarise.
+`label` reads top to bottom: list the inputs, load the checkpoint while Ray starts, find what the output already
+holds, plan the actors, stream the rest through them into the writer, then summarise.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow.compute as pc
 
@@ -62,18 +64,24 @@ class Work:
 
 def label(opts: LabelOptions, started_at: float | None = None, console: Console | None = None) -> dict:
     """Run the job and return this run's entry in OUTPUT/_summary.json. User mistakes raise UsageError
-    before any work starts. `started_at` (time.time() at command start) is where start-up is counted from."""
+    before anything is written. `started_at` (time.time() at command start) is where start-up is counted from."""
     started = started_at or time.time()
     console = console or Console()
     # A wrong checkpoint or input path is answered before torch and Ray load, which takes seconds; nothing is
     # written anywhere before every check has passed.
     opts.checkpoint = checkpoint.find(opts.checkpoint)
     listing = list_inputs(opts.inputs)
-    state = checkpoint.load(opts.checkpoint)
-    model = checkpoint.build_from(state)  # weights that do not fit their arch fail here, before Ray starts
-    top_k = check_top_k(opts.top_k, state["classes"])
-    if opts.evaluate:
-        check_class_folders(listing.roots, state["classes"])
+    # The model loads on a thread while Ray starts on this one (it must: Ray's processes end with the thread that
+    # started them). Each takes seconds of imports and start-up, and on 2 CPUs they overlap.
+    from pipeline import ray_internals
+    from pipeline.cluster import init_ray
+
+    new_local_ray = ray_internals.existing_cluster_address() is None
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(load_model, opts, listing.roots, new_local_ray, console.line)
+        init_ray()
+        model = loading.result()
+    state = model.state
     provenance = {
         "imgjobs_version": pipeline.__version__,
         "checkpoint": opts.checkpoint,
@@ -82,9 +90,9 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         "classes": state["classes"],
         "precision": opts.precision,
         "decode": {"exact": opts.exact_decode},
-        "top_k": top_k,
+        "top_k": model.top_k,
         "min_confidence": opts.min_confidence,
-        "embeddings": embedding_size(model, state) if opts.embeddings else None,
+        "embeddings": model.embedding_size,
     }
     # Fails first if it cannot write there, another job holds the output, or the output holds other labels.
     writer = LabelWriter(opts.output, provenance, opts.rows_per_file, opts.commit_every, opts.overwrite, console.line)
@@ -94,8 +102,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
                      f"{time.time() - started:.1f}s; {work.skipped} already in {opts.output}")
         progress = Progress(console, len(work.files), len(work.archive_done))
         if work.files or work.archive_done:
-            run(opts, state, model, work, top_k, provenance, lambda table: progress.add(writer.add(table), started),
-                console)
+            run(opts, model, work, provenance, lambda table: progress.add(writer.add(table), started), console)
     finally:
         writer.close()  # what was labeled is committed, and the lock given back, whatever stopped the run
     console.close()
@@ -115,6 +122,39 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     return summary
 
 
+@dataclass
+class Model:
+    """The checkpoint, its model, and what the job derives from them."""
+
+    state: dict
+    model: Any
+    top_k: int
+    embedding_size: int | None
+    cpu_payload: dict | None  # plan.model_payload for actors on this machine's CPU, when they are sure to run there
+
+
+def load_model(opts: LabelOptions, roots: list[str], new_local_ray: bool, log) -> Model:
+    """Load and check the checkpoint: weights that do not fit their arch, a --top-k or --embeddings the model cannot
+    give, and --evaluate's class folders fail here. When the job starts a Ray of its own (`new_local_ray`) on a
+    machine without GPUs, the actors' payload is built here too: its TorchScript tracing takes seconds that Ray's
+    start covers."""
+    import torch
+
+    state = checkpoint.load(opts.checkpoint)
+    model = checkpoint.build_from(state)
+    top_k = check_top_k(opts.top_k, state["classes"])
+    if opts.evaluate:
+        check_class_folders(roots, state["classes"])
+    size = embedding_size(model, state) if opts.embeddings else None
+    payload = None
+    if new_local_ray and not torch.cuda.is_available():
+        from pipeline.label import plan
+
+        precision = plan.choose_precision(opts.precision, gpu=False)[0]
+        payload = plan.model_payload(state, model, precision, gpu=False, embeddings=opts.embeddings, log=log)
+    return Model(state, model, top_k, size, payload)
+
+
 def embedding_size(model, state: dict) -> int:
     """The length of the embedding column; a model whose head takes no feature vector fails here, before Ray."""
     from pipeline.train.models import embedding_head
@@ -129,28 +169,29 @@ def append_run(writer: LabelWriter, summary: dict) -> None:
     storage.write_bytes(writer.fs, path, json.dumps({"runs": [*runs, summary]}, indent=2).encode())
 
 
-def run(opts: LabelOptions, state: dict, model, work: Work, top_k: int, provenance: dict, take,
-        console: Console) -> None:
-    """Start or join Ray, plan the actors and their precision (recorded in `provenance`), and hand every labeled
-    block to take()."""
-    from pipeline.cluster import init_ray
+def run(opts: LabelOptions, model: Model, work: Work, provenance: dict, take, console: Console) -> None:
+    """Plan the actors and their precision (recorded in `provenance`) on the Ray that label() joined or started,
+    and hand every labeled block to take()."""
     from pipeline.label import plan
 
-    init_ray()
     actors = plan.actor_plan(opts.batch_size, opts.max_actors)
     if actors["waiting"]:
         console.line("label: waiting for a worker node with CPUs: none is up yet, and the autoscaler adds one as the "
                      f"job asks for it; the pool grows to {actors['max_actors']} actor(s) (--max-actors)")
-    precision, why = plan.choose_precision(opts.precision, gpu=actors["num_gpus"] > 0)
+    gpu = actors["num_gpus"] > 0
+    precision, why = plan.choose_precision(opts.precision, gpu=gpu)
     provenance["compute_precision"] = precision  # before the first commit: every file records it
-    provenance["decode_device"] = "gpu" if actors["num_gpus"] else "cpu"
+    provenance["decode_device"] = "gpu" if gpu else "cpu"
     if opts.precision == "auto":
         console.line(f"label: precision auto: {precision} ({why}; --precision fp32 or bf16 forces one)")
-    payload = plan.model_payload(state, model, precision, gpu=actors["num_gpus"] > 0, embeddings=opts.embeddings,
-                                 log=console.line)
+    payload = model.cpu_payload
+    if gpu or payload is None or payload["precision"] != precision:
+        payload = plan.model_payload(model.state, model.model, precision, gpu=gpu, embeddings=opts.embeddings,
+                                     log=console.line)
     units = plan.read_units_of(work.files, work.archive_done, actors["batch_size"])
     dataset = plan.dataset(units, work.options, actors, payload, exact_decode=opts.exact_decode,
-                           max_member_bytes=opts.max_member_bytes, top_k=top_k, min_confidence=opts.min_confidence)
+                           max_member_bytes=opts.max_member_bytes, top_k=model.top_k,
+                           min_confidence=opts.min_confidence)
     with filtered_stderr(RESTARTABLE_ACTOR_NOTICE):
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             take(table)

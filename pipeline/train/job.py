@@ -49,7 +49,7 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
 
         tracker = MlflowRun(cfg.tracking.mlflow_uri, cfg.tracking.mlflow_experiment, cfg.name, run_dir, config,
                             console.line)
-    init_ray(dashboard=True)
+    init_ray(training=True)
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
         use_gpu, why = gpu_choice()
