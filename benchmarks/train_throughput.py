@@ -6,6 +6,9 @@ report their second epoch's images/s (the first warms up caches and allocators);
 out of the ratio and reported on its own (command start to first training step).
 
     .venv/bin/python benchmarks/train_throughput.py [--epochs 2] [--cases 4x1,32x1,4x2,32x2]
+
+With --exact-decode-too, each case also runs with data.exact_decode=true: on big photos (--data a folder of
+12 MP JPEGs) that shows what reduced-size decoding gives (the plain loop decodes at full size, as PyTorch does).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.hardware import cpu_model  # noqa: E402
 from pipeline.train.data import scan_image_folder  # noqa: E402
 from pipeline.train.dataset import ImageDataset, collate_skipping  # noqa: E402
 from pipeline.train.models import build_model  # noqa: E402
@@ -70,13 +73,14 @@ def model_only(batch_size: int, steps: int = 5) -> float:
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def imgjobs_train(data_root: str, batch_size: int, workers: int, epochs: int, loader_workers: int) -> dict:
+def imgjobs_train(data_root: str, batch_size: int, workers: int, epochs: int, loader_workers: int,
+                  *overrides: str) -> dict:
     with tempfile.TemporaryDirectory() as storage:
         cmd = [
             str(REPO / ".venv" / "bin" / "imgjobs"), "train", "-c", str(REPO / "configs" / "train.yaml"),
             "name=bench", f"data.root={data_root}", "model.weights=none", f"train.epochs={epochs}",
             f"train.batch_size={batch_size}", f"scaling.num_workers={workers}", "scaling.use_gpu=false",
-            f"train.num_data_workers={loader_workers}", f"storage.path={storage}",
+            f"train.num_data_workers={loader_workers}", f"storage.path={storage}", *overrides,
         ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
         summary = json.loads((Path(storage) / "bench" / "summary.json").read_text())
@@ -89,8 +93,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--cases", default="4x1,32x1,4x2,32x2", help="BATCHxWORKERS, comma-separated")
     parser.add_argument("--loader-workers", type=int, default=2)
+    parser.add_argument("--exact-decode-too", action="store_true", help="also run each case with data.exact_decode=true")
     args = parser.parse_args()
-    print(f"{time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"{'batch':>5} {'workers':>7} {'ceiling':>8} {'plain':>6} {'imgjobs':>7} {'vs plain':>8} {'vs ceiling':>10} {'start-up s':>10}")
     plain, ceiling = {}, {}
     for case in args.cases.split(","):
@@ -98,10 +103,12 @@ def main() -> None:
         if batch not in plain:
             ceiling[batch] = model_only(batch)
             plain[batch] = plain_loop(args.data, batch, args.epochs, args.loader_workers)
-        job = imgjobs_train(args.data, batch, workers, args.epochs, args.loader_workers)
-        rate = job["images_per_s"]
-        print(f"{batch:>5} {workers:>7} {ceiling[batch]:>8.1f} {plain[batch]:>6.1f} {rate:>7.1f} "
-              f"{rate / plain[batch]:>8.2f} {rate / ceiling[batch]:>10.2f} {job['startup_s']:>10.1f}", flush=True)
+        for overrides in [()] + [("data.exact_decode=true",)] * args.exact_decode_too:
+            job = imgjobs_train(args.data, batch, workers, args.epochs, args.loader_workers, *overrides)
+            rate = job["images_per_s"]
+            print(f"{batch:>5} {workers:>7} {ceiling[batch]:>8.1f} {plain[batch]:>6.1f} {rate:>7.1f} "
+                  f"{rate / plain[batch]:>8.2f} {rate / ceiling[batch]:>10.2f} {job['startup_s']:>10.1f} "
+                  f"{' '.join(overrides)}", flush=True)
 
 
 if __name__ == "__main__":

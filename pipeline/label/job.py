@@ -156,7 +156,7 @@ def load_model(opts: LabelOptions, roots: list[str], new_local_ray: bool, log) -
 
 
 def embedding_size(model, state: dict) -> int:
-    """The length of the embedding column; a model whose head takes no feature vector fails here, before Ray."""
+    """The length of the embedding column; a model whose head takes no feature vector fails here."""
     from pipeline.train.models import embedding_head
 
     return embedding_head(model, state["model"]["head"]).in_features

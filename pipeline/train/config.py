@@ -28,6 +28,8 @@ class DataConfig(_Section):
     split_seed: int = Field(0, description="labels Parquet: the seed of that split")
     max_unreadable: float = Field(0.5, ge=0, le=1, description="stop when a larger share of a split's files fails "
                                                                "to read or decode")
+    exact_decode: bool = Field(False, description="decode every JPEG at full size; by default a big one decodes at "
+                                                  "a reduced scale that still gives every crop its full pixels")
 
 
 class ModelConfig(_Section):

@@ -14,8 +14,10 @@ from pipeline.train.data import Split, image_reader
 class ImageDataset(Dataset):
     """Yields (tensor, target, index), or (None, path, reason) for a file that does not decode."""
 
-    def __init__(self, root: str, split: Split, transform, indices=None, keys: bool = False):
-        self.root, self.keys = root, keys
+    def __init__(self, root: str, split: Split, transform, indices=None, keys: bool = False,
+                 draft_size: int | None = None):
+        """`draft_size`: big JPEGs decode at a reduced scale that keeps this many pixels on the short side."""
+        self.root, self.keys, self.draft_size = root, keys, draft_size
         self._reader = (None, None)  # (pid, reader): DataLoader workers fork, and must not share open files
         self.split = split
         self.transform = transform
@@ -28,7 +30,7 @@ class ImageDataset(Dataset):
         index = self.indices[i]
         path = self.split.paths[index]
         try:
-            image = decode_image(self.read(path))
+            image = decode_image(self.read(path), self.draft_size)
         except Exception as e:  # one bad file must never stop training
             return None, path, image_error(e)
         return self.transform(image), self.split.targets[index], index

@@ -28,7 +28,7 @@ from pipeline.train.data import Split
 from pipeline.train.dataset import ImageDataset, collate_skipping
 from pipeline.train.models import build_model, configure_trainable, set_train_mode
 from pipeline.train.progress import Reporter
-from pipeline.train.transforms import eval_transform, train_transform
+from pipeline.train.transforms import decode_sizes, eval_transform, train_transform
 
 # Steps between the workers' joint question about preemption, a barrier across them: often enough for a notice
 # that comes two minutes before a spot reclaim.
@@ -182,13 +182,16 @@ def train_loop_per_worker(job: dict) -> None:
 
 def build_loaders(cfg: Config, job: dict, spec: dict, worker: Worker) -> tuple[DataLoader, DataLoader]:
     """This worker's shard of train (reshuffled every epoch through the sampler) and its share of val."""
-    train_set = ImageDataset(cfg.data.root, Split(**job["train"]), train_transform(spec), keys=job["keys"])
+    train_draft, val_draft = (None, None) if cfg.data.exact_decode else decode_sizes(spec)
+    train_set = ImageDataset(cfg.data.root, Split(**job["train"]), train_transform(spec), keys=job["keys"],
+                             draft_size=train_draft)
     sampler = ResumableSampler(train_set, num_replicas=worker.world, rank=worker.rank, shuffle=True,
                                seed=cfg.train.seed)
     # Val is split without padding, so every val image is counted exactly once across workers.
     val_split = Split(**job["val"])
     val_set = ImageDataset(cfg.data.root, val_split, eval_transform(spec),
-                           indices=range(worker.rank, len(val_split), worker.world), keys=job["keys"])
+                           indices=range(worker.rank, len(val_split), worker.world), keys=job["keys"],
+                           draft_size=val_draft)
     loader_args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_data_workers,
                        collate_fn=collate_skipping, pin_memory=worker.device.type == "cuda")
     return DataLoader(train_set, sampler=sampler, **loader_args), DataLoader(val_set, shuffle=False, **loader_args)
