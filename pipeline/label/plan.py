@@ -81,7 +81,9 @@ def dataset(units: list[dict], options: dict[str, str], actors: dict, payload: d
                                 "max_member_bytes": max_member_bytes, "encoded": gpu})
         .map_batches(
             Predictor,
-            batch_size=actors["batch_size"],
+            # CPU actors take each read block whole and run it in model batches: a call per block, not per batch,
+            # as each call and its result block cost Ray Data milliseconds.
+            batch_size=actors["batch_size"] if gpu else None,
             batch_format="numpy",
             fn_constructor_kwargs={
                 "payload_ref": [ray.put(payload)],

@@ -66,7 +66,10 @@ class Predictor:
         embeddings = np.zeros((n, self.embedding_size or 0), dtype=np.float32)
         if ok.any():
             pixels = torch.from_numpy(batch["pixels"][ok]) if crops is None else crops[torch.from_numpy(ok).to(self.device)]
-            features, logits = self.forward(pixels)
+            # A call may hold several model batches (CPU actors take whole read blocks, plan.dataset).
+            chunks = [self.forward(pixels[i : i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)]
+            logits = torch.cat([c[1] for c in chunks])
+            features = None if chunks[0][0] is None else torch.cat([c[0] for c in chunks])
             top = logits.softmax(dim=1).topk(self.top_k, dim=1)
             scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
             label_index[ok] = indices[ok, 0]

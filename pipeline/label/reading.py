@@ -19,7 +19,10 @@ from PIL import Image
 from pipeline.images import decode_image, image_error, jpeg_header, resize_center_crop
 from pipeline.label.sources import Item, Reader, error_kind
 
-ROWS_PER_BLOCK = 32  # output block size: small enough to keep the predictor fed early, big enough to be cheap
+# Output blocks: each costs Ray Data milliseconds to move and hand to an actor, so rows of 224-pixel crops
+# (150 KB) go 128 to a block after a first one of 32, which feeds the predictor early (a read unit of files
+# starts smaller still, plan.split_files); encoded files, up to several MB each, go 32 to a block.
+FIRST_BLOCK_ROWS, ROWS_PER_BLOCK, ENCODED_ROWS_PER_BLOCK = 32, 128, 32
 
 
 def make_unit(files: list[str] = (), archive: str | None = None, done: list[str] = ()) -> dict:
@@ -49,7 +52,7 @@ class Preprocess:
 
     def rows(self, items: Iterator[Item]) -> Iterator[dict]:
         """Blocks of decoded rows from (key, bytes, read error, its kind) items."""
-        block = []
+        block, size = [], FIRST_BLOCK_ROWS
         for key, data, error, kind in items:
             pixels, width, height = None, 0, 0
             if error is None:
@@ -58,9 +61,9 @@ class Preprocess:
                 except Exception as e:  # any bad file becomes an error row; the job goes on
                     error, kind = image_error(e), "decode"
             block.append((key, pixels, width, height, error or "", kind or ""))
-            if len(block) == ROWS_PER_BLOCK:
+            if len(block) == size:
                 yield self._block(block)
-                block = []
+                block, size = [], ROWS_PER_BLOCK
         if block:
             yield self._block(block)
 
@@ -81,7 +84,7 @@ def encoded_rows(items: Iterator[Item]) -> Iterator[dict]:
     bytes, and for JPEGs the GPU takes, the upright size and EXIF orientation from the header; orientation 0
     marks the files the predictor decodes on its CPU instead."""
     while True:
-        rows = list(itertools.islice(items, ROWS_PER_BLOCK))
+        rows = list(itertools.islice(items, ENCODED_ROWS_PER_BLOCK))
         if not rows:
             return
         headers = [jpeg_header(data) if data else None for _, data, _, _ in rows]
