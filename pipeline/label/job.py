@@ -71,6 +71,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     # written anywhere before every check has passed.
     opts.checkpoint = checkpoint.find(opts.checkpoint)
     listing = list_inputs(opts.inputs)
+    listed_in = time.time() - started
     # The model loads on a thread while Ray starts on this one (it must: Ray's processes end with the thread that
     # started them). Each takes seconds of imports and start-up, and on 2 CPUs they overlap.
     from pipeline import ray_internals
@@ -99,7 +100,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     try:
         work = remaining(listing, writer.done)
         console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
-                     f"{time.time() - started:.1f}s; {work.skipped} already in {opts.output}")
+                     f"{listed_in:.1f}s; {work.skipped} already in {opts.output}")
         progress = Progress(console, len(work.files), len(work.archive_done))
         if work.files or work.archive_done:
             run(opts, model, work, provenance, lambda table: progress.add(writer.add(table), started), console)
