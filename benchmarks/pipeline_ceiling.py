@@ -33,6 +33,7 @@ from label_throughput import label_job  # noqa: E402
 
 from pipeline.hardware import cpu_model  # noqa: E402
 from pipeline.label.output import OUTPUT_SCHEMA, LabelWriter  # noqa: E402
+from pipeline.label.reading import FIRST_BLOCK_ROWS  # noqa: E402
 from pipeline.label.sources import list_inputs  # noqa: E402
 from tests.helpers import random_weight_checkpoint  # noqa: E402
 
@@ -74,20 +75,23 @@ def time_read(files: list[str], spec: dict) -> float:
 
 
 def time_commit(out: Path, rows: int) -> float:
-    """Rows/s of the driver's commits: blocks of 32 label rows, as the predictors return them."""
+    """Rows/s of the driver's commits, in blocks of FIRST_BLOCK_ROWS label rows, the size of a read unit's first
+    block as CPU predictors return it (later blocks hold up to ROWS_PER_BLOCK): more blocks per row than a job
+    commits, so a lower bound."""
+    n = FIRST_BLOCK_ROWS
     block = pa.Table.from_pylist([{
         "path": f"/data/{i:09d}.jpg", "label": "a", "label_index": 0, "score": 0.9, "topk_labels": ["a", "b"],
         "topk_scores": [0.9, 0.1], "uncertain": False, "error": None, "error_kind": None, "width": 32, "height": 32,
-    } for i in range(32)], schema=OUTPUT_SCHEMA)
-    blocks = [block.set_column(0, "path", pa.array([f"/data/{n:06d}-{i:02d}.jpg" for i in range(32)]))
-              for n in range(rows // 32)]
+    } for i in range(n)], schema=OUTPUT_SCHEMA)
+    blocks = [block.set_column(0, "path", pa.array([f"/data/{b:06d}-{i:02d}.jpg" for i in range(n)]))
+              for b in range(rows // n)]
     start = time.perf_counter()
     writer = LabelWriter(str(out), {"classes": ["a", "b"]}, rows_per_file=100_000, commit_every=60.0,
                          overwrite=False, log=lambda line: None)
     for table in blocks:
         writer.add(table)
     writer.close()
-    return len(blocks) * 32 / (time.perf_counter() - start)
+    return len(blocks) * n / (time.perf_counter() - start)
 
 
 def main() -> None:
