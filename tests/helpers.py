@@ -200,7 +200,11 @@ class AutoscalingCluster:
             env={**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
                  "RAY_AUTH_TOKEN_PATH": str(self.token), "RAY_enable_autoscaler_v2": "1",
                  "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID})
-        self.wait_for_raylets(1)  # the head's: a job that comes sooner finds no Ray on this machine to join
+        try:
+            self.wait_for_raylets(1)  # the head's: a job that comes sooner finds no Ray on this machine to join
+        except BaseException:  # no fixture holds this cluster yet to stop it
+            self.stop()
+            raise
 
     def raylets(self) -> int:
         return sum("raylet" in p.name() for p in psutil.Process(self.process.pid).children(recursive=True))
