@@ -1,7 +1,8 @@
 """`imgjobs train -c CONFIG [key.sub=value ...]`: data-parallel fine-tuning with Ray Train.
 
-Everything the user can get wrong is checked before Ray starts; the last line names the run's folder and the
-labeling command for its best checkpoint.
+Everything the user can get wrong is checked before training starts: the config and paths before torch and Ray
+load, the model while Ray starts (pipeline.train.job). The last line names the run's folder and the labeling
+command for its best checkpoint.
 """
 
 from __future__ import annotations

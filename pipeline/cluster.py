@@ -16,8 +16,9 @@ STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the autoscaler's config on the head
 
 
-def init_ray(training: bool = False) -> None:
+def init_ray(training: bool = False) -> bool:
     """Join RAY_ADDRESS or the cluster `ray start` left on this machine; else start a local Ray on 127.0.0.1.
+    False when this process was connected already.
 
     A local Ray gets a dashboard for training only: Ray Train's placement-group cleaner queries the state API it
     serves, while a labeling job has no use for one, and on a small machine its processes cost start-up and CPU.
@@ -26,7 +27,7 @@ def init_ray(training: bool = False) -> None:
     process starts inherit its environment. Labeling there runs without one: any runtime env makes Ray start new
     workers for the job rather than use the ones it prestarts (3 s of labeling's start-up on 2 CPUs)."""
     if ray.is_initialized():
-        return
+        return False
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = ray_internals.existing_cluster_address()
@@ -40,6 +41,7 @@ def init_ray(training: bool = False) -> None:
              include_dashboard=training if address is None else None,
              runtime_env=runtime_env if address is not None or training else None)
     ray_internals.drop_forwarded_lines(RESTARTABLE_ACTOR_NOTICE)
+    return True
 
 
 def storage_environment() -> dict[str, str]:

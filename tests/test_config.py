@@ -1,4 +1,4 @@
-"""Config validation: every mistake is one line naming the key, exit code 2, and Ray never starts."""
+"""Config validation: every mistake is one line naming the key, exit code 2, and no Ray left running."""
 
 import json
 

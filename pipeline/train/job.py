@@ -1,4 +1,7 @@
-"""`imgjobs train`: check the model, run Ray Train, then write the run's outputs."""
+"""`imgjobs train`: check the model, run Ray Train, then write the run's outputs.
+
+torch, torchvision and Ray Train load on a thread while Ray starts (train, check_model), so they are imported
+where they are used, not here."""
 
 from __future__ import annotations
 
@@ -7,10 +10,9 @@ import platform
 import shlex
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
-import ray.train
-from ray.train.torch import TorchTrainer
 
 from pipeline import storage
 from pipeline.cluster import gpu_choice, init_ray
@@ -20,10 +22,7 @@ from pipeline.metrics import confusion_matrix
 from pipeline.train import checkpoint, rerun, shared_storage
 from pipeline.train.config import Config
 from pipeline.train.data import ImageFolder
-from pipeline.train.loop import train_loop_per_worker
-from pipeline.train.models import build_model, configure_trainable
 from pipeline.train.progress import relay
-from pipeline.train.reports import epoch_table, write_run_outputs
 
 
 class TrainingFailed(Exception):
@@ -36,20 +35,19 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
     the summary it writes to <storage.path>/<name>/summary.json. A rerun of the name resumes it when its config
     allows (rerun.prepare); `fresh` starts over."""
     console = console or Console()
-    check_model(cfg, len(dataset.classes))
-    console.line(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
+    # The model is built once to check it on a thread while Ray starts on this one (it must: Ray's processes end
+    # with the thread that started them). Each takes seconds of imports and start-up, and on 2 CPUs they overlap.
+    with ThreadPoolExecutor(1) as pool:
+        checking = pool.submit(check_model, cfg, len(dataset.classes))
+        connected = init_ray(training=True)
+        try:
+            checking.result()
+            run_dir, config, tracker = start_run(cfg, dataset, fresh, console)
+        except UsageError:  # found once Ray started: the Ray it started stops again; a mistake leaves nothing behind
+            if connected:
+                ray.shutdown()
+            raise
     storage_path = storage.absolute(cfg.storage.path)
-    run_dir = storage.join(storage_path, cfg.name)
-    config = cfg.model_dump(mode="json")
-    config["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
-    rerun.prepare(run_dir, config, fresh, console.line)
-    tracker = None
-    if cfg.tracking.mlflow_uri:
-        from pipeline.train.tracking import MlflowRun
-
-        tracker = MlflowRun(cfg.tracking.mlflow_uri, cfg.tracking.mlflow_experiment, cfg.name, run_dir, config,
-                            console.line)
-    init_ray(training=True)
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
         use_gpu, why = gpu_choice()
@@ -80,6 +78,8 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
     summary = summarise(cfg, job, dataset, result, run_dir, use_gpu)
     if tracker:
         tracker.finish(summary)
+    from pipeline.train.reports import epoch_table
+
     console.line(epoch_table(summary["epochs"]))
     console.line(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
                  f"{summary['skipped_files']} unreadable file(s) skipped")
@@ -88,13 +88,39 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
     return summary
 
 
+def start_run(cfg: Config, dataset: ImageFolder, fresh: bool, console: Console):
+    """Record the run's config in its folder (a rerun is checked against the earlier one, rerun.prepare) and open
+    its MLflow run if it has one: (run folder, config, tracker or None)."""
+    console.line(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
+    run_dir = storage.join(storage.absolute(cfg.storage.path), cfg.name)
+    config = cfg.model_dump(mode="json")
+    config["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
+    rerun.prepare(run_dir, config, fresh, console.line)
+    tracker = None
+    if cfg.tracking.mlflow_uri:
+        from pipeline.train.tracking import MlflowRun
+
+        tracker = MlflowRun(cfg.tracking.mlflow_uri, cfg.tracking.mlflow_experiment, cfg.name, run_dir, config,
+                            console.line)
+    return run_dir, config, tracker
+
+
 def check_model(cfg: Config, num_classes: int) -> None:
-    """Build the model once before Ray starts: a bad arch, weights file or trainable list fails here."""
+    """Build the model once: a bad arch, weights file or trainable list fails here, before anything is written.
+    It runs while Ray starts (train), and so do its imports: the job's heavy ones, fit's included."""
+    from pipeline.train.loop import train_loop_per_worker  # noqa: F401  (fit's: torch, torchvision, Ray Train)
+    from pipeline.train.models import build_model, configure_trainable
+
     model, spec = build_model(cfg.model.arch, num_classes, cfg.model.weights)
     configure_trainable(model, spec["head"], cfg.model.mode, cfg.model.trainable)
 
 
 def fit(cfg: Config, job: dict, storage_path: str, use_gpu: bool) -> ray.train.Result:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+
     # Ray Train gets a URI's filesystem object and the path inside it, so query-string options (an S3 endpoint)
     # reach it and never land inside the paths it joins.
     filesystem, path = storage.resolve(storage_path) if storage.is_uri(storage_path) else (None, storage_path)
@@ -142,6 +168,8 @@ def versions() -> dict:
 def summarise(cfg: Config, job: dict, dataset: ImageFolder, result: ray.train.Result, run_dir: str,
               use_gpu: bool) -> dict:
     """summary.json, metrics.csv and the plots, from the best and the latest checkpoints."""
+    from pipeline.train.reports import write_run_outputs
+
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_acc"], -cm[1]["epoch"]))
     best_path = storage.join(run_dir, os.path.basename(best_ckpt.path), checkpoint.FILENAME)
     latest_path = storage.join(run_dir, os.path.basename(result.checkpoint.path), checkpoint.FILENAME)
