@@ -162,8 +162,7 @@ class LabelWriter:
         self._last_commit = time.monotonic()
 
     def read_all(self, columns: list[str]) -> pa.Table:
-        parts = [e.path for e in self.fs.get_file_info(pafs.FileSelector(self.base)) if is_part(e)]
-        tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in sorted(parts)]
+        tables = [read_table(self.fs, path, columns) for path in part_paths(self.fs, self.base)]
         return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table().select(columns)
 
 
@@ -231,6 +230,15 @@ def io_errors(table: pa.Table) -> pa.ChunkedArray:
 def is_part(entry: pafs.FileInfo) -> bool:
     """A committed labels file: a visible .parquet file (temporaries and _summary.json start with . or _)."""
     return entry.type == pafs.FileType.File and entry.base_name.endswith(".parquet") and entry.base_name[0] not in "._"
+
+
+def part_paths(fs: pafs.FileSystem, base: str) -> list[str]:
+    """The committed labels files in the output folder `base`, in name order; none where it does not exist."""
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(e.path for e in entries if is_part(e))
 
 
 def read_table(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:

@@ -17,14 +17,13 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.console import timestamp
 from pipeline.errors import UsageError
 from pipeline.images import decode_image
 from pipeline.label.evaluate import true_classes
-from pipeline.label.output import is_part, provenance_of, read_runs, read_table
+from pipeline.label.output import part_paths, provenance_of, read_runs, read_table
 from pipeline.metrics import confusion_matrix
 
 REPORT = "report.html"
@@ -42,11 +41,7 @@ BINS = 20  # of the top-1 score histogram, over [0, 1]
 def write_report(output: str, log=print) -> str:
     """Build OUTPUT/report.html from the output's files and return its path."""
     fs, base = storage.resolve(output)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(base))
-    except (FileNotFoundError, NotADirectoryError):
-        entries = []
-    parts = sorted(e.path for e in entries if is_part(e))
+    parts = part_paths(fs, base)
     if not parts:
         raise UsageError(f"{output} holds no labels files; pass the --output folder of an imgjobs label run")
     tables = [read_table(fs, path, COLUMNS) for path in parts]
