@@ -26,16 +26,22 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     `draft_size` lets JPEGs decode at a reduced DCT scale that still covers that many pixels on the
     short side: much faster for big photos, at a small cost in fidelity.
     """
+    return decode_with_size(data, draft_size)[0]
+
+
+def decode_with_size(data: bytes, draft_size: int | None = None) -> tuple[Image.Image, int, int]:
+    """decode_image, and the upright image's full width and height, which a reduced decode (draft_size) hides."""
     if not data:
         raise ValueError("empty file")
     img = Image.open(io.BytesIO(data))  # raises DecompressionBombError past PIL's pixel limit
+    width, height = img.size
     if draft_size and img.format == "JPEG":
-        w, h = img.size
-        scale = draft_size / min(w, h)
-        img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
+        scale = draft_size / min(width, height)
+        img.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
     img.load()  # decode now, so truncated files fail here and not later
-    img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+    if img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn, which exif_transpose makes
+        width, height = height, width
+    return to_rgb(ImageOps.exif_transpose(img)), width, height
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:

@@ -71,6 +71,22 @@ def test_orient_turns_images_upright_as_pil_does():
         assert np.array_equal(orient(raw, orientation).numpy(), upright), orientation
 
 
+@pytest.mark.parametrize("orientation, upright", [(1, (2000, 1000)), (3, (2000, 1000)), (6, (1000, 2000)),
+                                                  (8, (1000, 2000))])
+def test_reduced_decoding_reports_the_full_upright_size(orientation, upright):
+    """The width and height columns give the photo's own upright size, not the reduced decode's."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    sample_image(size=(2000, 1000)).save(buf, "JPEG", exif=exif, quality=90)
+    spec = {"resize_size": 256, "input_size": 224, "interpolation": "bilinear"}
+    reduced = decode_image(buf.getvalue(), draft_size=256)
+    assert reduced.size == (upright[0] // 2, upright[1] // 2)  # decoded at half scale, then turned upright
+    pixels, width, height = Preprocess(spec)(buf.getvalue())
+    assert (width, height) == upright and pixels.shape == (3, 224, 224)
+    assert Preprocess(spec, exact_decode=True)(buf.getvalue())[1:] == upright
+
+
 def label_rows(predictor: Predictor, blocks) -> dict[str, dict]:
     return {row["path"]: row for block in blocks for row in predictor(block).to_pylist()}
 

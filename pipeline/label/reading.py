@@ -8,15 +8,13 @@ exactly what `eval_transform` would give it. A file that cannot be read or decod
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
-from pipeline.images import decode_image, image_error, jpeg_header, resize_center_crop
+from pipeline.images import decode_with_size, image_error, jpeg_header, resize_center_crop
 from pipeline.label.sources import Item, Reader, error_kind
 
 # Output blocks: each costs Ray Data milliseconds to move and hand to an actor, so rows of 224-pixel crops
@@ -40,13 +38,7 @@ class Preprocess:
 
     def __call__(self, data: bytes) -> tuple[np.ndarray, int, int]:
         """(3×S×S uint8, width, height) where width and height are the upright image's full size."""
-        img = decode_image(data, draft_size=self.draft_size)
-        width, height = img.size
-        if self.draft_size:  # the reduced decode hides the real size; the header has it, before EXIF rotation
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-            if (width - height) * (img.width - img.height) < 0:
-                width, height = height, width
+        img, width, height = decode_with_size(data, draft_size=self.draft_size)
         crop = resize_center_crop(img, self.resize_size, self.input_size, self.interpolation)
         return np.asarray(crop).transpose(2, 0, 1), width, height
 
