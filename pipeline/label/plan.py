@@ -22,6 +22,9 @@ MAX_THREADS = 4  # per CPU actor: intra-op scaling flattens beyond about 4 threa
 # A read task is one decoding thread that also waits on storage. Its reservation must differ from the
 # predictor's, or Ray Data fuses reading into the predictor actors and decoding stops running in parallel.
 READ_CPUS = 0.5
+# Between two read tasks Ray Data takes a scheduling round (tens of ms) in which, where a node has room for one
+# read task beside its predictor, nothing decodes: 256 small files per task left the read slot idle half the time.
+MAX_TASK_FILES = 1024
 
 
 def actor_plan(batch_size: int | None, max_actors: int | None) -> dict:
@@ -52,9 +55,10 @@ def actor_plan(batch_size: int | None, max_actors: int | None) -> dict:
 
 def split_files(files: list[str], batch_size: int) -> list[list[str]]:
     """Files per read task: first a model batch's worth, so labels start to flow at once, then doubling up to
-    about four tasks per CPU (8 to 256 files each), so reads spread over the cluster at little per-task cost."""
+    about four tasks per CPU (8 to MAX_TASK_FILES each), so reads spread over the cluster at little per-task
+    cost."""
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    largest = max(8, min(256, math.ceil(len(files) / (4 * cpus))))
+    largest = max(8, min(MAX_TASK_FILES, math.ceil(len(files) / (4 * cpus))))
     parts, start, size = [], 0, min(batch_size, largest)
     while start < len(files):
         parts.append(files[start : start + size])
