@@ -1,13 +1,17 @@
 """The labeling pipeline's own ceiling: rows/s through list -> read -> predict -> commit, with a model that costs
-next to nothing (random-weight MobileNetV3-small at 32 pixels) on tiny JPEGs, and where the time goes.
+little (random-weight MobileNetV3-small at 32 pixels) on tiny JPEGs, and where the time goes.
 
-    .venv/bin/python benchmarks/pipeline_ceiling.py [--images 20000] [--gpu-images-per-s 3000]
+    .venv/bin/python benchmarks/pipeline_ceiling.py [--images 20000] [--batch-size 128] [--gpu-images-per-s 3000]
 
 Each stage is timed alone on this machine, then the whole job:
   listing   list_inputs over the folder (the driver)
   read      Ray Data's read tasks alone: read, decode, resize and crop, rows counted in the driver
+  model     the predictors' TorchScript model alone on ready tensors, at the default CPU batch and at the job's
   commit    LabelWriter.add and close on ready label tables: Parquet, provenance, the lock (the driver)
-  job       `imgjobs label` as a fresh command, after start-up (its summary), and end to end
+  job       `imgjobs label --batch-size B` as a fresh command, after start-up (its summary), and end to end
+The job runs at a batch of 128 by default, one model call per read block: at the default CPU batch of 8, the
+model's cost per call (TorchScript runs MobileNetV3's fifty-odd small ops one by one) would bound the job, and
+it is the pipeline this measures.
 The job's rate against one GPU's labeling rate (--gpu-images-per-s, an assumption to set for your GPU and model)
 says how many GPUs one driver can feed. Nothing here is a pass/fail test: it prints numbers for the README.
 """
@@ -32,9 +36,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from label_throughput import label_job  # noqa: E402
 
 from pipeline.hardware import cpu_model  # noqa: E402
+from pipeline.label.plan import CPU_BATCH, MAX_THREADS, model_payload  # noqa: E402
+from pipeline.label.predictor import example_batch, torchscript_model  # noqa: E402
 from pipeline.label.output import OUTPUT_SCHEMA, LabelWriter  # noqa: E402
 from pipeline.label.reading import FIRST_BLOCK_ROWS  # noqa: E402
 from pipeline.label.sources import list_inputs  # noqa: E402
+from pipeline.train import checkpoint  # noqa: E402
 from tests.helpers import random_weight_checkpoint  # noqa: E402
 
 
@@ -74,6 +81,23 @@ def time_read(files: list[str], spec: dict) -> float:
     return rows / seconds
 
 
+def time_model(ckpt: str, batch_size: int, seconds: float = 3.0) -> float:
+    """Rows/s of the CPU predictors' model alone, with their threads, on ready tensors."""
+    import torch
+
+    torch.set_num_threads(min(MAX_THREADS, os.cpu_count()))
+    state = checkpoint.load(ckpt)
+    payload = model_payload(state, checkpoint.build_from(state), "fp32", gpu=False)
+    forward = torchscript_model(payload, batch_size)
+    x = example_batch(batch_size, state["model"]["input_size"], torch.float32)
+    rows, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - start < seconds:
+            forward(x)
+            rows += batch_size
+    return rows / (time.perf_counter() - start)
+
+
 def time_commit(out: Path, rows: int) -> float:
     """Rows/s of the driver's commits, in blocks of FIRST_BLOCK_ROWS label rows, the size of a read unit's first
     block as CPU predictors return it (later blocks hold up to ROWS_PER_BLOCK): more blocks per row than a job
@@ -97,6 +121,7 @@ def time_commit(out: Path, rows: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=128, help="the job's --batch-size (see above)")
     parser.add_argument("--gpu-images-per-s", type=float, default=3000.0,
                         help="what one GPU labels with your model, to say how many GPUs one driver feeds")
     args = parser.parse_args()
@@ -112,8 +137,10 @@ def main() -> None:
         print(f"  listing  {len(files) / (time.perf_counter() - start):9.0f} files/s ({len(files)} files)")
         spec = {"resize_size": 36, "input_size": 32, "interpolation": "bilinear"}
         print(f"  read     {time_read(files, spec):9.0f} rows/s (read tasks alone)")
+        for batch in (CPU_BATCH, args.batch_size):
+            print(f"  model    {time_model(ckpt, batch):9.0f} rows/s (the model alone at batch {batch})")
         print(f"  commit   {time_commit(tmp / 'commit', args.images):9.0f} rows/s (driver: Parquet, lock)")
-        summary, _ = label_job(ckpt, [str(images)], tmp / "out")
+        summary, _ = label_job(ckpt, [str(images)], tmp / "out", "--batch-size", str(args.batch_size))
         steady = summary["images_per_s_after_startup"]
         print(f"  job      {steady:9.0f} rows/s after start-up ({summary['startup_seconds']:.1f}s), "
               f"{summary['images_per_s']:.0f} end to end")
