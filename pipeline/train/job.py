@@ -35,6 +35,8 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
     the summary it writes to <storage.path>/<name>/summary.json. A rerun of the name resumes it when its config
     allows (rerun.prepare); `fresh` starts over."""
     console = console or Console()
+    storage_path = storage.absolute(cfg.storage.path)
+    run_dir = storage.join(storage_path, cfg.name)
     # The model is built once to check it on a thread while Ray starts on this one (it must: Ray's processes end
     # with the thread that started them). Each takes seconds of imports and start-up, and on 2 CPUs they overlap.
     with ThreadPoolExecutor(1) as pool:
@@ -42,12 +44,11 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
         connected = init_ray(training=True)
         try:
             checking.result()
-            run_dir, config, tracker = start_run(cfg, dataset, fresh, console)
+            config, tracker = start_run(cfg, dataset, run_dir, fresh, console)
         except UsageError:  # found once Ray started: the Ray it started stops again; a mistake leaves nothing behind
             if connected:
                 ray.shutdown()
             raise
-    storage_path = storage.absolute(cfg.storage.path)
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
         use_gpu, why = gpu_choice()
@@ -88,11 +89,10 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
     return summary
 
 
-def start_run(cfg: Config, dataset: ImageFolder, fresh: bool, console: Console):
-    """Record the run's config in its folder (a rerun is checked against the earlier one, rerun.prepare) and open
-    its MLflow run if it has one: (run folder, config, tracker or None)."""
+def start_run(cfg: Config, dataset: ImageFolder, run_dir: str, fresh: bool, console: Console):
+    """Record the run's config in `run_dir` (a rerun is checked against the earlier one, rerun.prepare) and open
+    its MLflow run if it has one: (config, tracker or None)."""
     console.line(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
-    run_dir = storage.join(storage.absolute(cfg.storage.path), cfg.name)
     config = cfg.model_dump(mode="json")
     config["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
     rerun.prepare(run_dir, config, fresh, console.line)
@@ -102,7 +102,7 @@ def start_run(cfg: Config, dataset: ImageFolder, fresh: bool, console: Console):
 
         tracker = MlflowRun(cfg.tracking.mlflow_uri, cfg.tracking.mlflow_experiment, cfg.name, run_dir, config,
                             console.line)
-    return run_dir, config, tracker
+    return config, tracker
 
 
 def check_model(cfg: Config, num_classes: int) -> None:
