@@ -43,7 +43,7 @@ from pipeline.label.plan import CPU_BATCH, model_payload  # noqa: E402
 from pipeline.label.predictor import torchscript_model  # noqa: E402
 from pipeline.train import checkpoint  # noqa: E402
 from pipeline.train.transforms import eval_transform  # noqa: E402
-from tests.helpers import peak_memory, random_weight_checkpoint, start_label  # noqa: E402
+from tests.helpers import fresh_env, peak_memory, random_weight_checkpoint, start_label  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "hymenoptera"
 BATCH = 32
@@ -148,8 +148,7 @@ def label_job(ckpt: str, inputs: list[str], out: Path, *extra: str) -> tuple[dic
     the peak sums of RSS and of PSS over the command and its descendants (its Ray processes and workers), not
     over other Ray clusters on the machine."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = start_label(["--checkpoint", ckpt, "--input", *inputs, "--output", str(out), *extra], env,
+    proc = start_label(["--checkpoint", ckpt, "--input", *inputs, "--output", str(out), *extra], fresh_env(),
                        stderr=subprocess.STDOUT)
     root = psutil.Process(proc.pid)
     with peak_memory(lambda: [root, *root.children(recursive=True)]) as peak:

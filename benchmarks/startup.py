@@ -145,8 +145,10 @@ CHILDREN = {"plain_label": plain_label, "plain_train": plain_train, "bare_ray_la
 # ---- the parent ----
 
 def env() -> dict:
-    """A user's shell: no Ray address, so every command starts its own local Ray."""
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+    """A user's shell, with the repo importable by the children."""
+    from tests.helpers import fresh_env
+
+    return fresh_env() | {"PYTHONPATH": str(REPO)}
 
 
 def child(name: str, *args: str) -> list[str]:
@@ -186,7 +188,6 @@ def commands(job: str, tmp: Path, checkpoint: str) -> dict[str, list[str]]:
 
 def prepare(tmp: Path) -> str:
     """16 photos to label; a folder of 8 train and 4 val photos per class to train on; a ResNet18 checkpoint."""
-    sys.path.insert(0, str(REPO))
     from tests.helpers import random_weight_checkpoint
 
     (tmp / "photos").mkdir()

@@ -47,6 +47,11 @@ def random_weight_checkpoint(arch: str, classes: list[str], folder: Path, input_
     return checkpoint.save(random_weight_state(arch, classes, input_size), str(folder))
 
 
+def fresh_env() -> dict:
+    """A user's shell: no Ray address, so a command starts its own local Ray."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 def start_label(args: list, env: dict, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen) -> subprocess.Popen:
     """`imgjobs label ARGS` as its own process, as a user runs it."""
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "label", *args], cwd=REPO, env=env,

@@ -16,15 +16,10 @@ import pytest
 
 from pipeline.console import Console, duration
 from tests.conftest import REPO, make_image_folder
-from tests.helpers import start_label
+from tests.helpers import fresh_env, start_label
 
 NOISE = re.compile(r"Failed to query|TrainingReport\(|core_worker\.cc|Traceback")
 HEAVY = ("torch", "torchvision", "timm", "ray")
-
-
-def fresh_env() -> dict:
-    """A user's shell: no Ray address, so the command starts its own local Ray."""
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
 @pytest.mark.slow
