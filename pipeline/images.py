@@ -34,14 +34,17 @@ def decode_with_size(data: bytes, draft_size: int | None = None) -> tuple[Image.
     if not data:
         raise ValueError("empty file")
     img = Image.open(io.BytesIO(data))  # raises DecompressionBombError past PIL's pixel limit
-    width, height = img.size
+    width, height = upright_size(*img.size, img.getexif().get(ORIENTATION, 1))
     if draft_size and img.format == "JPEG":
-        scale = draft_size / min(width, height)
-        img.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
+        scale = draft_size / min(img.size)
+        img.draft("RGB", tuple(int(side * scale) + 1 for side in img.size))
     img.load()  # decode now, so truncated files fail here and not later
-    if img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn, which exif_transpose makes
-        width, height = height, width
     return to_rgb(ImageOps.exif_transpose(img)), width, height
+
+
+def upright_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """The size that exif_transpose gives an image of this size and EXIF orientation: 5 to 8 turn it a quarter."""
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
@@ -60,7 +63,7 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     if width * height > (Image.MAX_IMAGE_PIXELS or float("inf")):
         return None
     orientation = orientation if orientation in range(1, 9) else 1
-    return (height, width, orientation) if orientation >= 5 else (width, height, orientation)
+    return (*upright_size(width, height, orientation), orientation)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

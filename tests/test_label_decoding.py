@@ -13,7 +13,7 @@ import ray
 import torch
 from PIL import Image
 
-from pipeline.images import decode_image
+from pipeline.images import ORIENTATION, decode_image
 from pipeline.label.device_decoding import orient
 from pipeline.label.plan import model_payload
 from pipeline.label.predictor import Predictor
@@ -64,7 +64,7 @@ def test_orient_turns_images_upright_as_pil_does():
     raw = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     for orientation in range(1, 9):
         exif = Image.Exif()
-        exif[0x0112] = orientation
+        exif[ORIENTATION] = orientation
         buf = io.BytesIO()
         image.save(buf, "PNG", exif=exif)  # lossless, so the pixels compare exactly
         upright = np.asarray(decode_image(buf.getvalue())).transpose(2, 0, 1)
@@ -76,7 +76,7 @@ def test_orient_turns_images_upright_as_pil_does():
 def test_reduced_decoding_reports_the_full_upright_size(orientation, upright):
     """The width and height columns give the photo's own upright size, not the reduced decode's."""
     exif = Image.Exif()
-    exif[0x0112] = orientation
+    exif[ORIENTATION] = orientation
     buf = io.BytesIO()
     sample_image(size=(2000, 1000)).save(buf, "JPEG", exif=exif, quality=90)
     spec = {"resize_size": 256, "input_size": 224, "interpolation": "bilinear"}
@@ -103,7 +103,7 @@ def test_predictors_decoding_on_their_device_label_as_read_tasks_do(ray_local, d
     photos = sorted((shared_hymenoptera / "val").rglob("*.jpg"))[::8]
     with Image.open(photos[0]) as img:
         exif = Image.Exif()
-        exif[0x0112] = 6
+        exif[ORIENTATION] = 6
         img.save(tmp_path / "turned.jpg", exif=exif, quality=92)
     damaged = bytearray(photos[1].read_bytes())
     damaged[len(damaged) // 2:len(damaged) // 2 + 40] = b"\xff" * 40
