@@ -118,29 +118,34 @@ def ceilings(ckpt: str) -> dict:
                 return model(t)
         return forward
 
-    def imgjobs(precision):
-        return torchscript_model(model_payload(state, checkpoint.build_from(state), precision, gpu=False), CPU_BATCH)
-
     variants = {
         "eager fp32": (lambda: checkpoint.build_from(state), x),
         "channels_last fp32": (channels_last, xcl),
         "torch.jit.optimize_for_inference": (
             lambda: torch.jit.optimize_for_inference(torch.jit.trace(checkpoint.build_from(state), x[:1])), x),
         "channels_last + bf16 autocast": (autocast_bf16, xcl),
-        f"imgjobs fp32 model, batch {CPU_BATCH}": (lambda: imgjobs("fp32"), xcl[:CPU_BATCH]),
-        f"imgjobs bf16 model, batch {CPU_BATCH}": (lambda: imgjobs("bf16"), xcl[:CPU_BATCH]),
+        f"imgjobs fp32 model, batch {CPU_BATCH}": (lambda: imgjobs_cpu_model(state, "fp32", CPU_BATCH),
+                                                   xcl[:CPU_BATCH]),
+        f"imgjobs bf16 model, batch {CPU_BATCH}": (lambda: imgjobs_cpu_model(state, "bf16", CPU_BATCH),
+                                                   xcl[:CPU_BATCH]),
     }
-    result = {}
+    return {name: rows_per_s(build(), batch, 8) for name, (build, batch) in variants.items()}
+
+
+def imgjobs_cpu_model(state: dict, precision: str, batch_size: int):
+    """The TorchScript model that imgjobs' CPU predictor actors run for this checkpoint."""
+    return torchscript_model(model_payload(state, checkpoint.build_from(state), precision, gpu=False), batch_size)
+
+
+def rows_per_s(forward, batch: torch.Tensor, seconds: float) -> float:
+    """Rows/s of `forward` called on `batch` for `seconds`, after two warm-up calls."""
     with torch.inference_mode():
-        for name, (build, t) in variants.items():
-            f = build()
-            f(t), f(t)
-            start, n = time.perf_counter(), 0
-            while time.perf_counter() - start < 8:
-                f(t)
-                n += len(t)
-            result[name] = n / (time.perf_counter() - start)
-    return result
+        forward(batch), forward(batch)
+        rows, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            forward(batch)
+            rows += len(batch)
+    return rows / (time.perf_counter() - start)
 
 
 def label_job(ckpt: str, inputs: list[str], out: Path, *extra: str) -> tuple[dict, dict]:

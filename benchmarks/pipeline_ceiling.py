@@ -6,7 +6,7 @@ little (random-weight MobileNetV3-small at 32 pixels) on tiny JPEGs, and where t
 Each stage is timed alone on this machine, then the whole job:
   listing   list_inputs over the folder (the driver)
   read      Ray Data's read tasks alone: read, decode, resize and crop, rows counted in the driver
-  model     the predictors' TorchScript model alone on ready tensors, at the default CPU batch and at the job's
+  model     the predictors' TorchScript model alone on ready tensors, at the default CPU batch and at the job's batch
   commit    LabelWriter.add and close on ready label tables: Parquet, provenance, the lock (the driver)
   job       `imgjobs label --batch-size B` as a fresh command, after start-up (its summary), and end to end
 The job runs at a batch of 128 by default, one model call per read block: at the default CPU batch of 8, the
@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from label_throughput import label_job  # noqa: E402
+from label_throughput import imgjobs_cpu_model, label_job, rows_per_s  # noqa: E402
 
 from pipeline.hardware import cpu_model  # noqa: E402
-from pipeline.label.plan import CPU_BATCH, MAX_THREADS, model_payload  # noqa: E402
-from pipeline.label.predictor import example_batch, torchscript_model  # noqa: E402
+from pipeline.label.plan import CPU_BATCH, MAX_THREADS  # noqa: E402
+from pipeline.label.predictor import example_batch  # noqa: E402
 from pipeline.label.output import OUTPUT_SCHEMA, LabelWriter  # noqa: E402
 from pipeline.label.reading import FIRST_BLOCK_ROWS  # noqa: E402
 from pipeline.label.sources import list_inputs  # noqa: E402
@@ -81,21 +81,14 @@ def time_read(files: list[str], spec: dict) -> float:
     return rows / seconds
 
 
-def time_model(ckpt: str, batch_size: int, seconds: float = 3.0) -> float:
+def time_model(ckpt: str, batch_size: int) -> float:
     """Rows/s of the CPU predictors' model alone, with their threads, on ready tensors."""
     import torch
 
     torch.set_num_threads(min(MAX_THREADS, os.cpu_count()))
     state = checkpoint.load(ckpt)
-    payload = model_payload(state, checkpoint.build_from(state), "fp32", gpu=False)
-    forward = torchscript_model(payload, batch_size)
-    x = example_batch(batch_size, state["model"]["input_size"], torch.float32)
-    rows, start = 0, time.perf_counter()
-    with torch.inference_mode():
-        while time.perf_counter() - start < seconds:
-            forward(x)
-            rows += batch_size
-    return rows / (time.perf_counter() - start)
+    batch = example_batch(batch_size, state["model"]["input_size"], torch.float32)
+    return rows_per_s(imgjobs_cpu_model(state, "fp32", batch_size), batch, seconds=3)
 
 
 def time_commit(out: Path, rows: int) -> float:
