@@ -136,14 +136,14 @@ def test_labeling_from_zero_workers_waits_then_its_pool_grows_with_the_autoscale
     """The job says what it waits for and does not crash; the autoscaler adds a node for its first actor, then
     another as the pool asks to grow."""
     autoscaling.wait_until_at_rest()
-    images = make_image_folder(tmp_path / "imgs", train_per_class=150, val_per_class=0) / "train"
+    images = make_image_folder(tmp_path / "imgs", train_per_class=600, val_per_class=0) / "train"
     proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(tmp_path / "out"),
                         "--batch-size", "4", "--max-actors", "2"], autoscaling.env(), stderr=subprocess.STDOUT)
     first = job_lines(proc, 2)
     assert "waiting for a worker node with CPUs" in first[-1] and "grows to 2 actor(s)" in first[-1], first
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
-    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["runs"][-1]["labeled"] == 300
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["runs"][-1]["labeled"] == 1200
     assert len(actor_nodes(autoscaling, "MapBatches(Predictor)")) == 2
 
 
