@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,16 @@ demo: setup
 	$(VENV)/bin/imgjobs train -c configs/demo.yaml --fresh
 	$(VENV)/bin/imgjobs label --checkpoint runs/demo --input data/hymenoptera/val --output runs/demo/labels --evaluate
 
+# Everything, as CI runs it.
 test: setup
 	$(VENV)/bin/pytest
+
+# The edit loop: the tests that start no Ray (a test there that starts one fails), in a few minutes.
+test-fast: setup
+	$(VENV)/bin/pytest --fast
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py

@@ -12,7 +12,7 @@ Cases:
   accuracy  the demo's trained checkpoint (runs/demo) on the full-resolution val set:
             fp32 vs bf16, exact and reduced-size decoding.
   memory    peak memory (PSS and RSS of the driver and all Ray processes) labeling 3k and 30k images.
-Nothing here is a pass/fail test: it prints numbers for the README.
+Nothing here is a pass/fail test: it prints numbers for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline import checkpoint  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
 from pipeline.images import decode_image, is_image_name  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, model_payload  # noqa: E402
 from pipeline.label.predictor import torchscript_model  # noqa: E402
-from pipeline.train import checkpoint  # noqa: E402
 from pipeline.train.transforms import eval_transform  # noqa: E402
 from tests.helpers import fresh_env, peak_memory, random_weight_checkpoint, start_label  # noqa: E402
 
@@ -178,7 +178,8 @@ def report_job(name: str, summary: dict, plain: float) -> None:
 
 def case_main(tmp: Path, ckpt: str, worker_counts: list[int]) -> None:
     paths = replicate(SHARED, tmp / "photos", 8)
-    print(f"main: {len(paths)} photos (hymenoptera x8), ResNet18, batch {BATCH}, torch threads {torch.get_num_threads()}")
+    print(f"main: {len(paths)} photos (hymenoptera x8), ResNet18, batch {BATCH}, "
+          f"torch threads {torch.get_num_threads()}")
     plain = {}
     for workers in worker_counts:
         plain[workers] = plain_pytorch(ckpt, paths, workers, tmp / "plain.parquet")

@@ -13,7 +13,7 @@ The job runs at a batch of 128 by default, one model call per read block: at the
 model's cost per call (TorchScript runs MobileNetV3's fifty-odd small ops one by one) would bound the job, and
 it is the pipeline this measures.
 The job's rate against one GPU's labeling rate (--gpu-images-per-s, an assumption to set for your GPU and model)
-says how many GPUs one driver can feed. Nothing here is a pass/fail test: it prints numbers for the README.
+says how many GPUs one driver can feed. Nothing here is a pass/fail test: it prints numbers for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from label_throughput import imgjobs_cpu_model, label_job, rows_per_s  # noqa: E402
 
+from pipeline import checkpoint  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
+from pipeline.label.output import LabelWriter  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, MAX_THREADS  # noqa: E402
 from pipeline.label.predictor import example_batch  # noqa: E402
-from pipeline.label.output import OUTPUT_SCHEMA, LabelWriter  # noqa: E402
 from pipeline.label.reading import FIRST_BLOCK_ROWS  # noqa: E402
 from pipeline.label.sources import list_inputs  # noqa: E402
-from pipeline.train import checkpoint  # noqa: E402
+from pipeline.labels import OUTPUT_SCHEMA  # noqa: E402
 from tests.helpers import random_weight_checkpoint  # noqa: E402
 
 
@@ -68,11 +69,11 @@ def time_read(files: list[str], spec: dict) -> float:
     init_ray()
     plan.quiet_ray_data()
     actors = plan.actor_plan(None, None)
-    units = plan.read_units_of(files, {}, actors["batch_size"])
+    units = plan.read_units_of(files, {}, actors.batch_size)
     start = time.perf_counter()
     rows = 0
     dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors["read_cpus"],
+        read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors.read_cpus,
         fn_kwargs={"spec": spec, "exact_decode": False, "options": {}, "max_member_bytes": 2**28})
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         rows += batch.num_rows

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,11 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import storage  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
 from pipeline.train.data import scan_image_folder  # noqa: E402
 from pipeline.train.dataset import ImageDataset, collate_skipping  # noqa: E402
-from pipeline.train.models import build_model  # noqa: E402
 from pipeline.train.transforms import eval_transform  # noqa: E402
-from tests.conftest import S3Server, free_port  # noqa: E402
+from tests.helpers import s3_api_server  # noqa: E402
 
 
 def images_per_s(root: str, spec: dict, workers: int) -> float:
@@ -52,13 +52,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hymenoptera"))
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(3)
-        s3 = S3Server(f"127.0.0.1:{port}")
-        s3.filesystem().create_dir("bench")
+    with tempfile.TemporaryDirectory() as tmp, s3_api_server(Path(tmp) / "moto.log") as s3:
         uri = s3.upload(Path(args.data), "bench/hymenoptera")
         _, spec = build_model("resnet18", 2, "none")
         print(f"{platform.processor() or platform.machine()}; {len(scan_image_folder(args.data).train)} train images")
@@ -69,9 +63,6 @@ def main() -> None:
             local, remote = raw_bytes_per_s(args.data), raw_bytes_per_s(uri)
             print(f"raw bytes, 1 process:      local {local:.1f} files/s, S3 {remote:.1f} files/s, "
                   f"S3 / local {remote / local:.2f}")
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

@@ -10,28 +10,32 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.errors import UsageError
+from pipeline.label.options import LabelOptions, default
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt from imgjobs train, or a training run's folder (its best_checkpoint)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint.pt from imgjobs train, or a training run's folder (its best_checkpoint)")
     parser.add_argument("--input", nargs="+", required=True, dest="inputs", metavar="PATH",
                         help="directories, archives (.tar .tar.gz .tgz .zip), manifests (.txt), images; local or URI")
     parser.add_argument("--output", required=True, help="folder (or URI) for the Parquet files and _summary.json")
     parser.add_argument("--top-k", type=int, help="length of topk_labels/topk_scores (default: min(5, classes))")
-    parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
+    parser.add_argument("--min-confidence", type=float, default=default("min_confidence"), metavar="P",
                         help="mark rows whose top-1 score is below P as uncertain, for human review")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=default("precision"),
                         help="auto: bf16 where the hardware computes it natively (GPUs, CPUs with avx512_bf16 or "
                              "amx_bf16), else fp32; bf16 or fp32 forces one")
     parser.add_argument("--exact-decode", action="store_true",
                         help="decode JPEGs at full size even when they are much bigger than the model's input "
                              "(by default libjpeg decodes those at a reduced scale, several times faster)")
-    parser.add_argument("--rows-per-file", type=int, default=100_000, help="rows per Parquet file (default 100000)")
-    parser.add_argument("--commit-every", type=float, default=60.0, metavar="SECONDS",
-                        help="commit a file at least this often, so a kill loses at most about that much (default 60)")
-    parser.add_argument("--max-member-mb", type=float, default=256.0, metavar="MB",
-                        help="archive members larger than this get an error row without being read (default 256)")
+    parser.add_argument("--rows-per-file", type=int, default=default("rows_per_file"),
+                        help="rows per Parquet file (default %(default)s)")
+    parser.add_argument("--commit-every", type=float, default=default("commit_every"), metavar="SECONDS",
+                        help="commit a file at least this often, so a kill loses at most about that much "
+                             "(default %(default)s)")
+    parser.add_argument("--max-member-mb", type=float, default=default("max_member_mb"), metavar="MB",
+                        help="archive members larger than this get an error row without being read "
+                             "(default %(default)s)")
     parser.add_argument("--batch-size", type=int, help="images per model call (default 8 on CPU, 256 on GPU)")
     parser.add_argument("--max-actors", type=int, metavar="N",
                         help="most predictor actors; the pool grows to N as nodes join (default: what fits the "
@@ -40,25 +44,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--embeddings", action="store_true",
                         help="add an `embedding` column: the model's pooled features before its head (float32)")
     parser.add_argument("--report", action="store_true",
-                        help="write OUTPUT/report.html, a self-contained page to review the labels (imgjobs report "
+                        help="write OUTPUT/_report.html, a self-contained page to review the labels (imgjobs report "
                              "OUTPUT rebuilds it)")
     parser.add_argument("--evaluate", action="store_true",
                         help="the input is a class-folder tree: report accuracy and the confusion matrix")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.label.job import LabelOptions, ReadFailures, label
+    opts = LabelOptions.checked(**{k: v for k, v in vars(args).items() if k in LabelOptions.model_fields})
+    from pipeline.label.job import ReadFailures, label  # once the options are right: it imports pyarrow and Ray
 
-    if min(args.rows_per_file, args.batch_size or 1, args.max_actors or 1) < 1:
-        raise UsageError("--rows-per-file, --batch-size and --max-actors must be at least 1")
-    if args.commit_every <= 0 or args.max_member_mb <= 0:
-        raise UsageError("--commit-every and --max-member-mb must be more than 0")
-    if not 0.0 <= args.min_confidence <= 1.0:
-        raise UsageError(f"--min-confidence {args.min_confidence} must be between 0 and 1")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k {args.top_k} must be between 1 and the checkpoint's number of classes")
-    opts = LabelOptions(**{k: v for k, v in vars(args).items() if k in LabelOptions.__dataclass_fields__},
-                        max_member_bytes=int(args.max_member_mb * 2**20))
     try:
         summary = label(opts, started_at=getattr(args, "started_at", None))
     except ReadFailures as e:

@@ -1,4 +1,4 @@
-"""`imgjobs report OUTPUT`: build or rebuild OUTPUT/report.html from any imgjobs label output, local or URI,
+"""`imgjobs report OUTPUT`: build or rebuild OUTPUT/_report.html from any imgjobs label output, local or URI,
 during a job, after resumes or long after it ended."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.label.report import write_report
+    from pipeline.label.report import write_report  # after parsing, as in jobs/label.py
 
     write_report(args.output)
     return 0

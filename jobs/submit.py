@@ -15,8 +15,8 @@ from ray.exceptions import AuthenticationError
 
 from jobs.cli import COMMANDS
 from pipeline import submit
-from pipeline.train.config import load_config
 from pipeline.errors import UsageError
+from pipeline.train.config import load_config
 
 USAGE = "name the job after --, e.g. imgjobs submit -- train -c configs/train.yaml [key=value ...]"
 

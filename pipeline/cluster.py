@@ -25,7 +25,7 @@ def init_ray(training: bool = False) -> bool:
     `ray start --head` gives one, and imgjobs then joins it. Likewise the job's runtime env: training's workers
     need setup_worker, and a joined cluster's workers the storage variables, while the workers of a Ray that this
     process starts inherit its environment. Labeling there runs without one: any runtime env makes Ray start new
-    workers for the job rather than use the ones it prestarts (3 s of labeling's start-up on 2 CPUs)."""
+    workers for the job rather than use the ones it prestarts."""
     if ray.is_initialized():
         return False
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
@@ -35,7 +35,10 @@ def init_ray(training: bool = False) -> bool:
     if address is None:  # a new local Ray: on loopback only
         ray_internals.bind_to_loopback()
     elif ray_internals.runs_on_this_machine(address):
-        ray_internals.present_token_if_any()
+        if ray_internals.runs_token_auth(address):
+            ray_internals.present_token_if_any()
+        else:
+            ray_internals.present_no_token()
     runtime_env = {"worker_process_setup_hook": setup_worker, "env_vars": storage_environment()}
     ray.init(logging_level=logging.WARNING, log_to_driver=True,
              include_dashboard=training if address is None else None,

@@ -1,5 +1,5 @@
-"""What a job prints: plain lines, and a progress line that redraws in place on a terminal. In a log file or under
-`imgjobs submit` (no terminal) progress lines are plain lines, one every few seconds."""
+"""What a job prints: plain lines, and a progress line that tqdm redraws in place on a terminal. In a log file or under
+`imgjobs submit` (no terminal) progress lines are plain lines, one every few seconds. Both jobs print through it."""
 
 from __future__ import annotations
 
@@ -11,36 +11,40 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from tqdm import tqdm
+
 LOG_EVERY_S = 5.0  # progress lines in logs; a terminal redraws on every update
 # A line of Ray's C++ core, which no logger or option routes: it warns at every restartable actor whose arguments
 # live in the object store, as the actors of Ray Data's pools and Ray Train's preemption watcher do. Their
 # arguments live as long as the job that made them, so a restart finds them (tests/test_label_faults.py kills a
 # predictor actor); the line stays in Ray's log files, and off the job's terminal.
-RESTARTABLE_ACTOR_NOTICE = re.compile(r"core_worker\.cc.*has constructor arguments in the object store and max_restarts")
+RESTARTABLE_ACTOR_NOTICE = re.compile(
+    r"core_worker\.cc.*has constructor arguments in the object store and max_restarts")
 
 
 class Console:
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self._drawn = False  # a progress line is on screen, without its newline
+        self._status: tqdm | None = None  # the progress line on a terminal, below the lines
         self._last_logged = float("-inf")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # lines come from the job's threads (Ray's start, the workers' relay)
 
     def line(self, text: str) -> None:
         with self._lock:
-            if self._drawn:
-                self.stream.write("\r\033[K")
-                self._drawn = False
+            if self._status is not None:
+                self._status.clear()
             self.stream.write(text + "\n")
             self.stream.flush()
+            if self._status is not None:
+                self._status.refresh()
 
     def progress(self, text: str) -> None:
         if self.tty:
             with self._lock:
-                self.stream.write("\r\033[K" + text)
-                self.stream.flush()
-                self._drawn = True
+                if self._status is None:
+                    self._status = tqdm(file=self.stream, bar_format="{desc}", dynamic_ncols=True)
+                self._status.set_description_str(text)
         elif time.monotonic() - self._last_logged >= LOG_EVERY_S:
             self._last_logged = time.monotonic()
             self.line(text)
@@ -48,10 +52,9 @@ class Console:
     def close(self) -> None:
         """Leave the last progress line on screen, ended."""
         with self._lock:
-            if self._drawn:
-                self.stream.write("\n")
-                self.stream.flush()
-                self._drawn = False
+            if self._status is not None:
+                self._status.close()
+                self._status = None
 
 
 def timestamp(seconds: float) -> str:

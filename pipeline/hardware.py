@@ -1,5 +1,6 @@
-"""What this machine's CPU can do, for the choices that depend on it: bf16 is several times faster than fp32
-where the CPU computes it natively, and several times slower where oneDNN has to emulate it."""
+"""What this machine's CPU and GPU can do, for the choices that depend on it: bf16 is several times faster than
+fp32 where the CPU computes it natively, and several times slower where oneDNN has to emulate it; GPUs compute
+bf16 natively from compute capability 8.0 (sm_80) on."""
 
 from __future__ import annotations
 
@@ -39,3 +40,23 @@ def cpu_model() -> str:
         pass
     flag = native_bf16()
     return f"{name}, {'native bf16 (' + flag + ')' if flag else 'no native bf16 (no avx512_bf16 or amx_bf16)'}"
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """This machine's first GPU's compute capability, (8, 0) for sm_80; None where torch sees no GPU."""
+    import torch  # here: the CPU-side callers of this module need no torch
+
+    return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
+
+
+def gpu_half_precision(capability: tuple[int, int] | None) -> tuple[str, str]:
+    """The half precision to autocast to on a GPU of this compute capability, and why. bf16 from sm_80 on (A100,
+    A10G, L4, H100 and later), whose tensor cores compute it natively; fp16 before (V100, T4), which run bf16
+    convolutions slower than fp16 and need a GradScaler to train in fp16. An unknown GPU (none on this machine to
+    ask) gets bf16, native on the GPUs of today's clusters."""
+    if capability is None:
+        return "bf16", "native from sm_80 on; this machine has no GPU to ask which it is"
+    name = f"sm_{capability[0]}{capability[1]}"
+    if tuple(capability) >= (8, 0):
+        return "bf16", f"this GPU ({name}) computes bf16 natively"
+    return "fp16", f"this GPU ({name}) computes bf16 slower than fp16 (native bf16 is sm_80 and up)"

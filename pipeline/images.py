@@ -83,7 +83,8 @@ PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": 
                "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
-def resize_center_crop(img: Image.Image, resize_size: int, crop_size: int, interpolation: str = "bilinear") -> Image.Image:
+def resize_center_crop(img: Image.Image, resize_size: int, crop_size: int,
+                       interpolation: str = "bilinear") -> Image.Image:
     """torchvision's Resize(resize_size) then CenterCrop(crop_size) on a PIL image, pixel for pixel (the tests
     compare them), for resize_size >= crop_size. Without torch, so labeling's read workers need not import it."""
     w, h = img.size

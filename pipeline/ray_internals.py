@@ -7,10 +7,11 @@ import logging
 import os
 import re
 
+import psutil
 import ray
 from ray._private import ray_constants, services
 from ray._private.authentication import authentication_token_setup
-from ray._raylet import AuthenticationTokenLoader
+from ray._raylet import AuthenticationTokenLoader, Config
 
 # Ray's single-node mode (meant for macOS/Windows): the node address becomes 127.0.0.1, so the GCS, raylet,
 # agents, workers and dashboard listen on loopback only instead of on every interface. ray.init has no public
@@ -34,6 +35,28 @@ def existing_cluster_address() -> str | None:
 def runs_on_this_machine(address: str) -> bool:
     """Whether a GCS address belongs to a Ray running on this machine."""
     return address in services.find_gcs_addresses()
+
+
+def runs_token_auth(address: str) -> bool:
+    """Whether the Ray at `address`, on this machine, checks tokens: the mode its processes were started with
+    (RAY_AUTH_MODE in their environment, which Ray sets in the clusters it starts with token auth). Ray offers no
+    way to ask a cluster before joining it; a cluster whose processes cannot be read counts as checking tokens."""
+    for process in psutil.process_iter(["cmdline"]):
+        if f"--gcs-address={address}" in (process.info["cmdline"] or []):
+            try:
+                return process.environ().get(authentication_token_setup.AUTH_MODE_ENV_VAR, "").lower() == "token"
+            except psutil.Error:  # exited meanwhile, or another user's
+                continue
+    return True
+
+
+def present_no_token() -> None:
+    """Join without a token, even with one in ~/.ray: a cluster that checks none (ray.cluster_utils', or one started
+    with RAY_AUTH_MODE=disabled) cancels the actors of a driver that presents one. An explicit RAY_AUTH_MODE still
+    decides."""
+    if authentication_token_setup.AUTH_MODE_ENV_VAR not in os.environ:
+        os.environ[authentication_token_setup.AUTH_MODE_ENV_VAR] = "disabled"  # this process and the ones it starts
+        Config.initialize("")  # the mode this process has cached
 
 
 def present_token_if_any() -> None:

@@ -1,4 +1,5 @@
-"""Local paths and pyarrow URIs (s3://, gs://, file://, ...) behind one small interface."""
+"""Local paths and pyarrow URIs (s3://, gs://, file://, ...) behind one small interface, and the one retry policy
+for storage."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import os
 import sys
 import time
 import uuid
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pyarrow.fs as pafs
+import tenacity
 
 from pipeline.images import is_hidden, is_image_name
 
 T = TypeVar("T")
 READ_TRIES = 4  # around pyarrow's own S3 retries (about 6 s), with waits of 0.5, 1 and 2 s: outages of 20 s or so
+FAIL_FAST_AFTER = 3  # calls in a row failing after their retries, before the next ones get a single try
 # Failures no wait cures. pyarrow raises a plain OSError for S3 errors, named in its message.
 PERMANENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 PERMANENT_MESSAGES = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")
@@ -57,17 +61,38 @@ def host(uri: str) -> str:
     return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
-def retrying(read: Callable[[], T], tries: int = READ_TRIES) -> T:
-    """read(), retried with exponential backoff while it fails transiently (an OSError that is not a missing file,
-    a folder, or a refusal); the last failure is raised."""
-    for attempt in range(tries - 1):
+class Retrying:
+    """The retry policy of every storage call: a call is retried with exponential backoff while it fails
+    transiently (an OSError that is not a missing file, a folder, or a refusal: is_permanent), and its last failure
+    is raised. Once FAIL_FAST_AFTER calls in a row have failed after their retries (a wrong endpoint, a dead mount),
+    each call gets a single try until one succeeds, so a job over a million unreadable keys does not wait out
+    every key's backoff. One instance per reader: the count is that reader's."""
+
+    def __init__(self, tries: int = READ_TRIES, sleep: Callable[[float], None] = time.sleep):
+        self.tries, self.sleep = tries, sleep  # tests pass a sleep of their own
+        self.failing = 0  # calls in a row that failed after their retries
+
+    def __call__(self, call: Callable[[], T]) -> T:
+        tries = 1 if self.failing >= FAIL_FAST_AFTER else self.tries
+        policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(tries), reraise=True,
+                                   wait=tenacity.wait_exponential(multiplier=0.5),
+                                   retry=tenacity.retry_if_exception(is_transient), sleep=self.sleep)
         try:
-            return read()
-        except OSError as e:
-            if is_permanent(e):
-                raise
-            time.sleep(0.5 * 2 ** attempt)
-    return read()
+            result = policy(call)
+        except OSError:
+            self.failing += 1
+            raise
+        self.failing = 0
+        return result
+
+
+def retrying(call: Callable[[], T], tries: int = READ_TRIES) -> T:
+    """call() under the retry policy, on its own (no failures in a row before it)."""
+    return Retrying(tries)(call)
+
+
+def is_transient(error: BaseException) -> bool:
+    return isinstance(error, OSError) and not is_permanent(error)
 
 
 def is_permanent(error: OSError) -> bool:
@@ -94,18 +119,24 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 def walk_images(fs: pafs.FileSystem, root: str) -> Iterator[str]:
     """Image files under `root` in sorted order, hidden names skipped."""
+    return walk(fs, root, is_image_name)
+
+
+def walk(fs: pafs.FileSystem, root: str, wanted: Callable[[str], bool]) -> Iterator[str]:
+    """Files under `root` whose name is `wanted`, in sorted order, hidden names skipped. On object stores one
+    recursive listing: about a thousand keys per request."""
     if isinstance(fs, pafs.LocalFileSystem):
-        yield from _walk_local(root)
+        yield from _walk_local(root, wanted)
         return
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     prefix = len(root.rstrip("/")) + 1
     for info in sorted(infos, key=lambda i: i.path):
         rel = info.path[prefix:]
-        if info.type == pafs.FileType.File and is_image_name(rel) and not any(map(is_hidden, rel.split("/"))):
+        if info.type == pafs.FileType.File and wanted(rel) and not any(map(is_hidden, rel.split("/"))):
             yield info.path
 
 
-def _walk_local(root: str) -> Iterator[str]:
+def _walk_local(root: str, wanted: Callable[[str], bool]) -> Iterator[str]:
     """os.scandir, much faster than a stat call per file on a million-file tree. Symlinked folders are not
     followed, so links cannot loop."""
     stack = [root]
@@ -128,6 +159,6 @@ def _walk_local(root: str) -> Iterator[str]:
             if is_dir:
                 if not entry.is_symlink():  # their targets can be inputs themselves
                     subdirs.append(entry.path)
-            elif is_image_name(entry.name):  # broken links stay in, and get an error row
+            elif wanted(entry.name):  # broken links stay in, and get an error row
                 yield entry.path
         stack.extend(reversed(subdirs))

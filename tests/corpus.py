@@ -57,7 +57,7 @@ def make_corpus(folder: Path) -> dict[str, str]:
     base.convert("CMYK").save(buf, "JPEG")
     files["cmyk.jpg"] = (buf.getvalue(), "ok")
     buf = io.BytesIO()
-    Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).save(buf, "PNG")
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).save(buf, "PNG")
     files["gray16.png"] = (buf.getvalue(), "ok")
     buf = io.BytesIO()
     palette = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)

@@ -1,11 +1,13 @@
-"""Helpers that tests and benchmarks share: checkpoints with random weights, a labeling command in its own
-process, and a peak-memory sampler."""
+"""What tests and benchmarks share: generated image folders and configs, checkpoints with random weights, jobs run
+in-process or in their own process, clusters on this machine, an S3 API server's client side, and a peak-memory
+sampler. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -14,23 +16,167 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
-from pipeline.train import checkpoint
-from pipeline.train.models import build_model
+from jobs.cli import main
+from pipeline import checkpoint
+from pipeline.models import build_model
+from pipeline.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "hymenoptera"
+# The full-resolution photos: ../shared beside the checkout, or the copy inside it that benchmarks/gpu_check.sh
+# --prepare makes for a device machine, where ../shared does not travel.
+SHARED_DATA = next((p for p in (REPO / "data" / "shared-hymenoptera", REPO.parent / "shared" / "data" / "hymenoptera")
+                    if p.is_dir()), REPO.parent / "shared" / "data" / "hymenoptera")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_image_folder(root: Path, classes=("blue", "red"), train_per_class=12, val_per_class=6, size=48,
+                      seed=0) -> Path:
+    """An image folder tree of JPEGs a small model can learn: each class has its own dominant colour."""
+    rng = random.Random(seed)
+    palette = [(40, 60, 200), (200, 50, 40), (40, 180, 60), (200, 200, 40), (150, 40, 160)]
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = palette[c % len(palette)]
+                colour = tuple(min(255, v + rng.randrange(40)) for v in base)
+                img = Image.new("RGB", (size + rng.randrange(16), size), colour)
+                for _ in range(6):  # noise blobs so images differ
+                    x, y = rng.randrange(size), rng.randrange(size)
+                    img.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 6, y + 6))
+                img.save(folder / f"{name}_{i:03d}.jpg", quality=90)
+    return root
+
+
+def write_config(path: Path, name: str, data_root: Path, storage: Path, **sections) -> Path:
+    """A small, fast training config (tiny CNN, 1 epoch) with per-section overrides."""
+    config = {
+        "name": name,
+        "data": {"root": str(data_root)},
+        "model": {"arch": "mobilenet_v3_small", "weights": "none", "mode": "finetune"},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 0.01, "step_size": 1, "gamma": 0.5, "num_data_workers": 0},
+        "scaling": {"num_workers": 1, "use_gpu": False},
+        "storage": {"path": str(storage)},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def listening_sockets(processes) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP socket these psutil processes listen on."""
+    import psutil
+
+    found = []
+    for proc in processes:
+        try:
+            found += [(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:  # a worker that exited meanwhile
+            pass
+    return found
+
+
+@dataclass
+class S3Server:
+    endpoint: str  # host:port
+
+    def uri(self, path: str) -> str:
+        """s3://PATH with the endpoint in pyarrow's URI query form, as a MinIO or Ceph user writes it."""
+        return f"s3://{path}?endpoint_override={self.endpoint}&scheme=http"
+
+    def filesystem(self):
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", allow_bucket_creation=True)
+
+    def upload(self, local: Path, path: str) -> str:
+        """Copy a local file or folder to s3://PATH; return its URI."""
+        fs = self.filesystem()
+        if local.is_dir():
+            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(local.read_bytes())
+        return self.uri(path)
+
+    def labels(self, prefix: str) -> list[dict]:
+        """Every row of the label output at s3://PREFIX."""
+        fs = self.filesystem()
+        parts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(prefix)) if i.path.endswith(".parquet"))
+        return [row for part in parts for row in pq.read_table(part, filesystem=fs).to_pylist()]
+
+
+BUCKETS = ("data", "runs", "labels", "submit", "bench")  # made with the server, as a user's buckets exist
+
+
+@contextlib.contextmanager
+def s3_api_server(log: Path):
+    """A real S3 API server (moto's server mode, as Ray's own tests use) on 127.0.0.1, with BUCKETS; stopped on
+    leaving."""
+    port = free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                                    str(port)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        server = S3Server(f"127.0.0.1:{port}")
+        for bucket in BUCKETS:
+            server.filesystem().create_dir(bucket)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def train(config, *overrides) -> dict:
+    """`imgjobs train -c CONFIG OVERRIDES` in this process, on the session's Ray: the run's summary."""
+    assert main(["train", "-c", str(config), *overrides]) == 0
+    cfg = load_config(str(config), list(overrides))
+    return json.loads((Path(cfg.storage.path) / cfg.name / "summary.json").read_text())
+
+
+def wait_for_checkpoint(run_dir, accept=lambda metrics: True, timeout=180):
+    """Until Ray has recorded a checkpoint, whose reported metrics `accept` takes, as the latest in its run
+    snapshot (the file a restart or rerun resumes from)."""
+    deadline = time.time() + timeout
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while True:
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+            if latest and accept(latest["metrics"]):
+                return
+        except (OSError, ValueError):  # not written yet, or being written
+            pass
+        assert time.time() < deadline, f"no such checkpoint in {run_dir} after {timeout}s"
+        time.sleep(0.1)
 
 
 def random_weight_state(arch: str, classes: list[str], input_size: int | None = None) -> dict:
@@ -47,9 +193,14 @@ def random_weight_checkpoint(arch: str, classes: list[str], folder: Path, input_
     return checkpoint.save(random_weight_state(arch, classes, input_size), str(folder))
 
 
+NO_RAY_ADDRESS = "no-ray-in-the-fast-tier"  # conftest's --fast sets it: any Ray a command starts fails at once
+
+
 def fresh_env() -> dict:
-    """A user's shell: no Ray address, so a command starts its own local Ray."""
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    """A user's shell on a CPU machine: no Ray address, so a command starts its own local Ray (except in the fast
+    tier, where it must not), and no GPU, even on a machine that has one."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" or v == NO_RAY_ADDRESS}
+    return env | {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def start_label(args: list, env: dict, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen) -> subprocess.Popen:
@@ -93,6 +244,40 @@ def read_output(out: Path) -> list[dict]:
     return pq.read_table(files).to_pylist() if files else []
 
 
+class HeldImage:
+    """An image file that holds back whichever job reads it until the test lets it go: a named pipe, whose open()
+    waits for a writer. A job that must outlast an event (a kill, a second job, a node joining) then outlasts it on
+    any machine, fast or slow, however few its other images."""
+
+    def __init__(self, path: Path, data: bytes):
+        os.mkfifo(path)
+        self.path, self.data = path, data
+        self._stop = threading.Event()
+        self._feeder = threading.Thread(target=self._feed, daemon=True)
+
+    def release(self) -> None:
+        """From now on every reader gets the image's bytes (readers of killed jobs may take some too)."""
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # no reader yet
+                time.sleep(0.05)
+                continue
+            try:
+                os.write(fd, self.data)  # smaller than a pipe's buffer: never blocks
+            finally:
+                os.close(fd)
+            self._stop.wait(1.0)  # one copy per reader: it reads to the end meanwhile
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._feeder.is_alive():
+            self._feeder.join()
+
+
 CLUSTER_SCRIPT = """
 import json, sys
 from ray.cluster_utils import Cluster
@@ -123,21 +308,31 @@ cluster.shutdown()
 """
 
 
+def without_auth(env) -> dict:
+    """The environment less Ray's token settings, which a Ray that this process started puts in it: a user's shell
+    has none."""
+    return {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+
+
 class LocalCluster:
     """A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster: each node its own raylet), in its own
     process, so that stopping it touches only what it started. Jobs join it with RAY_ADDRESS=address."""
 
-    def __init__(self, head: dict, workers: list[dict], env: dict | None = None):
-        """`env`: more environment for every Ray process of the cluster (Ray's own settings)."""
-        # Token authentication on, as on any cluster that `ray start` or `ray up` makes, with a token of its own.
+    def __init__(self, head: dict, workers: list[dict], env: dict | None = None, token: bool = True):
+        """`env`: more environment for every Ray process of the cluster (Ray's own settings). `token`: token
+        authentication on, as on any cluster that `ray start` or `ray up` makes, with a token of its own; off, as
+        in the clusters of Ray's own tests."""
         self.token = Path(tempfile.mkdtemp(prefix="imgjobs-cluster-")) / "auth_token"
         self.token.write_text(secrets.token_hex(32))
         if head.get("include_dashboard"):
             head = {**head, "dashboard_port": free_port()}  # beside the session's Ray and other test clusters
+        # Nodes see no GPU unless a test gives them one: tests mean CPU, on a GPU machine too.
+        head, workers = {"num_gpus": 0, **head}, [{"num_gpus": 0, **w} for w in workers]
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token)} if token else {}
+        self.auth = auth
         self.process = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(head), json.dumps(workers)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        env={**os.environ, "RAY_AUTH_MODE": "token",
-                                             "RAY_AUTH_TOKEN_PATH": str(self.token), **(env or {})})
+                                        env={**without_auth(os.environ), **auth, **(env or {})})
         started = json.loads(self.process.stdout.readline())
         self.address, self.nodes = started["address"], started["nodes"]
 
@@ -159,7 +354,8 @@ class LocalCluster:
 
     def env(self) -> dict:
         """A client's environment: the cluster's address, and where its token is (imgjobs finds it there)."""
-        return {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_TOKEN_PATH": str(self.token)}
+        token = {"RAY_AUTH_TOKEN_PATH": str(self.token)} if self.auth else {}
+        return {**without_auth(os.environ), "RAY_ADDRESS": self.address, **token}
 
     def stop(self) -> None:
         self.process.stdin.close()
@@ -180,7 +376,8 @@ class AutoscalingCluster:
         self.address = f"127.0.0.1:{port}"
         config = {
             "cluster_name": "imgjobs-test", "max_workers": 8, "head_node_type": "ray.head.default",
-            "provider": {"type": "external", "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+            "provider": {"type": "external",
+                         "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
                          "use_node_id_as_ip": True, "disable_node_updaters": True,
                          "disable_launch_config_check": True, "gcs_address": self.address,
                          "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID},
@@ -198,8 +395,9 @@ class AutoscalingCluster:
         config_file.parent.mkdir()
         config_file.write_text(json.dumps(config))
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-             "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", f"--temp-dir={self.token.parent}",
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+             "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={free_port()}", f"--temp-dir={self.token.parent}",
              f"--autoscaling-config={config_file}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
@@ -253,10 +451,12 @@ class FlakyProxy:
 
         self.up_at = None  # when the outage ends, once it has started
         self.dropped = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path and query) of every request
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             def forward(self):
+                proxy.requests.append((self.command, self.path))
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if proxy.up_at is None and self.command == "GET" and self.path.split("?")[0].endswith(".jpg"):
                     proxy.up_at = time.monotonic() + down_for

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.train import checkpoint
+from pipeline import checkpoint
 from pipeline.errors import UsageError
-from pipeline.train.models import build_model
+from pipeline.models import build_model
 
 
 class _Payload:

@@ -17,7 +17,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipeline.ray_internals import LOCAL_ONLY_ENV
-from tests.conftest import LOOPBACK, REPO, listening_sockets
+from tests.helpers import LOOPBACK, REPO, listening_sockets
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def test_a_typo_fails_validation(cluster_yaml, path, typo):
         launcher_check(config)
 
 
+@pytest.mark.ray
 def test_local_ray_from_init_ray_listens_on_loopback_only():
     """issue 5: a Ray that imgjobs starts itself (no RAY_ADDRESS, no `ray start` cluster) binds to 127.0.0.1."""
     script = ("import ray, sys\nfrom pipeline.cluster import init_ray\ninit_ray()\n"

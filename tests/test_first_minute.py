@@ -15,22 +15,15 @@ import time
 import pytest
 
 from pipeline.console import Console, duration
-from tests.conftest import REPO, make_image_folder
-from tests.helpers import fresh_env, start_label
+from tests.helpers import REPO, fresh_env, make_image_folder, start_label
 
 NOISE = re.compile(r"Failed to query|TrainingReport\(|core_worker\.cc|Traceback")
 HEAVY = ("torch", "torchvision", "timm", "ray")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("beside", ["alone", "beside another Ray"])
-def test_demo_training_prints_only_its_own_lines(beside, request, tmp_path):
-    import ray
-
-    if beside == "alone" and ray.is_initialized():
-        pytest.skip("the session's Ray is already up, so the job cannot run alone; run this file first or by itself")
-    if beside != "alone":
-        request.getfixturevalue("ray_local")  # the test session's own Ray, up beside the job's
+def test_demo_training_prints_only_its_own_lines(ray_local, tmp_path):
+    """A user's first run starts a Ray of its own, beside another Ray on the machine here (the session's: a Ray that
+    ray.init starts is not one that jobs join), and prints only its own lines."""
     result = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", "configs/demo.yaml", "train.epochs=1",
                              f"storage.path={tmp_path}"], cwd=REPO, env=fresh_env(), capture_output=True, text=True,
                             timeout=600)
@@ -64,9 +57,16 @@ def run_cli(*args: str) -> tuple[int, str, list[str], float]:
     (["train", "-c", "configs/demo.yaml", "data.root=/nowhere"], "data.root: /nowhere has no train/ folder"),
     (["train", "-c", "configs/demo.yaml", "model.weights=/nowhere.pth"], "model.weights: file /nowhere.pth not found"),
     (["label", "--checkpoint", "/nowhere", "--input", "data", "--output", "/tmp/x"], "checkpoint /nowhere not found"),
-    (["label", "--checkpoint", "configs/demo.yaml", "--input", "/nowhere", "--output", "/tmp/x"], "input /nowhere not found"),
+    (["label", "--checkpoint", "configs/demo.yaml", "--input", "/nowhere", "--output", "/tmp/x"],
+     "input /nowhere not found"),
     (["label", "--checkpoint", "configs", "--input", "data", "--output", "/tmp/x", "--top-k", "0"], "--top-k 0"),
+    (["label", "--checkpoint", "configs/demo.yaml", "--input", "jobs", "--output", "/tmp/x"],
+     "nothing to label in jobs: no image"),
     (["label", "--checkpoint", "x", "--input", "y", "--output", "z", "--min-confidence", "2"], "--min-confidence 2"),
+    (["label", "--checkpoint", "x", "--input", "y", "--output", "z", "--commit-every", "0"],
+     "--commit-every 0.0: Input should be greater than 0"),
+    (["label", "--checkpoint", "x", "--input", "y", "--output", "z", "--max-actors", "0"],
+     "--max-actors 0: Input should be greater than or equal to 1"),
 ])
 def test_mistakes_are_answered_before_torch_or_ray_load(args, message):
     """Exit 2 and one line, without importing torch, torchvision, timm or Ray (seconds of start-up on a small
@@ -81,6 +81,22 @@ def test_mistakes_are_answered_before_torch_or_ray_load(args, message):
 def test_help_answers_without_heavy_imports(command):
     code, err, imported, _ = run_cli(command, "--help")
     assert code == 0 and imported == []
+
+
+def screen(text: str) -> list[str]:
+    """What a terminal shows after `text`: carriage returns go back to the line's start and overwrite it."""
+    lines, row, col = [""], 0, 0
+    for char in text:
+        if char == "\r":
+            col = 0
+        elif char == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        else:
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + char + line[col + 1:]
+            col += 1
+    return [line.rstrip() for line in lines]
 
 
 def test_console_redraws_on_a_terminal_and_writes_lines_in_a_log(tmp_path):
@@ -102,10 +118,12 @@ def test_console_redraws_on_a_terminal_and_writes_lines_in_a_log(tmp_path):
         console = Console(stream)
         console.progress("step 1")
         console.progress("step 2")
+        assert screen(term.text) == ["step 2"] or stream is log  # redrawn in place
         console.line("epoch done")
+        assert screen(term.text) == ["epoch done", "step 2"] or stream is log  # lines go above the progress line
         console.progress("step 3")
         console.close()
-    assert term.text == "\r\x1b[Kstep 1\r\x1b[Kstep 2\r\x1b[Kepoch done\n\r\x1b[Kstep 3\n"
+    assert screen(term.text) == ["epoch done", "step 3", ""] and term.text.endswith("\n")
     assert log.text == "step 1\nepoch done\n"  # one progress line per few seconds in a log
     assert [duration(s) for s in (0, 65, 3725)] == ["0:00", "1:05", "1:02:05"]
 
@@ -131,7 +149,7 @@ def test_labeling_progress_redraws_in_place_on_a_real_terminal(ray_local, small_
     assert proc.wait(timeout=60) == 0, screen.decode()[-2000:]
     text = screen.decode().replace("\x1b[0m", "")  # Ray resets the terminal's colours as it exits
     assert not NOISE.search(text), text[-2000:]
-    assert re.search(r"\r\x1b\[Klabel: \d+/120 \(\d+%\), [\d.]+ images/s, ETA \d+:\d\d, 0 errors", text), text[-2000:]
+    assert re.search(r"\rlabel: \d+/120 \(\d+%\), [\d.]+ images/s, ETA \d+:\d\d, 0 errors", text), text[-2000:]
     last = text.strip().splitlines()[-1]
     assert last.startswith("label: 120 images: 120 labeled, 0 errors") and str(tmp_path / "out") in last, text[-1500:]
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["runs"][-1]["labeled"] == 120

@@ -13,13 +13,13 @@ import ray
 import torch
 from PIL import Image
 
+from pipeline import checkpoint
 from pipeline.images import ORIENTATION, decode_image
+from pipeline.keys import Reader
 from pipeline.label.device_decoding import orient
 from pipeline.label.plan import model_payload
 from pipeline.label.predictor import Predictor
 from pipeline.label.reading import Preprocess, encoded_rows
-from pipeline.label.sources import Reader
-from pipeline.train import checkpoint
 from tests.corpus import make_corpus, sample_image
 
 CLASSES = ["ants", "bees"]
@@ -37,7 +37,7 @@ def labels(model, spec: dict, paths: list, exact: bool) -> np.ndarray:
     return np.concatenate(out)
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_reduced_size_decoding_agrees_with_full_decoding(demo_run, shared_hymenoptera, tmp_path):
     state = checkpoint.load(demo_run["best_checkpoint"])
     model = checkpoint.build_from(state)
@@ -91,14 +91,14 @@ def label_rows(predictor: Predictor, blocks) -> dict[str, dict]:
     return {row["path"]: row for block in blocks for row in predictor(block).to_pylist()}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="nvjpeg decoding needs a GPU; its CPU side runs on the cpu case"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # nvjpeg on a GPU
 def test_predictors_decoding_on_their_device_label_as_read_tasks_do(ray_local, demo_run, shared_hymenoptera,
                                                                    tmp_path, device):
     """The predictor of GPU actors, fed the bytes that their read tasks emit, against the CPU actors' predictor fed
     decoded crops: the same error rows, sizes and labels, for real photos (one turned by EXIF), the odd files of
     the corpus (other formats and CMYK go to the CPU path, broken ones to error rows), and a JPEG whose header is
-    fine but whose data the decoder rejects (the batch falls back to one by one, and that file to the CPU)."""
+    fine but whose scan data is damaged (device_decoding.plain_jpeg sends it to the CPU path, which rejects it).
+    The predictor says which files its CPU decoded."""
     corpus = make_corpus(tmp_path / "corpus")
     photos = sorted((shared_hymenoptera / "val").rglob("*.jpg"))[::8]
     with Image.open(photos[0]) as img:
@@ -124,7 +124,7 @@ def test_predictors_decoding_on_their_device_label_as_read_tasks_do(ray_local, d
     payload = model_payload(state, checkpoint.build_from(state), "fp32", gpu=device == "cuda")
     on_cpu = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=8)
     on_device = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=8,
-                          device_decode=True, exact_decode=True)
+                          device_decode=True)
     expected = label_rows(on_cpu, Preprocess(spec, exact_decode=True).rows(items()))
     got = label_rows(on_device, encoded_rows(items()))
     assert set(got) == set(expected) == set(keys)
@@ -135,6 +135,9 @@ def test_predictors_decoding_on_their_device_label_as_read_tasks_do(ray_local, d
     labeled = sorted(set(keys) - errors)
     assert [(got[k]["width"], got[k]["height"]) for k in labeled] == \
         [(expected[k]["width"], expected[k]["height"]) for k in labeled]
+    on_cpu = {k for k, r in got.items() if r["cpu_decoded"]}
+    assert {str(tmp_path / "damaged.jpg"), str(tmp_path / "corpus" / "cmyk.jpg")} <= on_cpu
+    assert not on_cpu & {str(p) for p in photos}
     agree = np.mean([got[k]["label"] == expected[k]["label"] for k in labeled])
     assert agree >= 0.99 if device == "cpu" else agree >= 0.95  # nvjpeg's IDCT differs a little from libjpeg's
     scores = np.array([[got[k]["score"], expected[k]["score"]] for k in labeled])

@@ -21,9 +21,8 @@ import torch
 from PIL import Image
 
 from jobs.cli import main
-from pipeline.train import checkpoint
-from tests.conftest import make_image_folder
-from tests.helpers import peak_memory, read_output, start_label
+from pipeline import checkpoint
+from tests.helpers import make_image_folder, peak_memory, read_output, start_label
 
 
 def joined_env(ray_local) -> dict:
@@ -88,7 +87,8 @@ def small_disk(tmp_path):
     (RLIMIT_FSIZE can't stand in for it: it also limits Ray Data's session log, which every driver appends to.)"""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(disk)], capture_output=True, text=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
     try:
@@ -126,7 +126,8 @@ def test_disk_full_during_a_write_is_one_clear_line_and_a_rerun_completes(ray_lo
 
 
 @pytest.mark.parametrize("variant", ["under-a-file", "immutable-folder"])
-def test_output_folder_not_writable_is_one_line_exit_2_before_any_work(small_checkpoint, tmp_path, capsys, variant):
+def test_output_folder_not_writable_is_one_line_exit_2_before_any_work(ray_local, small_checkpoint, tmp_path, capsys,
+                                                                       variant):
     images = make_image_folder(tmp_path / "imgs", train_per_class=4, val_per_class=0)
     if variant == "under-a-file":
         (tmp_path / "plain-file").write_text("not a folder")
@@ -147,7 +148,7 @@ def test_output_folder_not_writable_is_one_line_exit_2_before_any_work(small_che
     assert not (out.is_dir() and any(out.iterdir()))
 
 
-def test_checkpoint_of_an_unknown_arch_is_one_line_exit_2(small_checkpoint, tmp_path, capsys):
+def test_checkpoint_of_an_unknown_arch_is_one_line_exit_2(ray_local, small_checkpoint, tmp_path, capsys):
     state = checkpoint.load(small_checkpoint)
     state["model"] = {**state["model"], "arch": "resnet9000"}
     state.pop("format")
@@ -169,7 +170,7 @@ class RunsCode:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's notice on reading the crafted file
-def test_crafted_pickle_checkpoint_is_refused_and_its_code_never_runs(tmp_path, capsys):
+def test_crafted_pickle_checkpoint_is_refused_and_its_code_never_runs(ray_local, tmp_path, capsys):
     marker = tmp_path / "pwned"
     crafted = tmp_path / "checkpoint.pt"
     torch.save({"format": checkpoint.FORMAT, "payload": RunsCode(marker)}, crafted)
@@ -204,7 +205,7 @@ def tiny_jpegs(root: Path, count: int) -> list[Path]:
     return paths
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_20000_images_in_one_run_each_exactly_once_with_flat_memory(ray_local, small_checkpoint, tmp_path):
     env = joined_env(ray_local)
     me = psutil.Process()
@@ -223,10 +224,11 @@ def test_20000_images_in_one_run_each_exactly_once_with_flat_memory(ray_local, s
         keys = [r["path"] for r in read_output(out)]
         assert len(keys) == len(set(keys)) == count and set(keys) == {str(p) for p in paths}
         assert [pq.ParquetFile(f).metadata.num_rows for f in sorted(out.glob("*.parquet"))].count(5000) == count // 5000
-        figures[count] = {"seconds": round(seconds, 1), "peak_rss_mib": peak["rss"] >> 20, "peak_pss_mib": peak["pss"] >> 20}
+        figures[count] = {"seconds": round(seconds, 1), "peak_rss_mib": peak["rss"] >> 20,
+                          "peak_pss_mib": peak["pss"] >> 20}
         shutil.rmtree(tmp_path / f"imgs{count}")
     print(f"\nlabel load: {json.dumps(figures)}")
-    # Flat: ten times the images may not double the memory (measured 2026-11-24, 2 CPUs: ~4.7 GiB RSS, ~2.6 GiB
-    # PSS for both sizes, most of it Ray's own processes and the idle workers of the session).
+    # Flat: ten times the images may not double the memory, most of which is Ray's own processes and the idle
+    # workers of the session.
     for measure in ("peak_rss_mib", "peak_pss_mib"):
         assert figures[20_000][measure] <= 2 * figures[2_000][measure], figures

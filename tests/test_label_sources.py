@@ -10,7 +10,10 @@ import zipfile
 import pytest
 
 from pipeline.errors import UsageError
-from pipeline.label.sources import Reader, list_inputs
+from pipeline.keys import Reader
+from pipeline.label.evaluate import true_classes
+from pipeline.label.sources import list_inputs
+from tests.helpers import FlakyProxy
 
 
 def touch(path, data=b"x"):
@@ -105,3 +108,54 @@ def test_a_truncated_archive_yields_its_members_then_one_error_row(tmp_path):
     assert 1 <= len(rows) - 1 < 5 and all(err is None for _, _, err, _ in rows[:-1])
     assert rows[-1][0] == str(cut) and rows[-1][1] is None and rows[-1][2].startswith("unreadable archive:")
     assert rows[-1][3] == "decode"  # the bytes are bad: a rerun would read the same
+
+
+def test_a_folder_of_shards_lists_its_archives_beside_its_images(tmp_path):
+    shards = tmp_path / "shards"
+    for name in ("000000.tar", "000001.tar.gz", "more/000002.zip", "loose.jpg", "notes.txt", ".hidden.tar"):
+        touch(shards / name)
+    listing = list_inputs([str(shards)])
+    assert listing.archives == [str(shards / n) for n in ("000000.tar", "000001.tar.gz", "more/000002.zip")]
+    assert listing.files == [str(shards / "loose.jpg")] and listing.roots == [str(shards)]
+
+
+def test_a_brace_range_names_shards_without_looking_them_up_and_a_glob_matches_one_folder(tmp_path):
+    for name in ("000.tar", "001.tar", "003.tar", "sub/004.tar", "005.zip"):
+        touch(tmp_path / "s" / name)
+    ranged = list_inputs([f"{tmp_path}/s/{{000..003}}.tar"])
+    assert ranged.archives == [str(tmp_path / "s" / f"{i:03d}.tar") for i in range(4)]  # 002 is missing: an error row
+    globbed = list_inputs([f"{tmp_path}/s/*.tar", f"{tmp_path}/s/*/*.tar", f"{tmp_path}/s/0*"])
+    assert globbed.archives == [str(tmp_path / "s" / n) for n in ("000.tar", "001.tar", "003.tar", "sub/004.tar",
+                                                                   "005.zip")]
+    with pytest.raises(UsageError, match=r"input .*/s/\*\.tgz matches no image or archive"):
+        list_inputs([f"{tmp_path}/s/*.tgz"])
+    with pytest.raises(UsageError, match=r"names .*/s/1\.csv, which is not an image or an archive"):
+        list_inputs([f"{tmp_path}/s/{{1..2}}.csv"])
+
+
+def test_a_glob_over_shards_on_s3_costs_a_listing_not_a_request_per_shard(s3_server, tmp_path):
+    fs = s3_server.filesystem()
+    for i in range(40):
+        with fs.open_output_stream(f"data/globbed/{i:06d}.tar") as f:
+            f.write(b"x")
+    proxy = FlakyProxy(s3_server.endpoint, down_for=0.0)
+    try:
+        listing = list_inputs([f"s3://data/globbed/*.tar?endpoint_override={proxy.endpoint}&scheme=http"])
+    finally:
+        proxy.stop()
+    assert listing.archives == [f"s3://data/globbed/{i:06d}.tar" for i in range(40)]  # clean keys: no query
+    assert len(proxy.requests) <= 3, proxy.requests  # a listing of the prefix, not 40 lookups
+
+
+@pytest.mark.parametrize("inputs", [[], ["empty"], ["empty", "notes"]])
+def test_inputs_that_list_nothing_to_label_are_a_usage_error(tmp_path, inputs):
+    (tmp_path / "empty").mkdir()
+    touch(tmp_path / "notes" / "readme.txt")
+    with pytest.raises(UsageError, match="nothing to label in .*: no image .* or archive"):
+        list_inputs([str(tmp_path / name) for name in inputs or ["empty"]])
+
+
+def test_archive_members_take_their_class_from_their_own_folder_or_the_archive_s():
+    paths = ["/d/ants/a.jpg", "/d/bees/s.tar!x.jpg", "/d/s.tar!ants/1.jpg", "/d/s.tar!x/1.jpg",
+             "/d/bees/s.tar!ants/1.jpg", "/elsewhere/ants/a.jpg", "/d/ants"]
+    assert true_classes(paths, ["/d"], ["ants", "bees"]) == [0, 1, 0, None, 0, None, None]

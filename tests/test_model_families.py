@@ -1,4 +1,4 @@
-"""Every model family the README promises: its head, its own preprocessing, a training step, and labeling."""
+"""Every model family docs/training.md promises: its head, its own preprocessing, a training step, and labeling."""
 
 from __future__ import annotations
 
@@ -12,22 +12,22 @@ import torch
 import torchvision
 
 from jobs.cli import main
+from pipeline import checkpoint
 from pipeline.errors import UsageError
 from pipeline.label.plan import model_payload
 from pipeline.label.predictor import Predictor
-from pipeline.train import checkpoint
-from pipeline.train.models import TORCHVISION_HEADS, WithEmbedding, _family, build_model, torchvision_archs
-from tests.conftest import make_image_folder, write_config
-from tests.helpers import random_weight_state
+from pipeline.models import TORCHVISION_HEADS, WithEmbedding, _family, build_model, torchvision_archs
+from tests.helpers import make_image_folder, random_weight_state, write_config
 
 CLASSES = ["a", "b", "c"]
-# One small model of each family, at the smallest input each accepts (ViT's patch grid is fixed at 224).
+# One small model of each family, at the smallest input each accepts (ViT's patch grid is fixed at 224; its 32-pixel
+# patches make a quarter of the 16-pixel ones' tokens).
 FAMILIES = {
     "resnet18": 64,
     "efficientnet_b0": 64,
     "mobilenet_v3_small": 64,
     "convnext_tiny": 64,
-    "vit_b_16": 224,
+    "vit_b_32": 224,
     "inception_v3": 96,
     "googlenet": 64,
     "efficientnet_lite0": 64,

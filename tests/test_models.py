@@ -2,21 +2,22 @@
 
 import pytest
 import torch
-from torch import nn
 import torchvision
+from torch import nn
 
 from pipeline.errors import UsageError
 from pipeline.images import decode_image
-from pipeline.train.models import build_model, configure_trainable, set_train_mode
+from pipeline.models import build_model, configure_trainable, set_train_mode
 from pipeline.train.transforms import eval_transform
-from tests.conftest import DEMO_DATA
+from tests.helpers import DEMO_DATA
 
 
 def trainable(model):
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"), ("efficientnet_lite0", "classifier")])
+@pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
+                                        ("efficientnet_lite0", "classifier")])
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_head_fits_the_classes(arch, head, num_classes):
     model, spec = build_model(arch, num_classes, "none")

@@ -1,11 +1,11 @@
-"""Precision by what the hardware computes natively, read from this machine's own CPU."""
+"""Precision by what the hardware computes natively, read from this machine's own CPU (and GPU, where it has one)."""
 
 import shutil
 import subprocess
 
 import pytest
 
-from pipeline.hardware import cpu_flags, cpu_model, native_bf16
+from pipeline.hardware import cpu_flags, cpu_model, gpu_capability, gpu_half_precision, native_bf16
 from pipeline.label.plan import choose_precision
 
 
@@ -16,7 +16,8 @@ def test_auto_takes_bf16_only_where_it_is_native_and_a_forced_precision_stays():
     else:
         assert choose_precision("auto", gpu=False) == ("fp32", "this CPU has no native bf16 (no avx512_bf16 or "
                                                                "amx_bf16), where bf16 runs several times slower")
-    assert choose_precision("auto", gpu=True) == ("bf16", "GPU actors autocast to bf16")
+    precision, why = gpu_half_precision(gpu_capability())  # bf16 from sm_80 on (tests/test_gpu_paths.py)
+    assert choose_precision("auto", gpu=True) == (precision, f"GPU actors autocast: {why}")
     assert choose_precision("bf16", gpu=False) == ("bf16", "--precision")
     assert choose_precision("fp32", gpu=True) == ("fp32", "--precision")
     assert ("no native bf16" in cpu_model()) == (flag is None)

@@ -9,13 +9,15 @@ import shutil
 import subprocess
 from collections import Counter
 
+import duckdb
+import pandas
+import pyarrow.dataset
 import pytest
 from PIL import Image
 
 from jobs.cli import main
 from pipeline.label.report import CLASS_THUMBNAILS, MISTAKES_SHOWN, PER_CLASS, UNCERTAIN_SHOWN
-from tests.conftest import REPO
-from tests.helpers import read_output
+from tests.helpers import REPO, read_output
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Appended to a copy of the page: the browser writes into the title how many images decoded and how many broke.
@@ -73,7 +75,7 @@ def shown_paths(html: str) -> set[str]:
 
 def test_the_report_shows_what_the_parquet_holds_in_one_bounded_self_contained_file(reviewed):
     rows, val = reviewed["rows"], reviewed["val"]
-    page = (reviewed["out"] / "report.html").read_text()
+    page = (reviewed["out"] / "_report.html").read_text()
     # Self-contained: nothing is fetched from anywhere, every image is inline.
     assert not re.search(r"<script|<link|@import|url\(|src=\"(?!data:)|href=", page)
     expect = expected_sections(rows, val)
@@ -96,7 +98,7 @@ def test_the_report_shows_what_the_parquet_holds_in_one_bounded_self_contained_f
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package, which .ci/run installs")
 def test_the_report_renders_its_thumbnails_in_a_real_browser(reviewed, tmp_path):
-    page = (reviewed["out"] / "report.html").read_text()
+    page = (reviewed["out"] / "_report.html").read_text()
     probe = tmp_path / "probe.html"
     probe.write_text(page.replace("</body>", COUNT_IMAGES + "</body>"))
     browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
@@ -105,7 +107,7 @@ def test_the_report_renders_its_thumbnails_in_a_real_browser(reviewed, tmp_path)
     images = page.count("<img ")
     assert f"<title>loaded={images} broken=0</title>" in dom, dom[:300]
     shot = tmp_path / "review-page.png"
-    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,1800", f"file://{reviewed['out']}/report.html"],
+    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,1800", f"file://{reviewed['out']}/_report.html"],
                    capture_output=True, timeout=120, check=True)
     with Image.open(shot) as img:
         top = img.convert("RGB").crop((0, 0, 1200, 1800))
@@ -116,14 +118,39 @@ def test_the_report_renders_its_thumbnails_in_a_real_browser(reviewed, tmp_path)
 def test_imgjobs_report_rebuilds_the_page_from_an_output_on_s3(reviewed, s3_server, capsys):
     uri = s3_server.upload(reviewed["out"], "labels/reviewed")
     fs = s3_server.filesystem()
-    fs.delete_file("labels/reviewed/report.html")
+    fs.delete_file("labels/reviewed/_report.html")
     assert main(["report", uri]) == 0
-    assert "report.html" in capsys.readouterr().out
-    with fs.open_input_stream("labels/reviewed/report.html") as f:
+    assert "_report.html" in capsys.readouterr().out
+    with fs.open_input_stream("labels/reviewed/_report.html") as f:
         rebuilt = f.read().decode()
-    local = (reviewed["out"] / "report.html").read_text()
+    local = (reviewed["out"] / "_report.html").read_text()
     drop_time = re.compile(r"<dt>page built</dt><dd>[^<]*</dd>|Labels(:| of) [^<]*")
     assert drop_time.sub("", rebuilt) == drop_time.sub("", local)
+
+
+def test_the_output_folder_is_a_dataset_for_every_parquet_reader(reviewed):
+    """Every file beside the labels starts with `_` or `.`: pandas, pyarrow's datasets and DuckDB read the folder as
+    it stands, with no options."""
+    out = reviewed["out"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".parquet") == ["_report.html", "_summary.json"]
+    expected = sorted(r["path"] for r in reviewed["rows"])
+    assert sorted(pandas.read_parquet(out)["path"]) == expected
+    assert sorted(pyarrow.dataset.dataset(out).to_table(columns=["path"])["path"].to_pylist()) == expected
+    assert sorted(path for path, in duckdb.sql(f"select path from read_parquet('{out}/*.parquet')").fetchall()) \
+        == expected
+
+
+def test_label_and_report_remove_the_report_html_of_an_older_version(reviewed, demo_run, tmp_path, capsys):
+    out = tmp_path / "labels"
+    shutil.copytree(reviewed["out"], out)
+    (out / "report.html").write_text("<html>imgjobs 0.1's page</html>")
+    assert main(["report", str(out)]) == 0
+    assert not (out / "report.html").exists() and (out / "_report.html").exists()
+    (out / "report.html").write_text("<html>imgjobs 0.1's page</html>")
+    assert main(["label", "--checkpoint", demo_run["run_dir"], "--input", str(reviewed["val"]), "--output", str(out),
+                 "--evaluate", "--min-confidence", "0.9"]) == 0  # a rerun with nothing left to label
+    assert not (out / "report.html").exists()
+    assert "0 labeled" in capsys.readouterr().out
 
 
 def test_imgjobs_report_of_a_folder_without_labels_is_one_line_exit_2(tmp_path, capsys):

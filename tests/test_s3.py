@@ -10,13 +10,11 @@ import os
 import subprocess
 import tarfile
 
-import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
 from pipeline import storage
-from tests.conftest import make_image_folder, write_config
-from tests.helpers import start_label
+from tests.helpers import make_image_folder, start_label, write_config
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +41,6 @@ def test_training_from_s3_into_s3(s3_run, s3_server):
     assert summary["classes"] == ["blue", "red"] and [e["epoch"] for e in summary["epochs"]] == [1]
 
 
-def label_rows(s3_server, prefix: str) -> list[dict]:
-    fs = s3_server.filesystem()
-    import pyarrow.fs as pafs
-
-    parts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(prefix)) if i.path.endswith(".parquet"))
-    return [row for part in parts for row in pq.read_table(part, filesystem=fs).to_pylist()]
-
-
 def test_labeling_an_s3_prefix_and_tar_into_s3_exactly_once(s3_run, s3_server, tmp_path, capsys):
     folder = s3_run["folder"]
     shard = io.BytesIO()
@@ -59,18 +49,20 @@ def test_labeling_an_s3_prefix_and_tar_into_s3_exactly_once(s3_run, s3_server, t
             tar.add(path, arcname=f"shard/{path.name}")
     (tmp_path / "shard.tar").write_bytes(shard.getvalue())
     archive = s3_server.upload(tmp_path / "shard.tar", "data/shard.tar")
-    args = ["label", "--checkpoint", s3_run["summary"]["best_checkpoint"], "--input", storage.join(s3_run["data"], "val"),
-            archive, "--output", s3_server.uri("labels/colours"), "--evaluate"]
+    args = ["label", "--checkpoint", s3_run["summary"]["best_checkpoint"],
+            "--input", storage.join(s3_run["data"], "val"), archive, "--output", s3_server.uri("labels/colours"),
+            "--evaluate"]
     assert main(args) == 0
-    rows = label_rows(s3_server, "labels/colours")
+    rows = s3_server.labels("labels/colours")
     val = sorted(f"s3://data/colours/val/{p.parent.name}/{p.name}" for p in (folder / "val").rglob("*.jpg"))
-    members = sorted(f"s3://data/shard.tar!shard/{p.name}" for p in sorted((folder / "train" / "red").glob("*.jpg"))[:3])
+    reds = sorted((folder / "train" / "red").glob("*.jpg"))[:3]
+    members = sorted(f"s3://data/shard.tar!shard/{p.name}" for p in reds)
     assert sorted(r["path"] for r in rows) == sorted(val + members)  # clean keys: no query string in the paths
     assert not [r for r in rows if r["error"]]
     assert "accuracy" in capsys.readouterr().out
 
     assert main(args) == 0  # the rerun finds everything done
-    rows = label_rows(s3_server, "labels/colours")
+    rows = s3_server.labels("labels/colours")
     assert sorted(r["path"] for r in rows) == sorted(val + members)
     with s3_server.filesystem().open_input_stream("labels/colours/_summary.json") as f:
         summary = json.loads(f.read())["runs"][-1]
@@ -87,5 +79,5 @@ def test_endpoint_from_the_environment(s3_run, s3_server, ray_local, tmp_path):
                         "--output", "s3://labels/from-env"], env, stderr=subprocess.STDOUT)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
-    rows = label_rows(s3_server, "labels/from-env")
+    rows = s3_server.labels("labels/from-env")
     assert len(rows) == 16 and not [r for r in rows if r["error"]]

@@ -9,9 +9,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from pipeline.images import decode_image
-from pipeline.train.data import Split
+from pipeline.models import build_model
 from pipeline.train.dataset import ImageDataset
-from pipeline.train.models import build_model
+from pipeline.train.splits import Split
 from pipeline.train.transforms import CROP_RATIO, CROP_SCALE, decode_sizes
 
 

@@ -1,38 +1,21 @@
 """Training under bad input and faults: nothing crashes, nothing is lost, no epoch is run twice."""
 
-import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import psutil
 
 from jobs.cli import main
+from pipeline.models import build_model
 from pipeline.train.data import scan_image_folder
 from pipeline.train.dataset import ImageDataset
-from pipeline.train.models import build_model
 from pipeline.train.transforms import eval_transform
-from tests.conftest import REPO, make_image_folder, write_config
 from tests.corpus import make_corpus
-from tests.test_train_job import train
-
-
-def wait_for_checkpoint(run_dir, accept=lambda metrics: True, timeout=180):
-    """Until Ray has recorded a checkpoint, whose reported metrics `accept` takes, as the latest in its run
-    snapshot (the file a restart or rerun resumes from)."""
-    deadline = time.time() + timeout
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    while True:
-        try:
-            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
-            if latest and accept(latest["metrics"]):
-                return
-        except (OSError, ValueError):  # not written yet, or being written
-            pass
-        assert time.time() < deadline, f"no such checkpoint in {run_dir} after {timeout}s"
-        time.sleep(0.1)
+from tests.helpers import REPO, fresh_env, make_image_folder, train, wait_for_checkpoint, write_config
 
 
 def test_bad_files_are_skipped_and_counted(ray_local, tmp_path, capfd):
@@ -52,7 +35,8 @@ def test_a_file_that_vanishes_after_listing_is_skipped(tmp_path):
     root = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
     folder = scan_image_folder(str(root))
     os.remove(folder.val.paths[0])
-    image, path, reason = ImageDataset(str(root), folder.val, eval_transform(build_model("efficientnet_lite0", 2)[1]))[0]
+    transform = eval_transform(build_model("efficientnet_lite0", 2)[1])
+    image, path, reason = ImageDataset(str(root), folder.val, transform)[0]
     assert image is None and path == folder.val.paths[0] and "FileNotFoundError" in reason
 
 
@@ -79,14 +63,13 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path
     assert [m["lr"] for m in summary["epochs"]] == [0.01, 0.005, 0.0025, 0.00125]
 
 
-def test_killed_driver_then_rerun_resumes(ray_local, tmp_path):
+def test_killed_driver_then_rerun_resumes(ray_local, tmp_path, capfd):
     root = make_image_folder(tmp_path / "data", train_per_class=40, val_per_class=10)
     config = write_config(tmp_path / "c.yaml", "kd", root, tmp_path / "runs", train={"epochs": 3})
     # The driver runs in its own session with its own local Ray; kill -9 all of it, like a lost machine.
-    driver = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "imgjobs"), "train", "-c", str(config)],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "-c", str(config)], cwd=REPO,
+                              env=fresh_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     try:
         wait_for_checkpoint(tmp_path / "runs" / "kd")
     finally:
@@ -94,12 +77,10 @@ def test_killed_driver_then_rerun_resumes(ray_local, tmp_path):
         driver.wait()
     assert not (tmp_path / "runs" / "kd" / "summary.json").exists()
 
-    rerun = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "imgjobs"), "train", "-c", str(config)], capture_output=True, text=True, timeout=600
-    )
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "resuming after epoch" in rerun.stdout and "epoch 1/3" not in rerun.stdout
-    summary = train(config)
+    capfd.readouterr()
+    summary = train(config)  # the rerun, on the session's Ray
+    out = capfd.readouterr().out
+    assert "resuming after epoch" in out and "epoch 1/3" not in out
     assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3]
 
 

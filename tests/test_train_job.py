@@ -4,7 +4,6 @@ import csv
 import json
 import platform
 import subprocess
-from pathlib import Path
 
 import pytest
 import ray
@@ -12,20 +11,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import pipeline
-
 from jobs.cli import main
-from pipeline.train import checkpoint
-from pipeline.train.config import load_config
+from pipeline import checkpoint
 from pipeline.train.data import scan_image_folder
 from pipeline.train.dataset import ImageDataset, collate_skipping
 from pipeline.train.transforms import eval_transform
-from tests.conftest import REPO, make_image_folder, write_config
-
-
-def train(config, *overrides) -> dict:
-    assert main(["train", "-c", str(config), *overrides]) == 0
-    cfg = load_config(str(config), list(overrides))
-    return json.loads((Path(cfg.storage.path) / cfg.name / "summary.json").read_text())
+from tests.helpers import REPO, make_image_folder, train, write_config
 
 
 def single_process_accuracy(ckpt_path: str, data_root) -> float:
@@ -46,7 +37,9 @@ def test_two_workers_aggregate_exactly_and_skip_bad_files(ray_local, tmp_path, c
     root = make_image_folder(tmp_path / "data", classes=("a", "b", "c"), train_per_class=8, val_per_class=5)
     (root / "train" / "a" / "truncated.jpg").write_bytes((root / "train" / "a" / "a_000.jpg").read_bytes()[:300])
     (root / "train" / "b" / "notes.jpg").write_text("not an image")
-    config = write_config(tmp_path / "c.yaml", "two", root, tmp_path / "runs", scaling={"num_workers": 2, "use_gpu": "auto"}, train={"epochs": 2})
+    # use_gpu auto on the session's Ray, which has no GPU (conftest): CPU workers, on a GPU machine too.
+    config = write_config(tmp_path / "c.yaml", "two", root, tmp_path / "runs",
+                          scaling={"num_workers": 2, "use_gpu": "auto"}, train={"epochs": 2})
     summary = train(config)
 
     assert summary["world_size"] == 2 and summary["classes"] == ["a", "b", "c"]
@@ -84,12 +77,14 @@ def test_two_workers_aggregate_exactly_and_skip_bad_files(ray_local, tmp_path, c
 def test_checkpoint_is_self_describing(ray_local, tmp_path, tiny_folder):
     summary = train(write_config(tmp_path / "c.yaml", "ck", tiny_folder, tmp_path / "runs"))
     state = checkpoint.load(summary["best_checkpoint"])
-    assert state["classes"] == ["blue", "red"] and state["epoch"] == 1 and state["best_val_acc"] == summary["best_val_acc"]
+    assert state["classes"] == ["blue", "red"] and state["epoch"] == 1
+    assert state["best_val_acc"] == summary["best_val_acc"]
     assert state["model"] == {
         "arch": "mobilenet_v3_small", "head": "classifier.3", "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225], "resize_size": 256, "input_size": 224, "interpolation": "bilinear",
     }
-    assert state["config"]["train"]["lr"] == 0.01 and state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 1
+    assert state["config"]["train"]["lr"] == 0.01 and state["optimizer"]["state"]
+    assert state["scheduler"]["last_epoch"] == 1
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert summary["versions"] == {"imgjobs": pipeline.__version__, "torch": torch.__version__, "ray": ray.__version__,
                                    "python": platform.python_version(), "git_commit": commit or None}
@@ -168,6 +163,7 @@ def assert_tracked(uri: str, run, summary: dict) -> None:
 
 
 def test_demo_recipe_on_full_resolution_ants_and_bees(ray_local, tmp_path, shared_hymenoptera):
-    summary = train(REPO / "configs" / "demo.yaml", "train.epochs=3", f"data.root={shared_hymenoptera}", f"storage.path={tmp_path}")
+    summary = train(REPO / "configs" / "demo.yaml", "train.epochs=3", f"data.root={shared_hymenoptera}",
+                    f"storage.path={tmp_path}")
     assert summary["best_val_acc"] >= 0.93
     assert summary["skipped_files"] == 0  # the placeholder GIF in train/ants is a valid image

@@ -13,11 +13,11 @@ import pytest
 
 from jobs.cli import main
 from pipeline.errors import UsageError
-from pipeline.label.sources import Reader
-from pipeline.train.data import scan
+from pipeline.keys import Reader
 from pipeline.train.config import DataConfig
+from pipeline.train.data import scan
 from pipeline.train.from_labels import scan_labels
-from tests.conftest import REPO, write_config
+from tests.helpers import REPO, write_config
 
 
 def write_labels(path, rows: list[dict], classes: list[str] | None = None) -> None:
@@ -80,7 +80,7 @@ def test_archive_members_are_read_one_by_one(tmp_path):
         reader.read_key(f"{tar_path}!missing.jpg")
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_label_the_ants_and_bees_then_train_on_those_labels(ray_local, demo_run, tmp_path):
     """The loop a bulk-labeling user runs: label photos with a checkpoint, then train a model on the output,
     here with the photos in a .tar, so the labels' paths are archive members."""

@@ -7,6 +7,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
+from pipeline.keys import split_member
 from pipeline.metrics import confusion_matrix
 
 
@@ -26,14 +27,22 @@ def check_class_folders(roots: list[str], classes: list[str]) -> None:
 
 
 def true_classes(paths: list[str], roots: list[str], classes: list[str]) -> list[int | None]:
-    """The class index each path's folder names (root/<class>/...), None for paths outside the class folders."""
+    """The class index each path's folder names (root/<class>/...), None for paths outside the class folders. An
+    archive's member takes its class from its own folder inside the archive (root/shard.tar!<class>/...), else
+    from the archive's folder (root/<class>/shard.tar!...)."""
     index = {name: i for i, name in enumerate(classes)}
     prefixes = [storage.split_query(r)[0].rstrip("/") + "/" for r in roots]
     found = []
     for path in paths:
         prefix = next((p for p in prefixes if path.startswith(p)), None)
-        folder, _, rest = path[len(prefix):].partition("/") if prefix else (None, "", "")
-        found.append(index[folder] if folder in index and rest else None)
+        if prefix is None:
+            found.append(None)
+            continue
+        archive, member = split_member(path)
+        inner, _, in_folder = member.partition("/") if archive else ("", "", "")
+        folder, _, rest = path[len(prefix):].partition("/")
+        found.append(index[inner] if in_folder and inner in index else index[folder] if folder in index and rest
+                     else None)
     return found
 
 

@@ -10,19 +10,23 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.compute as pc
 
 import pipeline
-from pipeline import storage
+from pipeline import checkpoint, storage
 from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr, timestamp
 from pipeline.errors import UsageError
+from pipeline.keys import MEMBER_SEPARATOR
 from pipeline.label.evaluate import check_class_folders, evaluate
+from pipeline.label.options import LabelOptions
 from pipeline.label.output import SUMMARY, LabelWriter, io_errors, read_runs
 from pipeline.label.report import write_report
-from pipeline.label.sources import MAX_MEMBER_BYTES, MEMBER_SEPARATOR, Listing, list_inputs
-from pipeline.train import checkpoint
+from pipeline.label.sources import Listing, list_inputs
+
+if TYPE_CHECKING:
+    from pipeline.label.plan import ActorPlan
 
 RATE_WINDOW_S = 5.0
 MAX_IO_ERRORS = 0.5  # a larger share of a run's inputs unreadable ends it with exit 1: the storage is wrong
@@ -30,26 +34,6 @@ MAX_IO_ERRORS = 0.5  # a larger share of a run's inputs unreadable ends it with 
 
 class ReadFailures(Exception):
     """Most inputs could not be read. Their rows are written, and a rerun retries them."""
-
-
-@dataclass
-class LabelOptions:
-    checkpoint: str
-    inputs: list[str]
-    output: str
-    top_k: int | None = None
-    min_confidence: float = 0.0
-    precision: str = "auto"
-    exact_decode: bool = False
-    rows_per_file: int = 100_000
-    commit_every: float = 60.0
-    max_member_bytes: int = MAX_MEMBER_BYTES
-    batch_size: int | None = None
-    max_actors: int | None = None
-    overwrite: bool = False
-    evaluate: bool = False
-    embeddings: bool = False
-    report: bool = False
 
 
 @dataclass
@@ -83,6 +67,10 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         init_ray()
         model = loading.result()
     state = model.state
+    from pipeline.label import plan  # Ray and torch: imported once the checks above passed
+    from pipeline.label.predictor import CPU_SHARE_NOTICE
+
+    actors = plan.actor_plan(opts.batch_size, opts.max_actors)
     provenance = {
         "imgjobs_version": pipeline.__version__,
         "checkpoint": opts.checkpoint,
@@ -90,7 +78,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         "arch": state["model"]["arch"],
         "classes": state["classes"],
         "precision": opts.precision,
-        "decode": {"exact": opts.exact_decode},
+        "decode": {"exact": opts.exact_decode or actors.gpu},  # GPU actors decode at full size
         "top_k": model.top_k,
         "min_confidence": opts.min_confidence,
         "embeddings": model.embedding_size,
@@ -101,21 +89,25 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         work = remaining(listing, writer.done)
         console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
                      f"{listed_in:.1f}s; {work.skipped} already in {opts.output}")
-        progress = Progress(console, len(work.files), len(work.archive_done))
+        progress = RunCounter(console, len(work.files), len(work.archive_done))
         if work.files or work.archive_done:
-            run(opts, model, work, provenance, lambda table: progress.add(writer.add(table), started), console)
+            progress.cpu_decoded = run(opts, model, actors, work, provenance,
+                                       lambda table: progress.add(writer.add(table), started), console)
     finally:
         writer.close()  # what was labeled is committed, and the lock given back, whatever stopped the run
     console.close()
     summary = {"run_id": writer.run_id, "started": timestamp(started), "ended": timestamp(time.time())}
     summary |= progress.summary(work.skipped) | provenance | {"inputs": opts.inputs,
                                                               "files_written": writer.files_written}
+    done = progress.labeled + progress.errors
+    if actors.gpu and done and progress.cpu_decoded > CPU_SHARE_NOTICE * done:
+        console.line(f"label: GPU actors decoded {progress.cpu_decoded} of {done} files on their CPUs (other formats, "
+                     "CMYK, damaged JPEGs, files nvjpeg rejected): those CPUs may have bounded the rate")
     if opts.evaluate:
         summary.update(evaluate(writer.read_all(["path", "label_index"]), listing.roots, state["classes"]))
     append_run(writer, summary)
     if opts.report:
         write_report(opts.output, console.line)
-    done = progress.labeled + progress.errors
     if done and progress.io_errors > MAX_IO_ERRORS * done:
         raise ReadFailures(f"{progress.io_errors} of {done} inputs could not be read (first: "
                            f"{progress.first_io_error}); check the input's storage and credentials, then run the same "
@@ -139,7 +131,7 @@ def load_model(opts: LabelOptions, roots: list[str], new_local_ray: bool, log) -
     give, and --evaluate's class folders fail here. When the job starts a Ray of its own (`new_local_ray`) on a
     machine without GPUs, the actors' payload is built here too: its TorchScript tracing takes seconds that Ray's
     start covers."""
-    import torch
+    import torch  # on the loading thread: its seconds of imports overlap Ray's start
 
     state = checkpoint.load(opts.checkpoint)
     model = checkpoint.build_from(state)
@@ -149,7 +141,7 @@ def load_model(opts: LabelOptions, roots: list[str], new_local_ray: bool, log) -
     size = embedding_size(model, state) if opts.embeddings else None
     payload = None
     if new_local_ray and not torch.cuda.is_available():
-        from pipeline.label import plan
+        from pipeline.label import plan  # Ray and torch, as above
 
         precision = plan.choose_precision(opts.precision, gpu=False)[0]
         payload = plan.model_payload(state, model, precision, gpu=False, embeddings=opts.embeddings, log=log)
@@ -158,7 +150,7 @@ def load_model(opts: LabelOptions, roots: list[str], new_local_ray: bool, log) -
 
 def embedding_size(model, state: dict) -> int:
     """The length of the embedding column; a model whose head takes no feature vector fails here."""
-    from pipeline.train.models import embedding_head
+    from pipeline.models import embedding_head  # torchvision, on the loading thread
 
     return embedding_head(model, state["model"]["head"]).in_features
 
@@ -170,32 +162,35 @@ def append_run(writer: LabelWriter, summary: dict) -> None:
     storage.write_bytes(writer.fs, path, json.dumps({"runs": [*runs, summary]}, indent=2).encode())
 
 
-def run(opts: LabelOptions, model: Model, work: Work, provenance: dict, take, console: Console) -> None:
-    """Plan the actors and their precision (recorded in `provenance`) on the Ray that label() joined or started,
-    and hand every labeled block to take()."""
-    from pipeline.label import plan
+def run(opts: LabelOptions, model: Model, actors: ActorPlan, work: Work, provenance: dict, take,
+        console: Console) -> int:
+    """Choose the actors' precision (recorded in `provenance`) on the Ray that label() joined or started, and hand
+    every labeled block to take(). Returns how many files GPU actors decoded on their CPUs instead."""
+    from pipeline.label import plan  # Ray and torch, as in label()
 
-    actors = plan.actor_plan(opts.batch_size, opts.max_actors)
-    if actors["waiting"]:
+    if actors.waiting:
         console.line("label: waiting for a worker node with CPUs: none is up yet, and the autoscaler adds one as the "
-                     f"job asks for it; the pool grows to {actors['max_actors']} actor(s) (--max-actors)")
-    gpu = actors["num_gpus"] > 0
-    precision, why = plan.choose_precision(opts.precision, gpu=gpu)
+                     f"job asks for it; the pool grows to {actors.max_actors} actor(s) (--max-actors)")
+    precision, why = plan.choose_precision(opts.precision, gpu=actors.gpu)
     provenance["compute_precision"] = precision  # before the first commit: every file records it
-    provenance["decode_device"] = "gpu" if gpu else "cpu"
+    provenance["decode_device"] = "gpu" if actors.gpu else "cpu"
     if opts.precision == "auto":
         console.line(f"label: precision auto: {precision} ({why}; --precision fp32 or bf16 forces one)")
     payload = model.cpu_payload
-    if gpu or payload is None or payload["precision"] != precision:
-        payload = plan.model_payload(model.state, model.model, precision, gpu=gpu, embeddings=opts.embeddings,
+    if actors.gpu or payload is None or payload["precision"] != precision:
+        payload = plan.model_payload(model.state, model.model, precision, gpu=actors.gpu, embeddings=opts.embeddings,
                                      log=console.line)
-    units = plan.read_units_of(work.files, work.archive_done, actors["batch_size"])
+    units = plan.read_units_of(work.files, work.archive_done, actors.batch_size)
     dataset = plan.dataset(units, work.options, actors, payload, exact_decode=opts.exact_decode,
                            max_member_bytes=opts.max_member_bytes, top_k=model.top_k,
                            min_confidence=opts.min_confidence)
+    cpu_decoded = 0
     with filtered_stderr(RESTARTABLE_ACTOR_NOTICE):
         for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            table, on_cpu = plan.split_cpu_decoded(table)
+            cpu_decoded += on_cpu
             take(table)
+    return cpu_decoded
 
 
 def check_top_k(top_k: int | None, classes: list[str]) -> int:
@@ -222,13 +217,14 @@ def remaining(listing: Listing, done: set[str]) -> Work:
     return Work(files, by_archive, listing.options, skipped)
 
 
-class Progress:
+class RunCounter:
     """Counts rows, keeps a progress line with percent, images/s and ETA, and times start-up and throughput."""
 
     def __init__(self, console: Console, files: int, archives: int):
         self.console, self.files, self.archives = console, files, archives
         self.started = time.perf_counter()
         self.labeled = self.errors = self.io_errors = 0
+        self.cpu_decoded = 0  # files that GPU actors decoded on their CPUs
         self.first_io_error = None
         self.startup_s = None  # command start to first labeled batch
         self.first_batch = (0.0, 0)  # (time, rows) at the first batch: throughput after start-up counts from here
@@ -279,6 +275,7 @@ class Progress:
             "labeled": self.labeled,
             "errors": self.errors,
             "io_errors": self.io_errors,
+            "cpu_decoded": self.cpu_decoded,
             "skipped_existing": skipped,
             "seconds": round(seconds, 3),
             "images_per_s": round(done / seconds, 2) if done else 0.0,

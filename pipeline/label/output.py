@@ -32,26 +32,13 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.label.lock import OutputLock
+from pipeline.labels import OUTPUT_SCHEMA, PROVENANCE_KEY, is_part, output_schema, part_paths, provenance_of, read_table
 
-OUTPUT_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("label", pa.string()),
-    ("label_index", pa.int32()),
-    ("score", pa.float32()),
-    ("topk_labels", pa.list_(pa.string())),
-    ("topk_scores", pa.list_(pa.float32())),
-    ("uncertain", pa.bool_()),
-    ("error", pa.string()),
-    # "decode": the file is bad; "too_large": an archive member over the cap; "io": it could not be read, and a
-    # rerun retries it.
-    ("error_kind", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-])
-EMBEDDING = "embedding"  # with --embeddings: fixed-size list<float32>, the model's pooled features
 SUMMARY = "_summary.json"
 TEMP_PREFIX = ".writing-"
-PROVENANCE_KEY = b"imgjobs"
+# imgjobs 0.1 wrote its review page as report.html, which Parquet readers take for a data file; it is now
+# _report.html, and a later run or report removes the old one.
+LEGACY_REPORT = "report.html"
 # What a resumed run must share with the files already there: anything else would mix two kinds of labels.
 LABEL_DEFINING = ("weights_sha256", "classes", "precision", "decode", "top_k", "min_confidence", "embeddings")
 
@@ -61,7 +48,7 @@ class LabelWriter:
     file's schema metadata and must match what the output already holds."""
 
     def __init__(self, out_dir: str, provenance: dict, rows_per_file: int, commit_every: float, overwrite: bool,
-                 log=print):
+                 log=print, clock=time.monotonic):
         self.fs, self.base = check_writable(out_dir)
         self.out_dir = out_dir
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -78,15 +65,17 @@ class LabelWriter:
         self.files_written = 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        self._last_commit = time.monotonic()
+        self.clock = clock  # commit_every's seconds: tests pass a clock of their own
+        self._last_commit = clock()
 
     def _open(self, provenance: dict, overwrite: bool) -> None:
         """Check the files there against `provenance`, then clean up and collect the keys already done."""
         self.provenance = provenance  # the job adds to it what it learns once Ray is up (compute_precision)
         parts = []
         for entry in self.fs.get_file_info(pafs.FileSelector(self.base)):
-            if entry.base_name.startswith(TEMP_PREFIX) or overwrite and (is_part(entry) or entry.base_name == SUMMARY):
-                self.fs.delete_file(entry.path)  # a killed run's unfinished file, or --overwrite
+            if (entry.base_name.startswith(TEMP_PREFIX) or entry.base_name == LEGACY_REPORT
+                    or overwrite and (is_part(entry) or entry.base_name == SUMMARY)):
+                self.fs.delete_file(entry.path)  # a killed run's unfinished file, an old page, or --overwrite
             elif is_part(entry):
                 parts.append(entry.path)
         keys = {path: read_table(self.fs, path, ["path", "error_kind"]) for path in parts}  # one read each
@@ -111,7 +100,7 @@ class LabelWriter:
                 self._commit(rows.slice(0, self.rows_per_file))
                 rows = rows.slice(self.rows_per_file)
             self._pending, self._pending_rows = [rows], rows.num_rows
-        if self._pending_rows and time.monotonic() - self._last_commit >= self.commit_every:
+        if self._pending_rows and self.clock() - self._last_commit >= self.commit_every:
             self._commit_pending()
         return table
 
@@ -155,11 +144,11 @@ class LabelWriter:
             except OSError:
                 pass  # the next run deletes it
             raise UsageError(
-                f"writing {self.base}/{name} failed: {str(e).splitlines()[0]}; {self.files_written} file(s) of this run "
-                f"are complete; free space or fix {self.base}, then run the same command again to resume"
+                f"writing {self.base}/{name} failed: {str(e).splitlines()[0]}; {self.files_written} file(s) of this "
+                f"run are complete; free space or fix {self.base}, then run the same command again to resume"
             ) from None
         self.files_written += 1
-        self._last_commit = time.monotonic()
+        self._last_commit = self.clock()
 
     def read_all(self, columns: list[str]) -> pa.Table:
         tables = [read_table(self.fs, path, columns) for path in part_paths(self.fs, self.base)]
@@ -175,13 +164,6 @@ def read_runs(fs: pafs.FileSystem, base: str) -> list[dict]:
         return []
 
 
-def output_schema(embedding_size: int | None = None) -> pa.Schema:
-    """The labels' columns, and the embedding column when the job writes one."""
-    if not embedding_size:
-        return OUTPUT_SCHEMA
-    return OUTPUT_SCHEMA.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_size)))
-
-
 def check_writable(out_dir: str) -> tuple[pafs.FileSystem, str]:
     """Create the folder and write a probe file: fail now, not after the first batch. Returns the folder's
     filesystem and path in it."""
@@ -195,16 +177,6 @@ def check_writable(out_dir: str) -> tuple[pafs.FileSystem, str]:
     except OSError as e:
         raise UsageError(f"output {out_dir} cannot be written: {str(e).splitlines()[0]}") from None
     return fs, base
-
-
-def provenance_of(schema: pa.Schema, path: str) -> dict:
-    """The provenance recorded in the schema metadata of the labels file `path`."""
-    try:
-        return json.loads((schema.metadata or {})[PROVENANCE_KEY])
-    except (KeyError, ValueError) as e:
-        reason = str(e).splitlines()[0] or "no provenance"
-        raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version ({reason}); "
-                         "use another --output, or --overwrite") from None
 
 
 def check_same_labels(found: dict, wanted: dict, path: str, out_dir: str) -> None:
@@ -227,23 +199,3 @@ def io_errors(table: pa.Table) -> pa.ChunkedArray:
     return pc.fill_null(pc.equal(table.column("error_kind"), "io"), False)
 
 
-def is_part(entry: pafs.FileInfo) -> bool:
-    """A committed labels file: a visible .parquet file (temporaries and _summary.json start with . or _)."""
-    return entry.type == pafs.FileType.File and entry.base_name.endswith(".parquet") and entry.base_name[0] not in "._"
-
-
-def part_paths(fs: pafs.FileSystem, base: str) -> list[str]:
-    """The committed labels files in the output folder `base`, in name order; none where it does not exist."""
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(base))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(e.path for e in entries if is_part(e))
-
-
-def read_table(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    try:
-        return pq.read_table(path, columns=columns, filesystem=fs)
-    except (pa.ArrowInvalid, KeyError) as e:
-        raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version "
-                         f"({str(e).splitlines()[0]}); use another --output, or --overwrite") from None

@@ -6,17 +6,20 @@ import io
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 
-from pipeline.hardware import native_bf16
-from pipeline.label.predictor import DTYPES, Predictor, example_batch, torchscript_model
+from pipeline.hardware import gpu_capability, gpu_half_precision, native_bf16
+from pipeline.label.predictor import CPU_DECODED, DTYPES, Predictor, example_batch, torchscript_model
 from pipeline.label.reading import make_unit, read_units
-from pipeline.train.models import WithEmbedding
+from pipeline.models import WithEmbedding
 
 # Images per model call. On CPU, small batches keep a ResNet's activations in cache (README, Performance);
-# a GPU needs big ones to stay busy.
+# a GPU needs big ones to stay busy (a predictor halves its batch once if its GPU runs out of memory).
 CPU_BATCH, GPU_BATCH = 8, 256
 MAX_THREADS = 4  # per CPU actor: intra-op scaling flattens beyond about 4 threads at CPU batch sizes
 # A read task is one decoding thread that also waits on storage. Its reservation must differ from the
@@ -27,7 +30,25 @@ READ_CPUS = 0.5
 MAX_TASK_FILES = 1024
 
 
-def actor_plan(batch_size: int | None, max_actors: int | None) -> dict:
+@dataclass(frozen=True)
+class ActorPlan:
+    """The predictor actors' pool and resources, and the read tasks' CPUs."""
+
+    num_gpus: int  # per actor: 1 on GPU nodes, else 0
+    num_cpus: float  # per actor
+    threads: int  # torch threads per actor
+    batch_size: int  # images per model call
+    initial_actors: int
+    max_actors: int
+    read_cpus: float = READ_CPUS
+    waiting: bool = False  # no node is up that can run an actor: the autoscaler adds one as the job asks
+
+    @property
+    def gpu(self) -> bool:
+        return self.num_gpus > 0
+
+
+def actor_plan(batch_size: int | None, max_actors: int | None) -> ActorPlan:
     """How many predictor actors, with what resources, for the nodes that are up now. A GPU each where there are
     GPUs. On CPUs, an actor reserves half a CPU less than its threads use, so a read task always finds room: a
     pool that reserves every CPU starves the read tasks and the pipeline stalls forever. With no node up that can
@@ -37,20 +58,16 @@ def actor_plan(batch_size: int | None, max_actors: int | None) -> dict:
     gpus = sum(int(r.get("GPU", 0)) for r in nodes)
     cpus = [r["CPU"] for r in nodes if r.get("CPU", 0) >= 1]
     if gpus:
-        plan = {"actors": gpus, "num_gpus": 1, "num_cpus": 1, "threads": 2, "batch_size": batch_size or GPU_BATCH}
+        actors, threads = gpus, 2
+        resources = {"num_gpus": 1, "num_cpus": 1, "batch_size": batch_size or GPU_BATCH}
     else:
         threads = int(min(MAX_THREADS, min(cpus, default=1)))
-        plan = {
-            "actors": sum(int(c // threads) for c in cpus),  # per node: room for a read task beside each actor
-            "num_gpus": 0,
-            "num_cpus": threads - READ_CPUS,
-            "threads": threads,
-            "batch_size": batch_size or CPU_BATCH,
-        }
-    actors = max(1, plan.pop("actors"))
+        actors = sum(int(c // threads) for c in cpus)  # per node: room for a read task beside each actor
+        resources = {"num_gpus": 0, "num_cpus": threads - READ_CPUS, "batch_size": batch_size or CPU_BATCH}
+    actors = max(1, actors)
     max_actors = max_actors or actors
-    return plan | {"initial_actors": min(actors, max_actors), "max_actors": max_actors, "read_cpus": READ_CPUS,
-                   "waiting": not gpus and not cpus}
+    return ActorPlan(**resources, threads=threads, initial_actors=min(actors, max_actors), max_actors=max_actors,
+                     waiting=not gpus and not cpus)
 
 
 def split_files(files: list[str], batch_size: int) -> list[list[str]]:
@@ -72,38 +89,49 @@ def read_units_of(files: list[str], archive_done: dict[str, list[str]], batch_si
     return units + [make_unit(archive=a, done=keys) for a, keys in archive_done.items()]
 
 
-def dataset(units: list[dict], options: dict[str, str], actors: dict, payload: dict, exact_decode: bool,
+def dataset(units: list[dict], options: dict[str, str], actors: ActorPlan, payload: dict, exact_decode: bool,
             max_member_bytes: int, top_k: int, min_confidence: float) -> ray.data.Dataset:
     """Read units → read-and-decode tasks → predictor actors. GPU predictors decode JPEGs themselves, on the GPU:
-    their read tasks only read (device_decoding)."""
+    their read tasks only read (device_decoding), and they decode at full size, whatever `exact_decode` says."""
     quiet_ray_data()
-    gpu = actors["num_gpus"] > 0
+    gpu = actors.gpu
+    if gpu:
+        from pipeline.label.device_decoding import check_image_extension  # torchvision.io: GPU jobs only
+
+        check_image_extension()
     return (
         ray.data.from_items(units, override_num_blocks=len(units))
-        .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors["read_cpus"],
+        .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors.read_cpus,
                      fn_kwargs={"spec": payload["model"], "exact_decode": exact_decode, "options": options,
                                 "max_member_bytes": max_member_bytes, "encoded": gpu})
         .map_batches(
             Predictor,
             # CPU actors take each read block whole and run it in model batches: a call per block, not per batch,
             # as each call and its result block cost Ray Data milliseconds.
-            batch_size=actors["batch_size"] if gpu else None,
+            batch_size=actors.batch_size if gpu else None,
             batch_format="numpy",
             fn_constructor_kwargs={
                 "payload_ref": [ray.put(payload)],
                 "top_k": top_k,
                 "min_confidence": min_confidence,
-                "threads": actors["threads"],
-                "batch_size": actors["batch_size"],
+                "threads": actors.threads,
+                "batch_size": actors.batch_size,
                 "device_decode": gpu,
-                "exact_decode": exact_decode,
             },
-            compute=ray.data.ActorPoolStrategy(min_size=1, initial_size=actors["initial_actors"],
-                                               max_size=actors["max_actors"]),
-            num_cpus=actors["num_cpus"],
-            num_gpus=actors["num_gpus"],
+            compute=ray.data.ActorPoolStrategy(min_size=1, initial_size=actors.initial_actors,
+                                               max_size=actors.max_actors),
+            num_cpus=actors.num_cpus,
+            num_gpus=actors.num_gpus,
         )
     )
+
+
+def split_cpu_decoded(table: pa.Table) -> tuple[pa.Table, int]:
+    """A block of the dataset as the labels file holds it, and how many of its files GPU actors decoded on their
+    CPU instead of the GPU (predictor.CPU_DECODED; none for CPU actors' blocks)."""
+    if CPU_DECODED not in table.column_names:
+        return table, 0
+    return table.drop_columns([CPU_DECODED]), pc.sum(table.column(CPU_DECODED)).as_py() or 0
 
 
 def quiet_ray_data() -> None:
@@ -116,13 +144,16 @@ def quiet_ray_data() -> None:
 
 
 def choose_precision(requested: str, gpu: bool) -> tuple[str, str]:
-    """The precision the actors compute in, and why: `auto` takes bf16 where it is native (GPUs, whose
-    predictors autocast; CPUs with native bf16, hardware.native_bf16) and fp32 elsewhere, where bf16 would be
-    emulated and several times slower. The driver's CPU stands for the CPU actors' (one kind of CPU per cluster)."""
+    """The precision the actors compute in, and why: `auto` takes bf16 where it is native and fp32 or fp16
+    elsewhere. GPU actors autocast: to bf16 from sm_80 on, to fp16 before (hardware.gpu_half_precision). CPU actors
+    take bf16 where the CPU has native bf16 (hardware.native_bf16), else fp32: emulated bf16 is several times
+    slower. The driver's CPU stands for the CPU actors', and its GPU, where it has one, for the GPU actors' (one
+    kind of each per cluster)."""
     if requested != "auto":
         return requested, "--precision"
     if gpu:
-        return "bf16", "GPU actors autocast to bf16"
+        precision, why = gpu_half_precision(gpu_capability())
+        return precision, f"GPU actors autocast: {why}"
     flag = native_bf16()
     if flag:
         return "bf16", f"this CPU computes bf16 natively ({flag})"
@@ -159,7 +190,8 @@ def torchscript(model: torch.nn.Module, input_size: int, precision: str) -> byte
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, yet still the fastest on CPU
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # model_payload checks the trace's results
         buffer = io.BytesIO()
-        torch.jit.save(torch.jit.freeze(torch.jit.trace(model, example_batch(1, input_size, DTYPES[precision]))), buffer)
+        traced = torch.jit.trace(model, example_batch(1, input_size, DTYPES[precision]))
+        torch.jit.save(torch.jit.freeze(traced), buffer)
     return buffer.getvalue()
 
 

@@ -5,6 +5,7 @@ This module runs in every predictor actor, so it imports torch alone (see plan.m
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 import numpy as np
@@ -12,24 +13,32 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.label.output import output_schema
+from pipeline.labels import output_schema
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: GPUs before sm_80
+# GPU actors' output has one more column than the labels file: whether the actor's CPU decoded the row's file,
+# not its GPU. The job sums it into its summary and drops it before writing.
+CPU_DECODED = "cpu_decoded"
+# A GPU actor says once when more than this share of its files decoded on its CPU (its one CPU then limits it),
+# once it has seen CPU_NOTICE_AFTER files.
+CPU_SHARE_NOTICE, CPU_NOTICE_AFTER = 0.05, 100
 
 
 class Predictor:
     def __init__(self, payload_ref: list, top_k: int, min_confidence: float, threads: int, batch_size: int,
-                 device_decode: bool = False, exact_decode: bool = False):
-        """With `device_decode`, batches hold encoded files (reading.encoded_rows) that the actor decodes on its
-        device (device_decoding); otherwise decoded crops."""
+                 device_decode: bool = False):
+        """`payload_ref`: [the payload's object ref] (or [the payload], outside Ray). With `device_decode`, batches
+        hold encoded files (reading.encoded_rows) that the actor decodes on its device (device_decoding);
+        otherwise decoded crops."""
         # Ray caps the actor's OpenMP threads at its num_cpus, which is fractional here so read tasks keep a CPU.
         torch.set_num_threads(threads)
-        payload = ray.get(payload_ref[0])
+        payload = payload_ref[0] if isinstance(payload_ref[0], dict) else ray.get(payload_ref[0])
         self.classes = np.array(payload["classes"], dtype=object)
         self.device = torch.device(payload["device"])
         self.top_k = top_k
         self.min_confidence = min_confidence
         self.batch_size = batch_size
+        self.halved = False
         self.embedding_size = payload["embedding_size"]
         self.schema = output_schema(self.embedding_size)
         spec = payload["model"]
@@ -37,10 +46,18 @@ class Predictor:
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
         self.model = torchscript_model(payload, batch_size) if "torchscript" in payload else eager_model(payload)
         self.decode = None
+        self.files = self.cpu_files = 0  # files this actor decoded, and those of them its CPU decoded
+        self.noticed = False
         if device_decode:
-            from pipeline.label.device_decoding import DeviceDecoder
+            from pipeline.label.device_decoding import DeviceDecoder  # GPU actors only: it imports torchvision
 
-            self.decode = DeviceDecoder(spec, exact_decode, self.device)
+            self.decode = DeviceDecoder(spec, self.device, log=self.log)
+            self.schema = self.schema.append(pa.field(CPU_DECODED, pa.bool_()))
+
+    @staticmethod
+    def log(text: str) -> None:
+        """A line for the job's console: Ray forwards actors' output to the driver."""
+        print(text, file=sys.stderr, flush=True)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -57,7 +74,27 @@ class Predictor:
         return None if embeddings is None else embeddings[:n].float(), logits[:n].float()
 
     def __call__(self, batch: dict) -> pa.Table:
-        crops = self.decode(batch) if self.decode else None  # decoding may add error rows
+        """The batch's labels. On the GPU's first out-of-memory error, the actor halves its model batch (and its
+        decoder's memory budget) and labels the batch again; on a second one, it fails."""
+        while True:
+            try:
+                return self.label(dict(batch))  # a copy: decoding replaces columns, and a retry needs the originals
+            except torch.OutOfMemoryError as e:
+                if self.halved or self.batch_size == 1:
+                    again = ", halved once already" if self.halved else ""
+                    raise RuntimeError(f"label: out of GPU memory at batches of {self.batch_size} images{again}; "
+                                       "pass a smaller --batch-size") from e
+                self.halved, self.batch_size = True, max(1, self.batch_size // 2)
+                if self.decode:
+                    self.decode.max_bytes //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.log(f"label: out of GPU memory ({str(e).splitlines()[0][:120]}); this actor goes on with "
+                         f"batches of {self.batch_size} images")
+
+    def label(self, batch: dict) -> pa.Table:
+        read = batch["error"] == ""
+        crops, cpu_decoded = self.decode(batch) if self.decode else (None, None)  # decoding may add error rows
         ok = batch["error"] == ""
         n = len(ok)
         label_index = np.zeros(n, dtype=np.int32)
@@ -65,7 +102,10 @@ class Predictor:
         indices = np.zeros((n, self.top_k), dtype=np.int64)
         embeddings = np.zeros((n, self.embedding_size or 0), dtype=np.float32)
         if ok.any():
-            pixels = torch.from_numpy(batch["pixels"][ok]) if crops is None else crops[torch.from_numpy(ok).to(self.device)]
+            if crops is None:
+                pixels = torch.from_numpy(batch["pixels"][ok])
+            else:
+                pixels = crops[torch.from_numpy(ok).to(self.device)]
             # A call may hold several model batches (CPU actors take whole read blocks, plan.dataset).
             chunks = [self.forward(pixels[i : i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)]
             logits = torch.cat([c[1] for c in chunks])
@@ -94,7 +134,18 @@ class Predictor:
         if self.embedding_size:
             columns.append(pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.embedding_size,
                                                              mask=pa.array(bad)))
+        if cpu_decoded is not None:
+            columns.append(pa.array(cpu_decoded, pa.bool_()))
+            self.count_cpu_decoded(int(read.sum()), int(cpu_decoded.sum()))
         return pa.Table.from_arrays(columns, schema=self.schema)
+
+    def count_cpu_decoded(self, files: int, on_cpu: int) -> None:
+        self.files, self.cpu_files = self.files + files, self.cpu_files + on_cpu
+        if not self.noticed and self.files >= CPU_NOTICE_AFTER and self.cpu_files > CPU_SHARE_NOTICE * self.files:
+            self.noticed = True
+            self.log(f"label: a GPU actor decoded {self.cpu_files} of its first {self.files} files "
+                     f"({self.cpu_files / self.files:.0%}) on its CPU, not with nvjpeg: other formats, CMYK or "
+                     "damaged JPEGs, or JPEGs nvjpeg rejects; its one CPU may limit its rate")
 
 
 def _lists(values: pa.Array, k: int, null: np.ndarray) -> pa.Array:
@@ -109,8 +160,8 @@ def example_batch(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def torchscript_model(payload: dict, batch_size: int):
-    """The frozen TorchScript model that CPU actors run. oneDNN Graph fuses its convolutions, biases and activations into single
-    kernels on the first calls: faster than eager channels_last, with the same labels (README, Performance)."""
+    """The frozen TorchScript model that CPU actors run. oneDNN Graph fuses its convolutions, biases and activations
+    into single kernels on the first calls: faster than eager channels_last, with the same labels."""
     dtype = DTYPES[payload["precision"]]
     torch.jit.enable_onednn_fusion(True)
     with warnings.catch_warnings(), torch.inference_mode():
@@ -122,21 +173,21 @@ def torchscript_model(payload: dict, batch_size: int):
 
 
 def eager_model(payload: dict):
-    """The eager model in channels_last (cuDNN's and oneDNN's fastest layout), under bf16 autocast for bf16: what
-    GPU actors run, and CPU actors for a model that TorchScript cannot freeze faithfully."""
-    from pipeline.train import checkpoint  # here, not at the top: most CPU actors never import torchvision or timm
+    """The eager model in channels_last (cuDNN's and oneDNN's fastest layout), under autocast for bf16 and fp16:
+    what GPU actors run, and CPU actors for a model that TorchScript cannot freeze faithfully."""
+    from pipeline import checkpoint  # here, not at the top: most CPU actors never import torchvision or timm
 
     device = torch.device(payload["device"])
-    bf16 = payload["precision"] == "bf16"
+    dtype = DTYPES[payload["precision"]]
     model = checkpoint.build_from(payload)
     if payload["embedding_size"]:
-        from pipeline.train.models import WithEmbedding
+        from pipeline.models import WithEmbedding  # torchvision, as above
 
         model = WithEmbedding(model, payload["model"]["head"])
     model = model.to(device, memory_format=torch.channels_last)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return model(x)
 
     return forward

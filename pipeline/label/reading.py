@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from pipeline.images import decode_with_size, image_error, jpeg_header, resize_center_crop
-from pipeline.label.sources import Item, Reader, error_kind
+from pipeline.keys import Item, Reader, error_kind
 
 # Output blocks: each costs Ray Data milliseconds to move and hand to an actor, so rows of 224-pixel crops
 # (150 KB) go 128 to a block after a first one of 32, which feeds the predictor early (a read unit of files

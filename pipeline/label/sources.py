@@ -1,37 +1,21 @@
-"""What `imgjobs label` reads: image files found in directories, archives and manifests, local or by URI.
-
-Every input image has a key, the `path` written to the output: an absolute local path, a URI, or
-`ARCHIVE!MEMBER` for an archive member.
-"""
+"""What `imgjobs label` reads: image files found in directories, archives and manifests, local or by URI, each
+named by its key (pipeline.keys)."""
 
 from __future__ import annotations
 
 import os
-import tarfile
-import zipfile
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.images import image_error, is_hidden, is_image_name
+from pipeline.images import IMAGE_EXTENSIONS, is_image_name
+from pipeline.keys import archive_kind
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-ZIP_SUFFIX = ".zip"
 MANIFEST_SUFFIX = ".txt"
-MEMBER_SEPARATOR = "!"
-MAX_MEMBER_BYTES = 256 * 2**20  # no photo comes near; a member this large is a mistake or a bomb
-FAIL_FAST_AFTER = 3  # reads in a row failing after their retries, before the next ones get a single try
-Item = tuple  # (key, bytes or None, error or None, error kind or None): what reading yields per input
-
-
-def archive_kind(name: str) -> str | None:
-    lower = name.lower()
-    if lower.endswith(ZIP_SUFFIX):
-        return "zip"
-    return "tar" if lower.endswith(TAR_SUFFIXES) else None
 
 
 @dataclass
@@ -43,64 +27,116 @@ class Listing:
     # output's paths stay clean; readers open a key with the options of its host.
     options: dict[str, str] = field(default_factory=dict)
 
-    def add_file(self, key: str, seen: set[str]) -> None:
-        if key not in seen:  # the same image named by two inputs is still labeled once
+    def add(self, key: str, seen: set[str]) -> None:
+        """An image file or an archive, by its name; the same one named by two inputs is still labeled once."""
+        if key not in seen:
             seen.add(key)
-            self.files.append(key)
+            (self.archives if archive_kind(key) else self.files).append(key)
 
 
 def list_inputs(paths: list[str]) -> Listing:
-    """Expand the command's inputs. Every path is checked before any listing starts."""
-    resolved = []
-    for path in paths:
-        fs, fs_path = _resolve(path)
-        info = _file_info(fs, fs_path, path)
-        if info.type == pafs.FileType.NotFound:
-            raise UsageError(f"input {path} not found")
-        name = storage.split_query(path)[0]
-        if info.type == pafs.FileType.File and not (
-            is_image_name(name) or archive_kind(name) or name.lower().endswith(MANIFEST_SUFFIX)
-        ):
-            raise UsageError(
-                f"input {path} is not an image, archive (.tar .tar.gz .tgz .zip), manifest (.txt) or directory"
-            )
-        resolved.append((path, fs, fs_path, info.type))
+    """Expand the command's inputs: patterns first, then every path is checked before any listing starts. Inputs
+    that together list nothing to label are a mistake; inputs whose images are all labeled already are not."""
+    inputs = []  # (key, query, filesystem, path in it, file type); the shards of a range are not looked up
+    for pattern in paths:
+        for path, checked in expand(pattern):
+            name, query = storage.split_query(path)
+            if not checked:  # a pattern's: by its name alone, without a request each
+                if not (is_image_name(name) or archive_kind(name)):
+                    raise UsageError(f"input {pattern} names {name}, which is not an image or an archive "
+                                     "(.tar .tar.gz .tgz .zip)")
+                inputs.append((storage.absolute(name), query, None, None, pafs.FileType.File))
+                continue
+            fs, fs_path = _resolve(path)
+            kind = _file_info(fs, fs_path, path).type
+            if kind == pafs.FileType.NotFound:
+                raise UsageError(f"input {path} not found")
+            if kind == pafs.FileType.File and not (
+                is_image_name(name) or archive_kind(name) or name.lower().endswith(MANIFEST_SUFFIX)
+            ):
+                raise UsageError(f"input {path} is not an image, archive (.tar .tar.gz .tgz .zip), manifest (.txt) "
+                                 "or directory")
+            inputs.append((_uri_prefix(name, fs_path) + fs_path, query, fs, fs_path, kind))
     listing, seen = Listing(), set()
-    for path, fs, fs_path, kind in resolved:
-        path, query = storage.split_query(path)
-        prefix = _uri_prefix(path, fs_path)
-        key = prefix + fs_path
+    for key, query, fs, fs_path, kind in inputs:
         if query:
             listing.options[storage.host(key)] = query
         if kind == pafs.FileType.Directory:
             listing.roots.append(key + query)
-            for found in storage.walk_images(fs, fs_path):
-                listing.add_file(prefix + found, seen)
-        elif archive_kind(path):
-            if key not in seen:
-                seen.add(key)
-                listing.archives.append(key)
-        elif path.lower().endswith(MANIFEST_SUFFIX):
-            for line in _manifest_entries(fs, fs_path, path):
+            prefix = key[:len(key) - len(fs_path)]
+            for found in storage.walk(fs, fs_path, lambda name: is_image_name(name) or archive_kind(name)):
+                listing.add(prefix + found, seen)
+        elif key.lower().endswith(MANIFEST_SUFFIX):
+            for line in _manifest_entries(fs, fs_path, key):
                 entry, query = storage.split_query(line)
                 if query:
                     listing.options[storage.host(entry)] = query
-                if archive_kind(entry):
-                    if entry not in seen:
-                        seen.add(entry)
-                        listing.archives.append(entry)
-                else:
-                    listing.add_file(entry, seen)
+                listing.add(entry, seen)
         else:
-            listing.add_file(key, seen)
+            listing.add(key, seen)
+    if not listing.files and not listing.archives:
+        raise UsageError(f"nothing to label in {' '.join(paths)}: no image ({' '.join(sorted(IMAGE_EXTENSIONS))}) "
+                         "or archive (.tar .tar.gz .tgz .zip) there")
     return listing
 
 
-def _manifest_entries(fs: pafs.FileSystem, fs_path: str, path: str) -> Iterator[str]:
+def expand(path: str) -> list[tuple[str, bool]]:
+    """The inputs a command-line path names, each with whether it is to be looked up: the path itself; the shards
+    of a brace range, as webdataset and img2dataset name them (`shards/{000000..009999}.tar`), which are not
+    looked up (one that is missing gets an error row, as a manifest's line does); or the images and archives a `*`
+    glob matches (`s3://bucket/shards/*.tar`), found by one listing of the folder above the first `*`. imgjobs
+    expands them itself, so a quoted pattern works past the shell's argument limit and through `imgjobs submit`.
+    A `?` starts a URI's query string, as ever."""
+    name, query = storage.split_query(path)
+    if RANGE.search(name):
+        return [(expanded + query, False) for expanded in _ranges(name)]
+    if "*" in name:
+        matches = [match for match in _glob(name, query) if is_image_name(match) or archive_kind(match)]
+        if not matches:
+            raise UsageError(f"input {path} matches no image or archive (.tar .tar.gz .tgz .zip)")
+        return [(match + query, False) for match in matches]
+    return [(path, True)]
+
+
+RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def _ranges(name: str) -> list[str]:
+    match = RANGE.search(name)
+    if not match:
+        return [name]
+    low, high = match.group(1), match.group(2)
+    if int(high) < int(low):
+        raise UsageError(f"input {name}: the range {{{low}..{high}}} counts down; write it low..high")
+    width = len(low) if low.startswith("0") else 0  # {000..099}: zero-padded like its bounds
+    head, tail = name[:match.start()], name[match.end():]
+    return [expanded for i in range(int(low), int(high) + 1) for expanded in _ranges(f"{head}{i:0{width}d}{tail}")]
+
+
+def _glob(name: str, query: str) -> list[str]:
+    """The files a `*` pattern matches (`*` stays within one folder), listing from the folder above its first `*`:
+    on object stores, one listing of about a thousand keys per request."""
+    head = name[:name.index("*")]
+    folder = head.rpartition("/")[0]
+    pattern = name[len(folder) + 1:] if "/" in head else name
+    base = folder or ("/" if "/" in head else ".")
+    regex = re.compile("[^/]*".join(map(re.escape, pattern.split("*"))) + "$")
+    fs, fs_base = _resolve(base + query)
+    prefix = _uri_prefix(base, fs_base)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(fs_base, recursive="/" in pattern, allow_not_found=True))
+    except OSError as e:
+        raise UsageError(f"input {name} cannot be listed: {str(e).splitlines()[0]}") from None
+    start = len(fs_base.rstrip("/")) + 1
+    return sorted(prefix + info.path for info in infos
+                  if info.type == pafs.FileType.File and regex.match(info.path[start:]))
+
+
+def _manifest_entries(fs: pafs.FileSystem, fs_path: str, key: str) -> Iterator[str]:
     """Keys listed in a manifest; relative lines are relative to the manifest's folder. Lines are not checked
     for existence (a million stat calls on object storage would stall): a missing file gets an error row."""
     text = storage.read_bytes(fs, fs_path).decode("utf-8", errors="replace")
-    base = (_uri_prefix(path, fs_path) + fs_path).rsplit("/", 1)[0]
+    base = key.rsplit("/", 1)[0]
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -134,130 +170,3 @@ def _uri_prefix(path: str, fs_path: str) -> str:
         return ""
     path = path.rstrip("/")
     return path[: len(path) - len(fs_path)] if path.endswith(fs_path) else path.split("://", 1)[0] + "://"
-
-
-class Reader:
-    """Reads keys' bytes; one filesystem object per URI host, because creating one can cost a network call.
-    `options` are the hosts' query strings (Listing.options). Archive members over `max_member_bytes` get an
-    error row without being read into memory."""
-
-    def __init__(self, options: dict[str, str] | None = None, max_member_bytes: int = MAX_MEMBER_BYTES):
-        self.options = options or {}
-        self.max_member_bytes = max_member_bytes
-        self._filesystems: dict[str, tuple[pafs.FileSystem, int]] = {}
-        self._failing = 0  # reads in a row that failed after their retries
-        self._archives: dict[str, object] = {}  # archive key -> member name -> bytes (read_key)
-
-    def open(self, key: str):
-        if not storage.is_uri(key):
-            return open(key, "rb")
-        fs, fs_path = self._resolve(key)
-        return fs.open_input_file(fs_path)
-
-    def read(self, key: str) -> bytes:
-        """The key's bytes, retried while the storage fails transiently; once reads keep failing after their
-        retries (a wrong endpoint, a dead mount), each gets one try, until one succeeds."""
-        def read_all() -> bytes:
-            with self.open(key) as f:
-                return f.read()
-
-        try:
-            data = storage.retrying(read_all, tries=1 if self._failing >= FAIL_FAST_AFTER else storage.READ_TRIES)
-        except OSError:
-            self._failing += 1
-            raise
-        self._failing = 0
-        return data
-
-    def read_key(self, key: str) -> bytes:
-        """The bytes of any key: a file, a URI, or a member of a .tar or .zip archive (ARCHIVE!MEMBER), read by
-        itself. Each archive is opened once and indexed; compressed tars cannot be read member by member."""
-        archive, member = split_member(key)
-        if archive is None:
-            return self.read(key)
-        if archive not in self._archives:
-            f = storage.retrying(lambda: self.open(archive))
-            if archive_kind(archive) == "zip":
-                self._archives[archive] = zipfile.ZipFile(f).read
-            else:
-                tar = tarfile.open(fileobj=f, mode="r:")  # random access: uncompressed tars only
-                members = {m.name: m for m in tar.getmembers()}
-                self._archives[archive] = lambda name: tar.extractfile(members[name]).read()
-        try:
-            return self._archives[archive](member)
-        except KeyError:
-            raise FileNotFoundError(f"{member} is not in {archive}") from None
-
-    def _resolve(self, key: str) -> tuple[pafs.FileSystem, str]:
-        host = storage.host(key)
-        if host not in self._filesystems:
-            fs, fs_path = pafs.FileSystem.from_uri(key + self.options.get(host, ""))
-            self._filesystems[host] = (fs, len(key) - len(fs_path))
-        fs, prefix = self._filesystems[host]
-        return fs, key[prefix:]
-
-    def archive_members(self, key: str, done: set[str]) -> Iterator[Item]:
-        """(member key, bytes, None, None) for each image member not in `done`, streamed without extracting to
-        disk. A member that cannot be read gives (key, None, reason, kind); a broken archive ends with (archive
-        key, None, reason, kind). Member names are only labels, so `../` or absolute names cannot write anywhere."""
-        try:
-            with storage.retrying(lambda: self.open(key)) as f:
-                if archive_kind(key) == "zip":
-                    yield from self._zip_members(key, f, done)
-                else:
-                    yield from self._tar_members(key, f, done)
-        except Exception as e:
-            if key not in done:
-                yield key, None, f"unreadable archive: {image_error(e)}", error_kind(e)
-
-    def _tar_members(self, key: str, f, done: set[str]):
-        with tarfile.open(fileobj=f, mode="r|*") as tar:  # stream mode: one pass, no seeking, works on URIs
-            for member in tar:
-                member_key = f"{key}{MEMBER_SEPARATOR}{member.name}"
-                if not member.isfile() or not _image_member(member.name) or member_key in done:
-                    continue
-                done.add(member_key)  # a tar may hold the same name twice; label it once
-                if member.size > self.max_member_bytes:
-                    yield self._too_large(member_key, member.size)
-                else:
-                    yield member_key, tar.extractfile(member).read(), None, None
-
-    def _zip_members(self, key: str, f, done: set[str]):
-        with zipfile.ZipFile(f) as archive:  # zip needs seeks: pyarrow's input files and local files have them
-            for info in archive.infolist():
-                member_key = f"{key}{MEMBER_SEPARATOR}{info.filename}"
-                if info.is_dir() or not _image_member(info.filename) or member_key in done:
-                    continue
-                done.add(member_key)
-                if info.file_size > self.max_member_bytes:  # as declared: zipfile never inflates past that
-                    yield self._too_large(member_key, info.file_size)
-                    continue
-                try:
-                    data = archive.read(info)
-                except Exception as e:  # a bad member (CRC, encryption) does not spoil the others
-                    yield member_key, None, image_error(e), error_kind(e)
-                else:
-                    yield member_key, data, None, None
-
-    def _too_large(self, member_key: str, size: int) -> Item:
-        return (member_key, None, f"archive member of {size / 2**20:.0f} MiB is over the "
-                f"{self.max_member_bytes / 2**20:g} MiB cap (--max-member-mb)", "too_large")
-
-
-def split_member(key: str) -> tuple[str | None, str]:
-    """(archive, member) for an ARCHIVE!MEMBER key, (None, key) for others; either part may contain a '!'."""
-    cut = key.find(MEMBER_SEPARATOR)
-    while cut >= 0:
-        if archive_kind(key[:cut]):
-            return key[:cut], key[cut + 1:]
-        cut = key.find(MEMBER_SEPARATOR, cut + 1)
-    return None, key
-
-
-def error_kind(error: BaseException) -> str:
-    """`io` when the storage failed (a rerun tries again), `decode` when the bytes themselves are bad."""
-    return "io" if isinstance(error, OSError) else "decode"
-
-
-def _image_member(name: str) -> bool:
-    return is_image_name(name) and not any(map(is_hidden, name.split("/")))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
@@ -21,7 +21,7 @@ LaxFloat = Annotated[float, Strict(False)]
 
 
 class DataConfig(_Section):
-    root: str = Field(description="ImageFolder root holding train/ and val/, or a labels Parquet (file or folder)")
+    root: str = Field(description="image folder tree holding train/ and val/, or a labels Parquet (file or folder)")
     min_score: LaxFloat = Field(0.0, ge=0, le=1, description="labels Parquet: leave out rows scored below this")
     val_fraction: LaxFloat = Field(0.2, gt=0, lt=1, description="labels Parquet without a split column: the share of "
                                                                "each class held out for val")
@@ -36,7 +36,7 @@ class ModelConfig(_Section):
     arch: str = "resnet18"
     weights: str = Field("imagenet", description="imagenet, none, or a path to a state_dict file")
     mode: Literal["finetune", "feature_extraction"] = "finetune"
-    trainable: Union[Literal["all"], list[str]] = "all"
+    trainable: Literal["all"] | list[str] = "all"
 
 
 class TrainConfig(_Section):
@@ -48,7 +48,9 @@ class TrainConfig(_Section):
     gamma: LaxFloat = Field(0.1, gt=0, le=1)
     seed: int = 0
     num_data_workers: int = Field(2, ge=0, description="DataLoader processes per training worker")
-    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype; GPU only")
+    amp: Literal["off", "auto", "bf16", "fp16"] = Field("off", description="autocast dtype on GPU workers (CPU "
+                                                        "workers train in fp32); auto: bf16 where the GPU computes it "
+                                                        "natively (sm_80 and up), else fp16 with a GradScaler")
     channels_last: bool = Field(False, description="GPU only")
     max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after a node's preemption (spot "
@@ -57,7 +59,7 @@ class TrainConfig(_Section):
 
 class ScalingConfig(_Section):
     num_workers: int = Field(1, gt=0)
-    use_gpu: Union[Literal["auto"], bool] = "auto"
+    use_gpu: Literal["auto"] | bool = "auto"
 
 
 class StorageConfig(_Section):
@@ -65,8 +67,8 @@ class StorageConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    mlflow_uri: Union[str, None] = Field(None, description="MLflow tracking URI (http://host:5000, databricks, "
-                                                           "file:./mlruns): params, per-epoch metrics and plots go there")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (http://host:5000, databricks, "
+                                   "file:./mlruns): params, per-epoch metrics and plots go there")
     mlflow_experiment: str = Field("imgjobs", min_length=1, description="the MLflow experiment of the runs")
 
 

@@ -1,40 +1,22 @@
-"""What training reads: an ImageFolder (root/{train,val}/<class>/...) on local disk or any pyarrow filesystem,
-or a labels Parquet (from_labels), listed and checked before torch loads (pipeline.train.dataset reads the
-images)."""
+"""What training reads: an image folder tree (root/{train,val}/<class>/..., the layout torchvision's ImageFolder
+reads) on local disk or any pyarrow filesystem, or a labels Parquet (from_labels), listed and checked before torch
+loads (pipeline.train.dataset reads the images)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
+from pipeline.keys import Reader
+from pipeline.train import from_labels
+from pipeline.train.splits import Split, TrainingData
 
 
-@dataclass
-class Split:
-    paths: list[str]
-    targets: list[int]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-@dataclass
-class ImageFolder:
-    root: str
-    classes: list[str]
-    train: Split
-    val: Split
-    keys: bool = False  # paths are keys (local paths, URIs, ARCHIVE!MEMBER) rather than paths in root's filesystem
-
-
-def scan(data) -> ImageFolder:
-    """The training data that data.root names (a DataConfig): a labels Parquet, or an ImageFolder."""
-    from pipeline.train import from_labels
-
+def scan(data) -> TrainingData:
+    """The training data that data.root names (a DataConfig): a labels Parquet, or an image folder tree."""
     if from_labels.is_labels(data.root):
         return from_labels.scan_labels(data.root, data.min_score, data.val_fraction, data.split_seed)
     return scan_image_folder(data.root)
@@ -43,15 +25,13 @@ def scan(data) -> ImageFolder:
 def image_reader(root: str, keys: bool) -> Callable[[str], bytes]:
     """path -> bytes for the paths of a split, in this process (a DataLoader worker opens its own files)."""
     if keys:
-        from pipeline.label.sources import Reader
-
         path, query = storage.split_query(root)
         return Reader({storage.host(path): query} if query else {}).read_key
     fs, _ = storage.resolve(root)
     return lambda path: storage.read_bytes(fs, path)
 
 
-def scan_image_folder(root: str) -> ImageFolder:
+def scan_image_folder(root: str) -> TrainingData:
     """List train/ and val/ and check they form a usable classification dataset."""
     fs, base = storage.resolve(root)
     splits = {}
@@ -59,7 +39,8 @@ def scan_image_folder(root: str) -> ImageFolder:
         info = fs.get_file_info(f"{base}/{split}")
         if info.type != pafs.FileType.Directory:
             raise UsageError(
-                f"data.root: {root} has no {split}/ folder; expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg"
+                f"data.root: {root} has no {split}/ folder; expected {root}/train/<class>/*.jpg and "
+                f"{root}/val/<class>/*.jpg"
             )
         splits[split] = _class_dirs(fs, f"{base}/{split}")
     classes = sorted(splits["train"])
@@ -70,13 +51,14 @@ def scan_image_folder(root: str) -> ImageFolder:
             f"data.root: val classes {sorted(splits['val'])} differ from train classes {classes}; "
             "give val/ the same class folders as train/"
         )
-    folder = ImageFolder(root, classes, Split([], []), Split([], []))
+    folder = TrainingData(root, classes, Split([], []), Split([], []))
     for split, by_class in splits.items():
         target = getattr(folder, split)
         for index, name in enumerate(classes):
             files = by_class[name]
             if not files:
-                raise UsageError(f"data.root: class folder {root}/{split}/{name} has no images; add images or remove it")
+                raise UsageError(f"data.root: class folder {root}/{split}/{name} has no images; add images or "
+                                 "remove it")
             target.paths += files
             target.targets += [index] * len(files)
     return folder

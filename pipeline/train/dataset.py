@@ -1,4 +1,4 @@
-"""The torch Dataset over an ImageFolder split: decoded, transformed images, and the files that did not decode."""
+"""The torch Dataset over a training split: decoded, transformed images, and the files that did not decode."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.images import decode_image, image_error
-from pipeline.train.data import Split, image_reader
+from pipeline.train.data import image_reader
+from pipeline.train.splits import Split
 
 
 class ImageDataset(Dataset):

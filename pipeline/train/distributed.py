@@ -20,12 +20,28 @@ def sum_over_workers(sums: torch.Tensor) -> list[float]:
 
 
 def every_worker(flag: bool) -> bool:
-    """Whether the flag holds on every worker: ranks that must take the same steps agree on each one."""
+    """Whether the flag holds on every worker: ranks that must take the same steps agree on each one. The flag
+    travels between the hosts (gloo): through NCCL it would go to the GPU and back, and reading it would make the
+    host wait for every kernel queued before it, once a step."""
     if not _distributed():
         return flag
-    agreed = torch.tensor([int(flag)], device=ray.train.torch.get_device())
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    agreed = torch.tensor([int(flag)])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=_host_group())
     return bool(agreed.item())
+
+
+_host_groups = {}  # the default group -> a gloo group of the same ranks
+
+
+def _host_group():
+    """A gloo group of all ranks for tensors on the host: the default group itself where it is gloo (CPU
+    workers). Made on first use, which every rank reaches at the same point (creating a group is a collective)."""
+    world = dist.group.WORLD
+    if dist.get_backend(world) == "gloo":
+        return None
+    if world not in _host_groups:
+        _host_groups[world] = dist.new_group(backend="gloo")
+    return _host_groups[world]
 
 
 def merge_dicts(d: dict) -> dict:

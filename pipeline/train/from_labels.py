@@ -1,5 +1,5 @@
 """Training data from labels: a labels Parquet (what `imgjobs label` wrote, perhaps corrected by people, or any
-table with `path` and `label` columns), as train and val splits like an ImageFolder's.
+table with `path` and `label` columns), as train and val splits like an image folder tree's.
 
 Rows with an error, or a `score` under `data.min_score`, are left out. A `split` column (`train` / `val`) decides
 the split where there is one; otherwise a stratified, seeded `data.val_fraction` of each class goes to val.
@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.label.output import PROVENANCE_KEY, is_part
-from pipeline.label.sources import split_member
-from pipeline.train.data import ImageFolder, Split
+from pipeline.keys import split_member
+from pipeline.labels import PROVENANCE_KEY, is_part
+from pipeline.train.splits import Split, TrainingData
 
 REQUIRED = ("path", "label")
 OPTIONAL = ("score", "error", "split")
@@ -36,7 +36,7 @@ def is_labels(root: str) -> bool:
         and bool(_parquet_files(fs, base))
 
 
-def scan_labels(root: str, min_score: float, val_fraction: float, seed: int) -> ImageFolder:
+def scan_labels(root: str, min_score: float, val_fraction: float, seed: int) -> TrainingData:
     fs, base = storage.resolve(root)
     files = [base] if base.endswith(".parquet") else _parquet_files(fs, base)
     table, classes = _read(fs, files, root)
@@ -63,7 +63,7 @@ def scan_labels(root: str, min_score: float, val_fraction: float, seed: int) -> 
         if missing:
             raise UsageError(f"data.root: {root} leaves no {name} image of class {classes[missing[0]]!r} (after "
                              f"data.min_score {min_score}); lower data.min_score or label more images")
-    return ImageFolder(root, classes, by_split["train"], by_split["val"], keys=True)
+    return TrainingData(root, classes, by_split["train"], by_split["val"], keys=True)
 
 
 def _parquet_files(fs: pafs.FileSystem, base: str) -> list[str]:

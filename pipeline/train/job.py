@@ -11,25 +11,28 @@ import shlex
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import ray
 
-from pipeline import storage
+import pipeline
+from pipeline import checkpoint, storage
 from pipeline.cluster import gpu_choice, init_ray
 from pipeline.console import Console, timestamp
 from pipeline.errors import UsageError
 from pipeline.metrics import confusion_matrix
-from pipeline.train import checkpoint, rerun, shared_storage
+from pipeline.train import rerun, shared_storage
 from pipeline.train.config import Config
-from pipeline.train.data import ImageFolder
+from pipeline.train.description import TrainingJob
 from pipeline.train.progress import relay
+from pipeline.train.splits import TrainingData
 
 
 class TrainingFailed(Exception):
     """Ray Train gave up after its failure budget."""
 
 
-def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = False,
+def train(cfg: Config, dataset: TrainingData, started_at: float, fresh: bool = False,
           console: Console | None = None) -> dict:
     """Run the job on a checked config and data folder (config.load_config, data.scan_image_folder) and return
     the summary it writes to <storage.path>/<name>/summary.json. A rerun of the name resumes it when its config
@@ -58,18 +61,10 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
     if up < cfg.scaling.num_workers:  # Ray Train asks for them and waits; the autoscaler adds nodes
         console.line(f"{cfg.name}: waiting for {cfg.scaling.num_workers} {kind}(s) for the training workers, "
                      f"{up:g} up now")
-    job = {
-        "config": config,
-        "classes": dataset.classes,
-        "train": vars(dataset.train),
-        "val": vars(dataset.val),
-        "keys": dataset.keys,
-        "started_at": started_at,
-        "storage_marker": shared_storage.write_marker(run_dir, cfg.storage.path),
-    }
+    job = TrainingJob(config, dataset, started_at, shared_storage.write_marker(run_dir, cfg.storage.path))
     try:
         with relay(console, on_epoch=tracker.epoch if tracker else lambda metrics: None) as (events, stopped):
-            result = fit(cfg, job | {"events": events}, storage_path, use_gpu)
+            result = fit(cfg, replace(job, events=events), storage_path, use_gpu)
         if stopped:
             raise TrainingFailed(stopped[0])
     except BaseException:
@@ -79,7 +74,7 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
     summary = summarise(cfg, job, dataset, result, run_dir, use_gpu)
     if tracker:
         tracker.finish(summary)
-    from pipeline.train.reports import epoch_table
+    from pipeline.train.reports import epoch_table  # matplotlib, which the failure paths never need
 
     console.line(epoch_table(summary["epochs"]))
     console.line(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
@@ -89,7 +84,7 @@ def train(cfg: Config, dataset: ImageFolder, started_at: float, fresh: bool = Fa
     return summary
 
 
-def start_run(cfg: Config, dataset: ImageFolder, run_dir: str, fresh: bool, console: Console):
+def start_run(cfg: Config, dataset: TrainingData, run_dir: str, fresh: bool, console: Console):
     """Record the run's config in `run_dir` (a rerun is checked against the earlier one, rerun.prepare) and open
     its MLflow run if it has one: (config, tracker or None)."""
     console.line(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
@@ -98,7 +93,7 @@ def start_run(cfg: Config, dataset: ImageFolder, run_dir: str, fresh: bool, cons
     rerun.prepare(run_dir, config, fresh, console.line)
     tracker = None
     if cfg.tracking.mlflow_uri:
-        from pipeline.train.tracking import MlflowRun
+        from pipeline.train.tracking import MlflowRun  # mlflow: seconds of imports, and an optional extra
 
         tracker = MlflowRun(cfg.tracking.mlflow_uri, cfg.tracking.mlflow_experiment, cfg.name, run_dir, config,
                             console.line)
@@ -108,14 +103,14 @@ def start_run(cfg: Config, dataset: ImageFolder, run_dir: str, fresh: bool, cons
 def check_model(cfg: Config, num_classes: int) -> None:
     """Build the model once: a bad arch, weights file or trainable list fails here, before anything is written.
     It runs while Ray starts (train), and so do its imports: the job's heavy ones, fit's included."""
+    from pipeline.models import build_model, configure_trainable
     from pipeline.train.loop import train_loop_per_worker  # noqa: F401  (fit's: torch, torchvision, Ray Train)
-    from pipeline.train.models import build_model, configure_trainable
 
     model, spec = build_model(cfg.model.arch, num_classes, cfg.model.weights)
     configure_trainable(model, spec["head"], cfg.model.mode, cfg.model.trainable)
 
 
-def fit(cfg: Config, job: dict, storage_path: str, use_gpu: bool) -> ray.train.Result:
+def fit(cfg: Config, job: TrainingJob, storage_path: str, use_gpu: bool) -> ray.train.Result:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -126,7 +121,7 @@ def fit(cfg: Config, job: dict, storage_path: str, use_gpu: bool) -> ray.train.R
     filesystem, path = storage.resolve(storage_path) if storage.is_uri(storage_path) else (None, storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=job,
+        train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -154,8 +149,6 @@ def versions() -> dict:
     """What made the run: package versions, and the git commit of the code when it runs from a checkout."""
     import torch
 
-    import pipeline
-
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.dirname(pipeline.__file__)),
                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
@@ -165,10 +158,10 @@ def versions() -> dict:
             "python": platform.python_version(), "git_commit": commit}
 
 
-def summarise(cfg: Config, job: dict, dataset: ImageFolder, result: ray.train.Result, run_dir: str,
+def summarise(cfg: Config, job: TrainingJob, dataset: TrainingData, result: ray.train.Result, run_dir: str,
               use_gpu: bool) -> dict:
     """summary.json, metrics.csv and the plots, from the best and the latest checkpoints."""
-    from pipeline.train.reports import write_run_outputs
+    from pipeline.train.reports import write_run_outputs  # matplotlib, as in train()
 
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_acc"], -cm[1]["epoch"]))
     best_path = storage.join(run_dir, os.path.basename(best_ckpt.path), checkpoint.FILENAME)
@@ -190,8 +183,8 @@ def summarise(cfg: Config, job: dict, dataset: ImageFolder, result: ray.train.Re
         "confusion_matrix": confusion_matrix(dataset.val.targets, best["val_predictions"], len(dataset.classes)),
         "epochs": latest["history"],
         "interruptions": latest["interruptions"],
-        "config": job["config"],
-        "started": timestamp(job["started_at"]),
+        "config": job.config,
+        "started": timestamp(job.started_at),
         "ended": timestamp(time.time()),
         "versions": versions(),
     }

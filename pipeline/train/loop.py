@@ -21,14 +21,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pipeline import checkpoint
 from pipeline.console import timestamp
-from pipeline.train import checkpoint, distributed, shared_storage
+from pipeline.hardware import gpu_half_precision
+from pipeline.models import build_model, configure_trainable, set_train_mode
+from pipeline.train import distributed, shared_storage
 from pipeline.train.config import Config
-from pipeline.train.data import Split
 from pipeline.train.dataset import ImageDataset, collate_skipping
-from pipeline.train.models import build_model, configure_trainable, set_train_mode
+from pipeline.train.description import TrainingJob
 from pipeline.train.progress import Reporter
 from pipeline.train.transforms import decode_sizes, eval_transform, train_transform
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Steps between the workers' joint question about preemption, a barrier across them: often enough for a notice
 # that comes two minutes before a spot reclaim.
@@ -44,6 +48,7 @@ class Worker:
     world: int
     amp_dtype: torch.dtype | None
     channels_last: bool
+    amp_line: str | None = None  # what train.amp chose and why, where that needs saying
     skipped: dict = field(default_factory=dict)  # files that did not decode: path -> reason
 
     @classmethod
@@ -54,8 +59,14 @@ class Worker:
         if not on_gpu:
             # Ray pins each CPU worker to one thread; give each worker its share of the node's cores instead.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if on_gpu else None
-        return cls(device, ctx.get_world_rank(), ctx.get_world_size(), amp, cfg.train.channels_last and on_gpu)
+        # Every rank takes the choice of the least capable GPU: ranks that scaled their losses differently would
+        # skip different steps and drift apart.
+        mine = tuple(torch.cuda.get_device_capability(device)) if on_gpu else None
+        capability = min(distributed.merge_dicts({ctx.get_world_rank(): mine}).values()) if on_gpu else None
+        amp, why = choose_amp(cfg.train.amp, capability)
+        said = cfg.train.amp == "auto" or cfg.train.amp not in ("off", amp)
+        return cls(device, ctx.get_world_rank(), ctx.get_world_size(), AMP_DTYPES.get(amp),
+                   cfg.train.channels_last and on_gpu, f"train.amp {cfg.train.amp}: {amp} ({why})" if said else None)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
@@ -78,8 +89,19 @@ class Worker:
             yield position, images, targets.to(self.device, non_blocking=True), indices
 
 
+def choose_amp(requested: str, capability: tuple[int, int] | None) -> tuple[str, str]:
+    """What train.amp means on workers whose GPUs have this compute capability (None: CPU workers), and why:
+    "off", "bf16" or "fp16" (which trains with a GradScaler). CPU workers train in fp32; `auto` takes bf16 where
+    the GPU computes it natively, else fp16 (hardware.gpu_half_precision); bf16 and fp16 stay as set."""
+    if capability is None:
+        return "off", "CPU workers train in fp32"
+    if requested == "auto":
+        return gpu_half_precision(capability)
+    return requested, "as set"
+
+
 @dataclass
-class Progress:
+class RunState:
     """What a checkpoint carries besides the weights and the optimizer: where the run is, and what it saw. A
     checkpoint saved on a preemption notice is mid-epoch: `step` steps of epoch `epoch` done, and each rank's
     sums and random state at that point in `ranks`."""
@@ -107,12 +129,13 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.skip
 
 
-def train_loop_per_worker(job: dict) -> None:
-    cfg = Config.model_validate(job["config"])
-    shared_storage.check_marker(job["storage_marker"], cfg.storage.path)
+def train_loop_per_worker(config: dict) -> None:
+    job: TrainingJob = config["job"]
+    cfg = Config.model_validate(job.config)
+    shared_storage.check_marker(job.storage_marker, cfg.storage.path)
     worker = Worker.current(cfg)
     torch.manual_seed(cfg.train.seed)  # the same new head on every worker
-    model, spec = build_model(cfg.model.arch, len(job["classes"]), cfg.model.weights)
+    model, spec = build_model(cfg.model.arch, len(job.data.classes), cfg.model.weights)
     configure_trainable(model, spec["head"], cfg.model.mode, cfg.model.trainable)
     if worker.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -122,7 +145,9 @@ def train_loop_per_worker(job: dict) -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.train.step_size, gamma=cfg.train.gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=worker.amp_dtype is torch.float16)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    reporter = Reporter(job["events"], worker.rank, worker.world, cfg.train.epochs)
+    reporter = Reporter(job.events, worker.rank, worker.world, cfg.train.epochs)
+    if worker.amp_line:
+        reporter.line(worker.amp_line)
     progress = restore(model, optimizer, scheduler, scaler, worker, reporter)
     train_loader, val_loader = build_loaders(cfg, job, spec, worker)
     nodes = len(set(distributed.merge_dicts({worker.rank: ray.get_runtime_context().get_node_id()}).values()))
@@ -144,7 +169,7 @@ def train_loop_per_worker(job: dict) -> None:
                 return
             ranks = distributed.merge_dicts({worker.rank: {"sums": sums.tolist(), "rng": torch.get_rng_state()}})
             progress.noticed = True  # in this checkpoint, and the next ones: a restart is the preemption's
-            saved = Progress(**{**vars(progress), "epoch": epoch, "step": step, "ranks": ranks})
+            saved = RunState(**{**vars(progress), "epoch": epoch, "step": step, "ranks": ranks})
             reporter.line(f"preemption notice: saving a checkpoint at epoch {epoch + 1} step {step}")
             report({"epoch": epoch, "step": step, "val_acc": -1.0},  # never the best
                    checkpoint_state(job, spec, model, optimizer, scheduler, scaler, saved, []), worker)
@@ -160,7 +185,7 @@ def train_loop_per_worker(job: dict) -> None:
         metrics = epoch_metrics(epoch, train_sums, val_sums, lr, train_seconds, time.perf_counter() - start, worker)
         metrics["nodes"] = nodes
         if epoch == progress.epoch and first_step_at is not None:
-            metrics["startup_seconds"] = first_step_at - job["started_at"]  # command start to first training step
+            metrics["startup_seconds"] = first_step_at - job.started_at  # command start to first training step
         new_skips = sorted(set(skipped) - set(progress.skipped))
         unreadable = too_many_unreadable(skipped, job, cfg.data.max_unreadable)
         if unreadable:  # the same on every rank: they all stop, without a checkpoint of a run that saw no data
@@ -171,7 +196,7 @@ def train_loop_per_worker(job: dict) -> None:
             progress.best_val_acc, progress.best_epoch = metrics["val_acc"], epoch + 1
         progress.history.append(metrics)
         progress.epoch, progress.step, progress.ranks = epoch + 1, 0, {}
-        val_predictions = [predictions.get(i, -1) for i in range(len(job["val"]["paths"]))]
+        val_predictions = [predictions.get(i, -1) for i in range(len(job.data.val))]
         for path in new_skips:
             reporter.line(f"warning: skipped {path}: {skipped[path]}")
         reporter.line(epoch_line(metrics, reporter.epochs))
@@ -180,17 +205,17 @@ def train_loop_per_worker(job: dict) -> None:
         reporter.end_epoch(metrics)
 
 
-def build_loaders(cfg: Config, job: dict, spec: dict, worker: Worker) -> tuple[DataLoader, DataLoader]:
+def build_loaders(cfg: Config, job: TrainingJob, spec: dict, worker: Worker) -> tuple[DataLoader, DataLoader]:
     """This worker's shard of train (reshuffled every epoch through the sampler) and its share of val."""
     train_draft, val_draft = (None, None) if cfg.data.exact_decode else decode_sizes(spec)
-    train_set = ImageDataset(cfg.data.root, Split(**job["train"]), train_transform(spec), keys=job["keys"],
+    train_set = ImageDataset(cfg.data.root, job.data.train, train_transform(spec), keys=job.data.keys,
                              draft_size=train_draft)
     sampler = ResumableSampler(train_set, num_replicas=worker.world, rank=worker.rank, shuffle=True,
                                seed=cfg.train.seed)
     # Val is split without padding, so every val image is counted exactly once across workers.
-    val_split = Split(**job["val"])
+    val_split = job.data.val
     val_set = ImageDataset(cfg.data.root, val_split, eval_transform(spec),
-                           indices=range(worker.rank, len(val_split), worker.world), keys=job["keys"],
+                           indices=range(worker.rank, len(val_split), worker.world), keys=job.data.keys,
                            draft_size=val_draft)
     loader_args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_data_workers,
                        collate_fn=collate_skipping, pin_memory=worker.device.type == "cuda")
@@ -204,8 +229,11 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
     PREEMPTION_CHECK_STEPS steps it calls `on_preemption_check`, which saves a checkpoint on the first notice of
     a node's preemption; training goes on until the node goes."""
     set_train_mode(model)
-    sums = torch.tensor(mid_epoch["sums"] if mid_epoch else [0.0, 0.0, 0.0], dtype=torch.float64)
-    carried = int(sums[2])
+    # The sums stay on the device, read once at the epoch's end: reading them each step (.item()) would make the
+    # host wait for each step's kernels before it could queue the next step's.
+    sums = torch.tensor(mid_epoch["sums"] if mid_epoch else [0.0, 0.0, 0.0], dtype=torch.float64,
+                        device=worker.device)
+    trained = 0  # images of this epoch trained since it (re)started, counted on the host
     batches = worker.batches(loader, in_step=True, start=loader.sampler.skip // loader.batch_size,
                              rng_state=mid_epoch and mid_epoch["rng"])
     first_step_at = None
@@ -218,8 +246,11 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
         scaler.scale(loss / len(targets)).backward()
         scaler.step(optimizer)
         scaler.update()
-        sums += torch.tensor([loss.item(), (logits.argmax(1) == targets).sum().item(), len(targets)])
-        reporter.step(step, int(sums[2]) - carried)
+        sums[0] += loss.detach()
+        sums[1] += (logits.argmax(1) == targets).sum()
+        sums[2] += len(targets)
+        trained += len(targets)
+        reporter.step(step, trained)
         # Only the batch of this step has been loaded yet: the random state resumes exactly at the next one.
         if step % PREEMPTION_CHECK_STEPS == 0:
             on_preemption_check(step, sums)
@@ -230,22 +261,27 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
 def evaluate(model, criterion, loader, worker: Worker) -> tuple[torch.Tensor, dict[int, int]]:
     """Sums of (loss, correct, count) over this worker's share of val, and its predictions by val index."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)
-    predictions = {}
+    sums = torch.zeros(3, dtype=torch.float64, device=worker.device)  # on the device, as in train_one_epoch
+    all_indices, all_preds = [], []
     for _, images, targets, indices in worker.batches(loader):
         with worker.autocast():
             logits = model(images)
         preds = logits.argmax(1)
-        sums += torch.tensor([criterion(logits.float(), targets).item(), (preds == targets).sum().item(), len(targets)])
-        predictions.update(zip(indices.tolist(), preds.tolist()))
-    return sums, predictions
+        sums[0] += criterion(logits.float(), targets)
+        sums[1] += (preds == targets).sum()
+        sums[2] += len(targets)
+        all_indices.append(indices)
+        all_preds.append(preds)
+    if not all_preds:
+        return sums, {}
+    return sums, dict(zip(torch.cat(all_indices).tolist(), torch.cat(all_preds).tolist()))
 
 
-def too_many_unreadable(skipped: dict, job: dict, max_share: float) -> str | None:
+def too_many_unreadable(skipped: dict, job: TrainingJob, max_share: float) -> str | None:
     """Why the run must stop when more than `max_share` of a split's files failed (a dead mount, wrong
     credentials): a run that goes on would report the accuracy of no data. None while it may go on."""
     for split in ("train", "val"):
-        paths = job[split]["paths"]
+        paths = getattr(job.data, split).paths
         failed = [path for path in paths if path in skipped]
         if paths and len(failed) > max_share * len(paths):
             return (f"{len(failed)} of {len(paths)} {split} files could not be read or decoded, more than "
@@ -271,14 +307,14 @@ def epoch_metrics(epoch: int, train: list[float], val: list[float], lr: float, t
     }
 
 
-def checkpoint_state(job: dict, spec: dict, model, optimizer, scheduler, scaler, progress: Progress,
+def checkpoint_state(job: TrainingJob, spec: dict, model, optimizer, scheduler, scaler, progress: RunState,
                      val_predictions: list[int]) -> dict:
-    """Everything needed to resume the run or to label with the model (see pipeline.train.checkpoint)."""
+    """Everything needed to resume the run or to label with the model (see pipeline.checkpoint)."""
     return {
         "model": spec,
-        "classes": job["classes"],
+        "classes": job.data.classes,
         "model_state": model.state_dict(),
-        "config": job["config"],
+        "config": job.config,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -297,18 +333,18 @@ def report(metrics: dict, state: dict, worker: Worker) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def restore(model, optimizer, scheduler, scaler, worker: Worker, reporter: Reporter) -> Progress:
+def restore(model, optimizer, scheduler, scaler, worker: Worker, reporter: Reporter) -> RunState:
     """Continue from the latest checkpoint after a worker failure or a re-run of the same job."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return Progress()
+        return RunState()
     with ckpt.as_directory() as directory:
         saved = checkpoint.load(directory)
     model.load_state_dict(saved["model_state"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    scaler.load_state_dict(saved["scaler"])
-    progress = Progress(**{key: saved[key] for key in Progress.__dataclass_fields__ if key in saved})
+    load_scaler(scaler, saved.get("scaler"))
+    progress = RunState(**{key: saved[key] for key in RunState.__dataclass_fields__ if key in saved})
     worker.skipped.update(progress.skipped)
     reason = "preemption" if progress.noticed else "failure"
     progress.interruptions.append({"reason": reason, "epoch": progress.epoch + 1, "step": progress.step,
@@ -317,6 +353,14 @@ def restore(model, optimizer, scheduler, scaler, worker: Worker, reporter: Repor
     where = f"epoch {progress.epoch + 1} step {progress.step}" if progress.step else f"epoch {progress.epoch}"
     reporter.line(f"resuming after {where} ({reason}; best val acc {progress.best_val_acc:.4f})")
     return progress
+
+
+def load_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
+    """The saved GradScaler state, where it applies. A run may resume on another kind of device or with another
+    train.amp: a disabled scaler (CPU workers, bf16, no AMP) saves {}, which an enabled one refuses to load, so an
+    enabled one starts from its initial scale then, as a new fp16 run does; a disabled one ignores any state."""
+    if state:
+        scaler.load_state_dict(state)
 
 
 def epoch_line(m: dict, epochs: int) -> str:

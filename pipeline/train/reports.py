@@ -17,7 +17,8 @@ import pyarrow.fs as pafs  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.images import decode_image, resize_center_crop  # noqa: E402
-from pipeline.train.data import ImageFolder, image_reader  # noqa: E402
+from pipeline.train.data import image_reader
+from pipeline.train.splits import TrainingData  # noqa: E402
 
 TENSORBOARD = "tensorboard"
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s"]
@@ -25,7 +26,8 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 
 def epoch_table(history: list[dict]) -> str:
     """The seed's per-epoch table: Epoch | Train Acc | Val Acc | losses | lr | time."""
-    header = f"{'Epoch':>5} | {'Train Acc':>9} | {'Val Acc':>7} | {'Train Loss':>10} | {'Val Loss':>8} | {'LR':>8} | {'Time':>6}"
+    header = (f"{'Epoch':>5} | {'Train Acc':>9} | {'Val Acc':>7} | {'Train Loss':>10} | {'Val Loss':>8} | "
+              f"{'LR':>8} | {'Time':>6}")
     rows = [header, "-" * len(header)]
     for m in history:
         rows.append(
@@ -35,7 +37,7 @@ def epoch_table(history: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def write_run_outputs(run_dir: str, summary: dict, best: dict, dataset: ImageFolder) -> None:
+def write_run_outputs(run_dir: str, summary: dict, best: dict, dataset: TrainingData) -> None:
     fs, base = storage.resolve(run_dir)
     history = summary["epochs"]
     storage.write_bytes(fs, f"{base}/summary.json", json.dumps(summary, indent=2).encode())
@@ -45,7 +47,8 @@ def write_run_outputs(run_dir: str, summary: dict, best: dict, dataset: ImageFol
     writer.writerows(history)
     storage.write_bytes(fs, f"{base}/metrics.csv", buf.getvalue().encode())
     storage.write_bytes(fs, f"{base}/curves.png", _png(_curves(history)))
-    storage.write_bytes(fs, f"{base}/confusion_matrix.png", _png(_confusion(summary["confusion_matrix"], dataset.classes)))
+    confusion = _confusion(summary["confusion_matrix"], dataset.classes)
+    storage.write_bytes(fs, f"{base}/confusion_matrix.png", _png(confusion))
     grid = _prediction_grid(best["val_predictions"], dataset)
     grid.canvas.draw()
     pixels = np.asarray(grid.canvas.buffer_rgba())[..., :3].copy()
@@ -111,7 +114,7 @@ def _confusion(matrix: list[list[int]], classes: list[str]):
     return fig
 
 
-def _prediction_grid(predictions: list[int], dataset: ImageFolder, count: int = 16):
+def _prediction_grid(predictions: list[int], dataset: TrainingData, count: int = 16):
     """Val images with predicted vs true labels; misclassifications first, in red."""
     val = dataset.val
     wrong = [i for i, p in enumerate(predictions) if p >= 0 and p != val.targets[i]][: count // 2]
@@ -129,7 +132,8 @@ def _prediction_grid(predictions: list[int], dataset: ImageFolder, count: int = 
         ax.imshow(resize_center_crop(decode_image(read(val.paths[i])), 128, 128))
         wrong = predictions[i] != val.targets[i]
         ax.set_title(
-            f"{'WRONG ' if wrong else ''}pred: {dataset.classes[predictions[i]]}\ntrue: {dataset.classes[val.targets[i]]}",
+            f"{'WRONG ' if wrong else ''}pred: {dataset.classes[predictions[i]]}\n"
+            f"true: {dataset.classes[val.targets[i]]}",
             color="red" if wrong else "green",
             fontsize=10,
         )

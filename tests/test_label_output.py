@@ -1,7 +1,9 @@
-"""One writer per label output, on local disk and on a real S3 API server; archive members over the cap."""
+"""The label output: one writer at a time, on local disk and on a real S3 API server; files committed by size and
+by time; archive members over the cap."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -11,12 +13,17 @@ import tracemalloc
 import uuid
 import zipfile
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from jobs import label as label_command
 from pipeline import storage
+from pipeline.keys import Reader
 from pipeline.label import lock
 from pipeline.label.lock import OutputBusy, OutputLock
-from pipeline.label.sources import Reader
+from pipeline.label.output import LABEL_DEFINING, LabelWriter
+from pipeline.labels import OUTPUT_SCHEMA
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -52,7 +59,8 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_taken_over_holder_st
     stale = {"run_id": "run-a", "host": "lost-node", "pid": 1, "heartbeat": time.time() - lock.STALE_AFTER_S - 5}
     storage.write_bytes(fs, f"{base}/{lock.LOCK}", json.dumps(stale).encode())
     second = OutputLock(fs, base, "run-b", uri)
-    assert second.acquire() == "label: taking over the lock of label run run-a (host lost-node, pid 1): no heartbeat for 185s"
+    assert second.acquire() == ("label: taking over the lock of label run run-a (host lost-node, pid 1): "
+                                "no heartbeat for 185s")
     first._stop.clear()
     first._beat_once()
     with pytest.raises(OutputBusy, match="was taken over by label run run-b"):
@@ -69,7 +77,8 @@ def test_archive_members_over_the_cap_get_an_error_row_without_being_inflated(tm
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    rows = {key.split("!")[1]: rest for key, *rest in Reader(max_member_bytes=2**20).archive_members(str(tar_path), set())}
+    members = Reader(max_member_bytes=2**20).archive_members(str(tar_path), set())
+    rows = {key.split("!")[1]: rest for key, *rest in members}
     assert rows["small.jpg"] == [small, None, None]
     assert rows["big.jpg"] == [None, "archive member of 2 MiB is over the 1 MiB cap (--max-member-mb)", "too_large"]
 
@@ -85,5 +94,49 @@ def test_archive_members_over_the_cap_get_an_error_row_without_being_inflated(tm
     rows = {key.split("!")[1]: rest for key, *rest in Reader().archive_members(str(bomb), set())}
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert rows["bomb.jpg"] == [None, "archive member of 300 MiB is over the 256 MiB cap (--max-member-mb)", "too_large"]
+    assert rows["bomb.jpg"] == [None, "archive member of 300 MiB is over the 256 MiB cap (--max-member-mb)",
+                                "too_large"]
     assert rows["small.jpg"] == [small, None, None] and peak < 16 * 2**20
+
+
+class Clock:
+    """A monotonic clock that moves only when the test says."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rows(*names: str) -> pa.Table:
+    return pa.Table.from_pylist([{"path": name} for name in names], schema=OUTPUT_SCHEMA)
+
+
+def test_with_the_default_options_rows_are_committed_once_a_minute_has_passed(tmp_path):
+    """`--commit-every` defaults to 60 s: a kill loses at most about a minute of work, however few rows that is."""
+    parser = argparse.ArgumentParser()
+    label_command.add_arguments(parser)
+    defaults = parser.parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"])
+    assert (defaults.commit_every, defaults.rows_per_file) == (60.0, 100_000)
+    clock, out = Clock(), tmp_path / "out"
+    writer = LabelWriter(str(out), dict.fromkeys(LABEL_DEFINING), defaults.rows_per_file, defaults.commit_every,
+                         overwrite=False, clock=clock)
+
+    def committed() -> list[str]:
+        return sorted(pq.read_table(out).column("path").to_pylist()) if list(out.glob("*.parquet")) else []
+
+    writer.add(rows("a", "b"))
+    clock.now += 59.9
+    writer.add(rows("c"))
+    assert committed() == []  # under a minute: still pending
+    clock.now += 0.1
+    writer.add(rows("d"))
+    assert committed() == ["a", "b", "c", "d"]  # a minute since the writer opened: one file with all of it
+    clock.now += 30
+    writer.add(rows("e"))
+    assert committed() == ["a", "b", "c", "d"]  # the minute counts from the last commit
+    clock.now += 30
+    writer.add(rows("f", "a"))  # "a" is done already: never written twice
+    assert committed() == ["a", "b", "c", "d", "e", "f"] and writer.files_written == 2
+    writer.close()

@@ -51,7 +51,7 @@ def load(path: str) -> dict:
     """Load the checkpoint `path` names (see find)."""
     import torch
 
-    from pipeline.train.models import known_arch
+    from pipeline.models import known_arch
 
     fs, fs_path = storage.resolve(find(path))
     try:
@@ -59,9 +59,11 @@ def load(path: str) -> dict:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).splitlines()[0] if "weights_only" in str(e) else "not a torch checkpoint"
-        raise UsageError(f"checkpoint {path} refused: {reason}; only checkpoints written by imgjobs train load") from None
+        raise UsageError(f"checkpoint {path} refused: {reason}; only checkpoints written by imgjobs train "
+                         "load") from None
     except Exception as e:
-        raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}); pass a checkpoint written by imgjobs train") from None
+        raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}); pass a checkpoint written by "
+                         "imgjobs train") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"checkpoint {path} is not an imgjobs checkpoint; pass one written by imgjobs train")
     state["sha256"] = hashlib.sha256(data).hexdigest()  # of the file: `sha256sum checkpoint.pt` checks it
@@ -74,7 +76,7 @@ def load(path: str) -> dict:
 
 def build_from(state: dict):
     """The trained model of a checkpoint, in eval mode on the CPU."""
-    from pipeline.train.models import build_model
+    from pipeline.models import build_model
 
     spec = state["model"]
     model, _ = build_model(spec["arch"], len(state["classes"]), weights="none")

@@ -1,0 +1,70 @@
+"""The labels file: the Parquet schema that `imgjobs label` writes and training reads back, its provenance
+metadata, and how an output folder's committed files are told apart from its temporaries and summary (those
+start with `.` or `_`, which Parquet readers skip)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.errors import UsageError
+
+OUTPUT_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("label", pa.string()),
+    ("label_index", pa.int32()),
+    ("score", pa.float32()),
+    ("topk_labels", pa.list_(pa.string())),
+    ("topk_scores", pa.list_(pa.float32())),
+    ("uncertain", pa.bool_()),
+    ("error", pa.string()),
+    # "decode": the file is bad; "too_large": an archive member over the cap; "io": it could not be read, and a
+    # rerun retries it.
+    ("error_kind", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+EMBEDDING = "embedding"  # with --embeddings: fixed-size list<float32>, the model's pooled features
+PROVENANCE_KEY = b"imgjobs"
+
+
+def output_schema(embedding_size: int | None = None) -> pa.Schema:
+    """The labels' columns, and the embedding column when the job writes one."""
+    if not embedding_size:
+        return OUTPUT_SCHEMA
+    return OUTPUT_SCHEMA.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_size)))
+
+
+def provenance_of(schema: pa.Schema, path: str) -> dict:
+    """The provenance recorded in the schema metadata of the labels file `path`."""
+    try:
+        return json.loads((schema.metadata or {})[PROVENANCE_KEY])
+    except (KeyError, ValueError) as e:
+        reason = str(e).splitlines()[0] or "no provenance"
+        raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version ({reason}); "
+                         "use another --output, or --overwrite") from None
+
+
+def is_part(entry: pafs.FileInfo) -> bool:
+    """A committed labels file: a visible .parquet file (temporaries and _summary.json start with . or _)."""
+    return entry.type == pafs.FileType.File and entry.base_name.endswith(".parquet") and entry.base_name[0] not in "._"
+
+
+def part_paths(fs: pafs.FileSystem, base: str) -> list[str]:
+    """The committed labels files in the output folder `base`, in name order; none where it does not exist."""
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(e.path for e in entries if is_part(e))
+
+
+def read_table(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns, filesystem=fs)
+    except (pa.ArrowInvalid, KeyError) as e:
+        raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version "
+                         f"({str(e).splitlines()[0]}); use another --output, or --overwrite") from None
