@@ -221,10 +221,11 @@ step decode-rate 60 "$PY" - "$WORK/photos" <<'EOF'
 import sys, time
 from pathlib import Path
 import numpy as np, torch
+from pipeline.checkpoint import ModelSpec
 from pipeline.label.device_decoding import DeviceDecoder
 from pipeline.label.reading import encoded_rows
 
-spec = {"resize_size": 256, "input_size": 224, "interpolation": "bilinear"}
+spec = ModelSpec(arch="resnet18", head="fc", mean=[0.5] * 3, std=[0.5] * 3, resize_size=256, input_size=224)
 files = sorted(Path(sys.argv[1]).rglob("*.jpg"))
 blocks = list(encoded_rows((str(p), p.read_bytes(), None, None) for p in files))
 megapixels = sum(int(w) * int(h) for b in blocks for w, h in zip(b["width"], b["height"])) / 1e6

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from label_throughput import imgjobs_cpu_model, label_job, rows_per_s  # noqa: E402
 
 from pipeline import checkpoint  # noqa: E402
+from pipeline.checkpoint import ModelSpec  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
 from pipeline.label.output import LabelWriter  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, MAX_THREADS  # noqa: E402
@@ -58,7 +59,7 @@ def tiny_images(folder: Path, count: int) -> None:
         os.link(distinct[i % len(distinct)], folder / f"{i:06d}.jpg")
 
 
-def time_read(files: list[str], spec: dict) -> float:
+def time_read(files: list[str], spec: ModelSpec) -> float:
     """Rows/s of the read tasks alone, as the job plans them."""
     import ray
 
@@ -88,7 +89,7 @@ def time_model(ckpt: str, batch_size: int) -> float:
 
     torch.set_num_threads(min(MAX_THREADS, os.cpu_count()))
     state = checkpoint.load(ckpt)
-    batch = example_batch(batch_size, state["model"]["input_size"], torch.float32)
+    batch = example_batch(batch_size, state["model"].input_size, torch.float32)
     return rows_per_s(imgjobs_cpu_model(state, "fp32", batch_size), batch, seconds=3)
 
 
@@ -129,7 +130,7 @@ def main() -> None:
         start = time.perf_counter()
         files = list_inputs([str(images)]).files
         print(f"  listing  {len(files) / (time.perf_counter() - start):9.0f} files/s ({len(files)} files)")
-        spec = {"resize_size": 36, "input_size": 32, "interpolation": "bilinear"}
+        spec = ModelSpec(arch="none", head="none", mean=[0.5] * 3, std=[0.5] * 3, resize_size=36, input_size=32)
         print(f"  read     {time_read(files, spec):9.0f} rows/s (read tasks alone)")
         for batch in (CPU_BATCH, args.batch_size):
             print(f"  model    {time_model(ckpt, batch):9.0f} rows/s (the model alone at batch {batch})")

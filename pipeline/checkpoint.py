@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import pickle
+from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
 
@@ -18,6 +19,21 @@ from pipeline.errors import UsageError
 
 FILENAME = "checkpoint.pt"
 FORMAT = "imgjobs.checkpoint/1"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What labeling needs to rebuild and feed a model: the `model` entry of every checkpoint (a plain dict in the
+    file). The sizes and statistics come from the library that ships the weights (pipeline.models). Here, not in
+    models.py: read workers unpickle it, and they never import torch."""
+
+    arch: str
+    head: str  # the classifier module that the new head replaced
+    mean: list[float]
+    std: list[float]
+    resize_size: int
+    input_size: int
+    interpolation: str = "bilinear"  # checkpoints of imgjobs 0.1 have none: they resized bilinearly
 
 # torch loads in seconds, so it is imported where a checkpoint is read or written: `find` answers a wrong path
 # before that.
@@ -43,7 +59,7 @@ def save(state: dict, directory: str) -> str:
     import torch
 
     path = f"{directory}/{FILENAME}"
-    torch.save({"format": FORMAT, **state}, path)
+    torch.save({"format": FORMAT, **state, "model": asdict(state["model"])}, path)  # plain types: weights_only
     return path
 
 
@@ -67,8 +83,12 @@ def load(path: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"checkpoint {path} is not an imgjobs checkpoint; pass one written by imgjobs train")
     state["sha256"] = hashlib.sha256(data).hexdigest()  # of the file: `sha256sum checkpoint.pt` checks it
-    arch = state["model"]["arch"]
-    state["model"].setdefault("interpolation", "bilinear")  # checkpoints of imgjobs 0.1 resized bilinearly
+    try:
+        state["model"] = ModelSpec(**state["model"])
+    except TypeError as e:
+        raise UsageError(f"checkpoint {path} has a model entry this imgjobs cannot read ({e}); pass a checkpoint "
+                         "written by imgjobs train") from None
+    arch = state["model"].arch
     if not known_arch(arch):
         raise UsageError(f"checkpoint {path} has unknown model.arch {arch!r}; this imgjobs cannot build it")
     return state
@@ -79,10 +99,10 @@ def build_from(state: dict):
     from pipeline.models import build_model
 
     spec = state["model"]
-    model, _ = build_model(spec["arch"], len(state["classes"]), weights="none")
+    model, _ = build_model(spec.arch, len(state["classes"]), weights="none")
     try:
         model.load_state_dict(state["model_state"])
     except RuntimeError as e:
-        raise UsageError(f"checkpoint weights do not fit model.arch {spec['arch']!r} "
+        raise UsageError(f"checkpoint weights do not fit model.arch {spec.arch!r} "
                          f"({str(e).splitlines()[0]}); pass a checkpoint written by imgjobs train") from None
     return model.eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -43,7 +44,9 @@ class Console:
         if self.tty:
             with self._lock:
                 if self._status is None:
-                    self._status = tqdm(file=self.stream, bar_format="{desc}", dynamic_ncols=True)
+                    # The terminal's size, and 80x24 where it says 0x0 (a bare pty): tqdm hides its line in 0 rows.
+                    size = shutil.get_terminal_size()
+                    self._status = tqdm(file=self.stream, bar_format="{desc}", ncols=size.columns, nrows=size.lines)
                 self._status.set_description_str(text)
         elif time.monotonic() - self._last_logged >= LOG_EVERY_S:
             self._last_logged = time.monotonic()

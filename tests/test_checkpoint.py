@@ -1,5 +1,7 @@
 """Checkpoints never run code: loading is weights_only, and anything else is refused with one line."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -42,8 +44,8 @@ def test_non_checkpoint_files_are_refused(tmp_path):
 
 
 def test_unknown_arch_is_refused(tmp_path):
-    model, _ = build_model("resnet18", 2, "none")
-    state = {"model": {"arch": "resnet9000"}, "classes": ["a", "b"], "model_state": model.state_dict()}
+    model, spec = build_model("resnet18", 2, "none")
+    state = {"model": replace(spec, arch="resnet9000"), "classes": ["a", "b"], "model_state": model.state_dict()}
     checkpoint.save(state, str(tmp_path))
     with pytest.raises(UsageError, match="unknown model.arch 'resnet9000'"):
         checkpoint.load(str(tmp_path))

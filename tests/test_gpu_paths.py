@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline import checkpoint
+from pipeline.checkpoint import ModelSpec
 from pipeline.errors import UsageError
 from pipeline.hardware import gpu_half_precision
 from pipeline.images import decode_with_size, jpeg_header
@@ -27,8 +28,8 @@ from pipeline.labels import output_schema
 from pipeline.train.loop import choose_amp, load_scaler
 from tests.helpers import DEMO_DATA, random_weight_state
 
-SPEC = {"resize_size": 72, "input_size": 64, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225]}
+SPEC = ModelSpec(arch="resnet18", head="fc", resize_size=72, input_size=64, interpolation="bilinear",
+                 mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 OUT_OF_MEMORY = "Error while decoding JPEG images: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 

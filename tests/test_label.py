@@ -196,11 +196,11 @@ def test_embeddings_are_the_pooled_features_and_equal_for_byte_identical_files(r
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--top-k", "0"], "--top-k 0 must be between 1"),
+    (["--top-k", "0"], "--top-k 0: Input should be greater than or equal to 1"),
     (["--top-k", "3"], "--top-k 3 must be between 1"),
     (["--input", "no/such/dir"], "input no/such/dir not found"),
     (["--checkpoint", "pyproject.toml"], "checkpoint pyproject.toml"),
-    (["--evaluate", "--input", "tests"], "--evaluate: "),
+    (["--evaluate", "--input", str(REPO / "data" / "hymenoptera" / "val" / "ants")], "--evaluate: "),
 ])
 def test_user_errors_are_one_line_exit_2_before_any_work(ray_local, small_checkpoint, tmp_path, capsys, extra,
                                                          message):

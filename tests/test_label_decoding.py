@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline import checkpoint
+from pipeline.checkpoint import ModelSpec
 from pipeline.images import ORIENTATION, decode_image
 from pipeline.keys import Reader
 from pipeline.label.device_decoding import orient
@@ -25,10 +26,10 @@ from tests.corpus import make_corpus, sample_image
 CLASSES = ["ants", "bees"]
 
 
-def labels(model, spec: dict, paths: list, exact: bool) -> np.ndarray:
+def labels(model, spec: ModelSpec, paths: list, exact: bool) -> np.ndarray:
     """What the predictors compute from the read tasks' crops: /255, Normalize, the model's argmax."""
     preprocess = Preprocess(spec, exact_decode=exact)
-    mean, std = (torch.tensor(spec[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    mean, std = (torch.tensor(k).view(1, 3, 1, 1) for k in (spec.mean, spec.std))
     out = []
     for start in range(0, len(paths), 16):
         pixels = np.stack([preprocess(p.read_bytes())[0] for p in paths[start:start + 16]])
@@ -79,7 +80,7 @@ def test_reduced_decoding_reports_the_full_upright_size(orientation, upright):
     exif[ORIENTATION] = orientation
     buf = io.BytesIO()
     sample_image(size=(2000, 1000)).save(buf, "JPEG", exif=exif, quality=90)
-    spec = {"resize_size": 256, "input_size": 224, "interpolation": "bilinear"}
+    spec = ModelSpec(arch="resnet18", head="fc", mean=[0.5] * 3, std=[0.5] * 3, resize_size=256, input_size=224)
     reduced = decode_image(buf.getvalue(), draft_size=256)
     assert reduced.size == (upright[0] // 2, upright[1] // 2)  # decoded at half scale, then turned upright
     pixels, width, height = Preprocess(spec)(buf.getvalue())

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -22,7 +23,7 @@ from PIL import Image
 
 from jobs.cli import main
 from pipeline import checkpoint
-from tests.helpers import make_image_folder, peak_memory, read_output, start_label
+from tests.helpers import DEMO_DATA, make_image_folder, peak_memory, read_output, start_label
 
 
 def joined_env(ray_local) -> dict:
@@ -150,11 +151,11 @@ def test_output_folder_not_writable_is_one_line_exit_2_before_any_work(ray_local
 
 def test_checkpoint_of_an_unknown_arch_is_one_line_exit_2(ray_local, small_checkpoint, tmp_path, capsys):
     state = checkpoint.load(small_checkpoint)
-    state["model"] = {**state["model"], "arch": "resnet9000"}
+    state["model"] = replace(state["model"], arch="resnet9000")
     state.pop("format")
     bogus = checkpoint.save(state, str(tmp_path))
     out = tmp_path / "out"
-    assert main(["label", "--checkpoint", bogus, "--input", str(tmp_path), "--output", str(out)]) == 2
+    assert main(["label", "--checkpoint", bogus, "--input", str(DEMO_DATA / "val"), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "unknown model.arch 'resnet9000'" in err and err.count("\n") == 1 and not out.exists()
 
@@ -178,7 +179,7 @@ def test_crafted_pickle_checkpoint_is_refused_and_its_code_never_runs(ray_local,
         pickle.dump(RunsCode(marker), f)
     for path in (crafted, tmp_path / "plain.pkl"):
         out = tmp_path / "out"
-        assert main(["label", "--checkpoint", str(path), "--input", str(tmp_path), "--output", str(out)]) == 2
+        assert main(["label", "--checkpoint", str(path), "--input", str(DEMO_DATA / "val"), "--output", str(out)]) == 2
         err = capsys.readouterr().err
         assert f"checkpoint {path}" in err and err.count("\n") == 1 and "Traceback" not in err
         assert not marker.exists() and not out.exists()

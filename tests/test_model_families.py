@@ -59,15 +59,15 @@ def test_every_torchvision_classifier_has_a_head_rule():
 ])
 def test_preprocessing_is_the_model_s_own(arch, input_size, resize_size, interpolation, mean):
     _, spec = build_model(arch, 2, "none")
-    assert (spec["input_size"], spec["resize_size"], spec["interpolation"]) == (input_size, resize_size, interpolation)
-    assert spec["mean"][0] == pytest.approx(mean)
+    assert (spec.input_size, spec.resize_size, spec.interpolation) == (input_size, resize_size, interpolation)
+    assert spec.mean[0] == pytest.approx(mean)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_family_trains_a_step_and_labels(arch, ray_local):
     size = FAMILIES[arch]
     model, spec = build_model(arch, len(CLASSES), "none")
-    head = model.get_submodule(spec["head"])
+    head = model.get_submodule(spec.head)
     assert (getattr(head, "out_features", None) or head.out_channels) == len(CLASSES)
 
     # One SGD step in training mode: a plain logits tensor (no auxiliary outputs), and the head learns.
@@ -89,7 +89,7 @@ def test_family_trains_a_step_and_labels(arch, ray_local):
              "width": np.full(4, size), "height": np.full(4, size), "error": np.array([""] * 4, dtype=object),
              "error_kind": np.array([""] * 4, dtype=object)}
     table = predictor(batch)
-    mean, std = (torch.tensor(spec[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    mean, std = (torch.tensor(k).view(1, 3, 1, 1) for k in (spec.mean, spec.std))
     with torch.inference_mode():
         expected = eager((torch.from_numpy(pixels).float() / 255 - mean) / std).softmax(1)
     assert table.column("label_index").to_pylist() == expected.argmax(1).tolist()
@@ -101,7 +101,7 @@ def test_family_trains_a_step_and_labels(arch, ray_local):
     batch["error"][2] = "broken"
     table = predictor(batch)
     with torch.inference_mode():
-        features = WithEmbedding(eager, spec["head"])((torch.from_numpy(pixels).float() / 255 - mean) / std)[0]
+        features = WithEmbedding(eager, spec.head)((torch.from_numpy(pixels).float() / 255 - mean) / std)[0]
     embeddings = table.column("embedding")
     assert embeddings.type == pa.list_(pa.float32(), head.in_features) and embeddings.null_count == 1
     assert embeddings[2].as_py() is None
@@ -126,4 +126,4 @@ def test_a_family_with_auxiliary_heads_trains_end_to_end(ray_local, tmp_path):
     assert main(["train", "-c", str(config)]) == 0
     summary = json.loads((tmp_path / "runs" / "googlenet" / "summary.json").read_text())
     state = checkpoint.load(summary["best_checkpoint"])
-    assert state["model"]["arch"] == "googlenet" and state["model"]["input_size"] == 224
+    assert state["model"].arch == "googlenet" and state["model"].input_size == 224

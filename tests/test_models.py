@@ -21,14 +21,14 @@ def trainable(model):
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_head_fits_the_classes(arch, head, num_classes):
     model, spec = build_model(arch, num_classes, "none")
-    assert spec["head"] == head
+    assert spec.head == head
     assert model.get_submodule(head).out_features == num_classes
     assert model.eval()(torch.zeros(1, 3, 224, 224)).shape == (1, num_classes)
 
 
 def test_feature_extraction_trains_only_the_head_and_freezes_batchnorm():
     model, spec = build_model("resnet18", 2, "none")
-    configure_trainable(model, spec["head"], "feature_extraction", "all")
+    configure_trainable(model, spec.head, "feature_extraction", "all")
     assert trainable(model) == {"fc.weight", "fc.bias"}
     set_train_mode(model)
     assert model.fc.training
@@ -41,7 +41,7 @@ def test_feature_extraction_trains_only_the_head_and_freezes_batchnorm():
 
 def test_finetune_all_trains_everything():
     model, spec = build_model("resnet18", 2, "none")
-    configure_trainable(model, spec["head"], "finetune", "all")
+    configure_trainable(model, spec.head, "finetune", "all")
     assert trainable(model) == {name for name, _ in model.named_parameters()}
     set_train_mode(model)
     assert all(m.training for m in model.modules())
@@ -49,7 +49,7 @@ def test_finetune_all_trains_everything():
 
 def test_finetune_listed_layers_plus_the_new_head():
     model, spec = build_model("resnet18", 2, "none")
-    configure_trainable(model, spec["head"], "finetune", ["layer4"])
+    configure_trainable(model, spec.head, "finetune", ["layer4"])
     names = trainable(model)
     assert names and all(n.startswith(("layer4.", "fc.")) for n in names) and "fc.weight" in names
     set_train_mode(model)

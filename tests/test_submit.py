@@ -139,7 +139,7 @@ def test_submitted_training_succeeds_and_writes_its_run(trained):
     assert summary["classes"] == ["ants", "bees"]
     assert [epoch["epoch"] for epoch in summary["epochs"]] == [1]
     best = checkpoint.load(summary["best_checkpoint"])
-    assert best["classes"] == ["ants", "bees"] and best["model"]["arch"] == "efficientnet_lite0"
+    assert best["classes"] == ["ants", "bees"] and best["model"].arch == "efficientnet_lite0"
     print(f"train submit round trip: {trained['seconds']:.1f}s")
 
 

@@ -43,7 +43,7 @@ def test_big_photos_decode_at_a_reduced_scale_that_keeps_every_crop_at_full_pixe
     torch.manual_seed(0)
     sides = [min(T.RandomResizedCrop.get_params(reduced, list(CROP_SCALE), list(CROP_RATIO))[2:])
              for _ in range(2000)]
-    assert min(sides) >= spec["input_size"], min(sides)
+    assert min(sides) >= spec.input_size, min(sides)
 
 
 def test_a_crop_of_the_reduced_decode_matches_the_same_crop_of_the_full_decode(big_photo):

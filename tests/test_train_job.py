@@ -79,10 +79,10 @@ def test_checkpoint_is_self_describing(ray_local, tmp_path, tiny_folder):
     state = checkpoint.load(summary["best_checkpoint"])
     assert state["classes"] == ["blue", "red"] and state["epoch"] == 1
     assert state["best_val_acc"] == summary["best_val_acc"]
-    assert state["model"] == {
-        "arch": "mobilenet_v3_small", "head": "classifier.3", "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225], "resize_size": 256, "input_size": 224, "interpolation": "bilinear",
-    }
+    assert state["model"] == checkpoint.ModelSpec(
+        arch="mobilenet_v3_small", head="classifier.3", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+        resize_size=256, input_size=224, interpolation="bilinear",
+    )
     assert state["config"]["train"]["lr"] == 0.01 and state["optimizer"]["state"]
     assert state["scheduler"]["last_epoch"] == 1
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()

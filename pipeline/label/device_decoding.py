@@ -23,6 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.checkpoint import ModelSpec
 from pipeline.errors import UsageError
 from pipeline.images import image_error
 from pipeline.label.reading import Preprocess
@@ -52,12 +53,12 @@ DHT, DQT, DRI, SOS, EOI, COM = 0xC4, 0xDB, 0xDD, 0xDA, 0xD9, 0xFE
 
 
 class DeviceDecoder:
-    def __init__(self, spec: dict, device: torch.device, synchronize: bool = True, log=None):
+    def __init__(self, spec: ModelSpec, device: torch.device, synchronize: bool = True, log=None):
         """`synchronize=False` only measures what the synchronisation before each decode costs (gpu_check.sh):
         its output may be corrupt on a GPU."""
         self.cpu = Preprocess(spec, exact_decode=True)  # full size, as nvjpeg decodes
-        self.resize_size, self.input_size = spec["resize_size"], spec["input_size"]
-        self.interpolation = InterpolationMode(spec["interpolation"])
+        self.resize_size, self.input_size = spec.resize_size, spec.input_size
+        self.interpolation = InterpolationMode(spec.interpolation)
         self.device = device
         self.synchronize = synchronize
         self.max_bytes = MAX_DECODE_BYTES

@@ -75,7 +75,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         "imgjobs_version": pipeline.__version__,
         "checkpoint": opts.checkpoint,
         "weights_sha256": state["sha256"],
-        "arch": state["model"]["arch"],
+        "arch": state["model"].arch,
         "classes": state["classes"],
         "precision": opts.precision,
         "decode": {"exact": opts.exact_decode or actors.gpu},  # GPU actors decode at full size
@@ -152,7 +152,7 @@ def embedding_size(model, state: dict) -> int:
     """The length of the embedding column; a model whose head takes no feature vector fails here."""
     from pipeline.models import embedding_head  # torchvision, on the loading thread
 
-    return embedding_head(model, state["model"]["head"]).in_features
+    return embedding_head(model, state["model"].head).in_features
 
 
 def append_run(writer: LabelWriter, summary: dict) -> None:

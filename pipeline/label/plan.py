@@ -170,14 +170,14 @@ def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool
     Freezing changes some models' results (inception_v3's, for one); those run eagerly on CPUs too. With
     `embeddings`, the model returns (pooled features, logits) (models.WithEmbedding)."""
     if embeddings:
-        model = WithEmbedding(model, state["model"]["head"])
+        model = WithEmbedding(model, state["model"].head)
     payload = {"classes": state["classes"], "model": state["model"], "precision": precision,
                "device": "cuda" if gpu else "cpu", "embedding_size": model.head.in_features if embeddings else None}
     if not gpu:
-        example = torch.randn(2, 3, state["model"]["input_size"], state["model"]["input_size"])
+        example = torch.randn(2, 3, state["model"].input_size, state["model"].input_size)
         with torch.inference_mode():
             expected = logits_of(model(example))
-        frozen = payload | {"torchscript": torchscript(model, state["model"]["input_size"], precision)}
+        frozen = payload | {"torchscript": torchscript(model, state["model"].input_size, precision)}
         if _computes(frozen, example, expected, tolerance=1e-3 if precision == "fp32" else 5e-2):
             return frozen
         log(f"label: TorchScript changes {state['model']['arch']}'s results; CPU actors run it eagerly")

@@ -42,7 +42,7 @@ class Predictor:
         self.embedding_size = payload["embedding_size"]
         self.schema = output_schema(self.embedding_size)
         spec = payload["model"]
-        mean, std = (torch.tensor(spec[k], dtype=torch.float32, device=self.device) for k in ("mean", "std"))
+        mean, std = (torch.tensor(k, dtype=torch.float32, device=self.device) for k in (spec.mean, spec.std))
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
         self.model = torchscript_model(payload, batch_size) if "torchscript" in payload else eager_model(payload)
         self.decode = None
@@ -167,7 +167,7 @@ def torchscript_model(payload: dict, batch_size: int):
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore", FutureWarning)
         frozen = torch.jit.load(io.BytesIO(payload["torchscript"]))
-        example = example_batch(batch_size, payload["model"]["input_size"], dtype)
+        example = example_batch(batch_size, payload["model"].input_size, dtype)
         frozen(example), frozen(example)  # profiled, then fused: the first batch need not wait for it
     return lambda x: frozen(x.to(dtype))
 
@@ -183,7 +183,7 @@ def eager_model(payload: dict):
     if payload["embedding_size"]:
         from pipeline.models import WithEmbedding  # torchvision, as above
 
-        model = WithEmbedding(model, payload["model"]["head"])
+        model = WithEmbedding(model, payload["model"].head)
     model = model.to(device, memory_format=torch.channels_last)
 
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from pipeline.checkpoint import ModelSpec
 from pipeline.images import decode_with_size, image_error, jpeg_header, resize_center_crop
 from pipeline.keys import Item, Reader, error_kind
 
@@ -29,9 +30,9 @@ def make_unit(files: list[str] = (), archive: str | None = None, done: list[str]
 
 
 class Preprocess:
-    def __init__(self, spec: dict, exact_decode: bool = False):
-        self.resize_size, self.input_size = spec["resize_size"], spec["input_size"]
-        self.interpolation = spec["interpolation"]
+    def __init__(self, spec: ModelSpec, exact_decode: bool = False):
+        self.resize_size, self.input_size = spec.resize_size, spec.input_size
+        self.interpolation = spec.interpolation
         # A JPEG at least twice the resize size decodes at a reduced DCT scale (1/2 to 1/8) that keeps at least
         # resize_size pixels on the short side, so Resize still downsamples; only its anti-aliasing source differs.
         self.draft_size = None if exact_decode else self.resize_size
@@ -91,7 +92,7 @@ def encoded_rows(items: Iterator[Item]) -> Iterator[dict]:
         }
 
 
-def read_units(batch, spec: dict, exact_decode: bool, options: dict[str, str], max_member_bytes: int,
+def read_units(batch, spec: ModelSpec, exact_decode: bool, options: dict[str, str], max_member_bytes: int,
                encoded: bool = False) -> Iterator[dict]:
     """Ray Data map_batches function (a generator, so an archive's members stream out block by block).
     `spec` is the checkpoint's model spec (sizes and interpolation), `options` the inputs' filesystem options.

@@ -107,7 +107,7 @@ def check_model(cfg: Config, num_classes: int) -> None:
     from pipeline.train.loop import train_loop_per_worker  # noqa: F401  (fit's: torch, torchvision, Ray Train)
 
     model, spec = build_model(cfg.model.arch, num_classes, cfg.model.weights)
-    configure_trainable(model, spec["head"], cfg.model.mode, cfg.model.trainable)
+    configure_trainable(model, spec.head, cfg.model.mode, cfg.model.trainable)
 
 
 def fit(cfg: Config, job: TrainingJob, storage_path: str, use_gpu: bool) -> ray.train.Result:

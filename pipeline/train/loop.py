@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import checkpoint
+from pipeline.checkpoint import ModelSpec
 from pipeline.console import timestamp
 from pipeline.hardware import gpu_half_precision
 from pipeline.models import build_model, configure_trainable, set_train_mode
@@ -136,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
     worker = Worker.current(cfg)
     torch.manual_seed(cfg.train.seed)  # the same new head on every worker
     model, spec = build_model(cfg.model.arch, len(job.data.classes), cfg.model.weights)
-    configure_trainable(model, spec["head"], cfg.model.mode, cfg.model.trainable)
+    configure_trainable(model, spec.head, cfg.model.mode, cfg.model.trainable)
     if worker.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
@@ -205,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
         reporter.end_epoch(metrics)
 
 
-def build_loaders(cfg: Config, job: TrainingJob, spec: dict, worker: Worker) -> tuple[DataLoader, DataLoader]:
+def build_loaders(cfg: Config, job: TrainingJob, spec: ModelSpec, worker: Worker) -> tuple[DataLoader, DataLoader]:
     """This worker's shard of train (reshuffled every epoch through the sampler) and its share of val."""
     train_draft, val_draft = (None, None) if cfg.data.exact_decode else decode_sizes(spec)
     train_set = ImageDataset(cfg.data.root, job.data.train, train_transform(spec), keys=job.data.keys,
@@ -307,7 +308,7 @@ def epoch_metrics(epoch: int, train: list[float], val: list[float], lr: float, t
     }
 
 
-def checkpoint_state(job: TrainingJob, spec: dict, model, optimizer, scheduler, scaler, progress: RunState,
+def checkpoint_state(job: TrainingJob, spec: ModelSpec, model, optimizer, scheduler, scaler, progress: RunState,
                      val_predictions: list[int]) -> dict:
     """Everything needed to resume the run or to label with the model (see pipeline.checkpoint)."""
     return {
