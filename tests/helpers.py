@@ -293,6 +293,8 @@ for line in sys.stdin:
     if command == "add":
         nodes.append(cluster.add_node(**json.loads(argument)))
         cluster.wait_for_nodes()
+        print("done", nodes[-1].node_id, flush=True)
+        continue
     elif command == "preempt":
         import time
         from ray._raylet import GcsClient
@@ -334,23 +336,30 @@ class LocalCluster:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env={**without_auth(os.environ), **auth, **(env or {})})
         started = json.loads(self.process.stdout.readline())
-        self.address, self.nodes = started["address"], started["nodes"]
+        self.address, self.nodes = started["address"], started["nodes"]  # worker nodes, in the order added
+        self.alive = set(self.nodes)
 
     def add_node(self, **args) -> None:
-        self._command(f"add {json.dumps(args)}")
+        node = self._command(f"add {json.dumps({'num_gpus': 0, **args})}")
+        self.nodes.append(node)
+        self.alive.add(node)
 
     def remove_node(self, index: int) -> None:
         self._command(f"remove {index}")
+        self.alive.discard(self.nodes[index])
 
     def preempt_node(self, index: int, seconds: float) -> None:
         """Drain node `index` for preemption with a deadline `seconds` away. Ray counts the node's loss as a
         preemption only once that deadline has passed, as when the cloud reclaims it on time."""
         self._command(f"preempt {index} {seconds}")
 
-    def _command(self, line: str) -> None:
+    def _command(self, line: str) -> str:
+        """Sends a command to the cluster's process; returns what its "done" reply says besides."""
         self.process.stdin.write(line + "\n")
         self.process.stdin.flush()
-        assert self.process.stdout.readline().strip() == "done"
+        reply = self.process.stdout.readline().split()
+        assert reply[:1] == ["done"], reply
+        return " ".join(reply[1:])
 
     def env(self) -> dict:
         """A client's environment: the cluster's address, and where its token is (imgjobs finds it there)."""

@@ -64,15 +64,17 @@ def read_until(proc: subprocess.Popen, text: str) -> list[str]:
     return lines
 
 
-def actor_nodes(cluster: LocalCluster | AutoscalingCluster, name: str) -> set[str]:
-    """The nodes that ran actors whose name (class, or Ray Data's operator name) contains `name`, from the
-    cluster's state API, in a process of its own: this one is connected to the session's Ray."""
-    code = ("import json; from ray.util.state import list_actors; "
-            "print(json.dumps([[a.class_name, a.repr_name, a.node_id] for a in list_actors(limit=10000)]))")
+def actor_nodes(cluster: LocalCluster | AutoscalingCluster, name: str, alive: bool = False) -> set[str]:
+    """The nodes that ran actors whose name (class, or Ray Data's operator name) contains `name` (with `alive`,
+    that run them now), from the cluster's state API, in a process of its own: this one is connected to the
+    session's Ray."""
+    code = ("import json; from ray.util.state import list_actors; print(json.dumps("
+            "[[a.class_name, a.repr_name, a.node_id, a.state] for a in list_actors(limit=10000)]))")
     out = subprocess.run([sys.executable, "-c", code], env={**cluster.env(), "RAY_AUTH_MODE": "token"},
                          capture_output=True, text=True, check=True)
     actors = json.loads(out.stdout.strip().splitlines()[-1])
-    return {node for class_name, repr_name, node in actors if name in f"{class_name} {repr_name}"}
+    return {node for class_name, repr_name, node, state in actors
+            if name in f"{class_name} {repr_name}" and (state == "ALIVE" or not alive)}
 
 
 def test_training_on_two_nodes_into_s3_then_labeling_on_both(cluster, s3_server, tmp_path):
@@ -204,22 +206,38 @@ def test_use_gpu_auto_waits_for_the_gpu_nodes_the_autoscaler_can_add(autoscaling
 
 
 def node_index(cluster: LocalCluster, hosts: set[str]) -> int:
-    """The index (for remove_node) of a worker node among `hosts`."""
-    return next(i for i, node in enumerate(cluster.nodes) if node in hosts)
+    """The index (for remove_node) of a live worker node among `hosts`."""
+    return next(i for i, node in enumerate(cluster.nodes) if node in hosts and node in cluster.alive)
 
 
-def test_training_survives_losing_a_worker_node(tmp_path):
+@pytest.fixture(scope="module")
+def lossy_cluster():
+    # Ray Train polls for drained nodes every second instead of five, so a spot notice comes early in an epoch.
+    cluster = LocalCluster(HEAD, [{"num_cpus": 1}] * 3, env={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"})
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def lossy(lossy_cluster):
+    """Three 1-CPU worker nodes, one of which a test loses; the node it lost is replaced after it."""
+    yield lossy_cluster
+    while len(lossy_cluster.alive) < 3:
+        lossy_cluster.add_node(num_cpus=1)
+
+
+def test_training_survives_losing_a_worker_node(lossy, tmp_path):
     """A node running a training worker dies hard mid-run: Ray Train restarts the group on the nodes left, from
     the latest checkpoint, and the run finishes every epoch, none missing or repeated. Its storage is this
     machine's disk, which every node sees, as with an NFS mount: the shared-storage check passes on each start."""
-    lossy = LocalCluster(HEAD, [{"num_cpus": 1}] * 3)
+    proc = None
     try:
         folder = make_image_folder(tmp_path / "data", train_per_class=60, val_per_class=10)
         config = write_config(tmp_path / "c.json", "nodeloss", folder, tmp_path / "runs",
                               scaling={"num_workers": 2}, train={"epochs": 5})
         proc = start_train(config, lossy.env())
         wait_for_checkpoint(tmp_path / "runs" / "nodeloss")
-        lossy.remove_node(node_index(lossy, actor_nodes(lossy, "RayTrainWorker")))
+        lossy.remove_node(node_index(lossy, actor_nodes(lossy, "RayTrainWorker", alive=True)))
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out[-3000:]
         assert "resuming after epoch" in out, out[-3000:]
@@ -227,22 +245,23 @@ def test_training_survives_losing_a_worker_node(tmp_path):
         assert [m["epoch"] for m in summary["epochs"]] == [1, 2, 3, 4, 5]
         assert summary["world_size"] == 2 and summary["nodes"] == 2  # one worker on each of two 1-CPU nodes
     finally:
-        lossy.stop()
+        if proc and proc.poll() is None:  # whatever failed, the job this test started stops with it
+            proc.kill()
 
 
 @pytest.mark.parametrize("notice", [False, True], ids=["lost", "drained-then-lost"])
-def test_labeling_survives_losing_a_node_each_input_once(small_checkpoint, tmp_path, notice):
+def test_labeling_survives_losing_a_node_each_input_once(lossy, small_checkpoint, tmp_path, notice):
     """A node running a predictor actor dies hard mid-job, with or without first being drained for preemption
     (Ray then places nothing new on it): Ray Data restarts its actor and re-runs its tasks on the nodes left,
     the writer drops rows it already holds, and the job ends by itself, every input once."""
-    lossy = LocalCluster(HEAD, [{"num_cpus": 1}] * 3)
+    proc = None
     try:
         images = make_image_folder(tmp_path / "imgs", train_per_class=500, val_per_class=0) / "train"
         proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output",
                             str(tmp_path / "out"), "--batch-size", "8", "--max-actors", "2", "--rows-per-file", "100"],
                            lossy.env(), stderr=subprocess.STDOUT)
         read_until(proc, "first labeled batch")
-        victim = node_index(lossy, actor_nodes(lossy, "MapBatches(Predictor)"))
+        victim = node_index(lossy, actor_nodes(lossy, "MapBatches(Predictor)", alive=True))
         if notice:
             lossy.preempt_node(victim, 2)
             time.sleep(3)
@@ -253,15 +272,15 @@ def test_labeling_survives_losing_a_node_each_input_once(small_checkpoint, tmp_p
         assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images.rglob("*.jpg"))
         assert not [r for r in rows if r["error"]]
     finally:
-        lossy.stop()
+        if proc and proc.poll() is None:  # whatever failed, the job this test started stops with it
+            proc.kill()
 
 
-def test_spot_preemption_saves_mid_epoch_and_resumes_there_with_the_weights_of_an_unbroken_run(tmp_path):
+def test_spot_preemption_saves_mid_epoch_and_resumes_there_with_the_weights_of_an_unbroken_run(lossy, tmp_path):
     """A node running a training worker is drained for preemption (the spot notice), then lost once the workers
     have saved a checkpoint mid-epoch on the notice. The restarted run goes on from that step, and ends with the
     weights of the same run unbroken, on the same cluster shape."""
-    # Ray Train polls for drained nodes every second instead of five, so the notice comes early in the epoch.
-    lossy = LocalCluster(HEAD, [{"num_cpus": 1}] * 3, env={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"})
+    proc = None
     try:
         folder = make_image_folder(tmp_path / "data", train_per_class=120, val_per_class=4, size=96)
         runs = tmp_path / "runs"
@@ -272,7 +291,7 @@ def test_spot_preemption_saves_mid_epoch_and_resumes_there_with_the_weights_of_a
         lines = read_until(proc, "epoch 1/2  train loss")
         # The workers' line relay stays with the driver: on a lost node, it would fail every restarted worker.
         assert not actor_nodes(lossy, "_QueueActor") & set(lossy.nodes)
-        victim = node_index(lossy, actor_nodes(lossy, "RayTrainWorker"))
+        victim = node_index(lossy, actor_nodes(lossy, "RayTrainWorker", alive=True))
         reclaim_at = time.monotonic() + 1
         lossy.preempt_node(victim, 1)
         lines += read_until(proc, "preemption notice: saving a checkpoint at epoch 2")
@@ -294,7 +313,8 @@ def test_spot_preemption_saves_mid_epoch_and_resumes_there_with_the_weights_of_a
                                 env=lossy.env(), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     finally:
-        lossy.stop()
+        if proc and proc.poll() is None:  # whatever failed, the job this test started stops with it
+            proc.kill()
     resumed = checkpoint.load(summary["latest_checkpoint"])["model_state"]
     straight = checkpoint.load(json.loads((runs / "unbroken" / "summary.json").read_text())["latest_checkpoint"])
     assert all(torch.equal(resumed[k], straight["model_state"][k]) for k in resumed)

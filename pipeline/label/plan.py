@@ -180,7 +180,7 @@ def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool
         frozen = payload | {"torchscript": torchscript(model, state["model"].input_size, precision)}
         if _computes(frozen, example, expected, tolerance=1e-3 if precision == "fp32" else 5e-2):
             return frozen
-        log(f"label: TorchScript changes {state['model']['arch']}'s results; CPU actors run it eagerly")
+        log(f"label: TorchScript changes {state['model'].arch}'s results; CPU actors run it eagerly")
     return payload | {"model_state": state["model_state"]}
 
 
