@@ -19,6 +19,7 @@ from tests.helpers import (
     HeldImage,
     LocalCluster,
     make_image_folder,
+    random_weight_checkpoint,
     read_output,
     start_label,
     wait_for_checkpoint,
@@ -148,15 +149,16 @@ def autoscaling():
     cluster.stop()
 
 
-def test_labeling_from_zero_workers_waits_then_its_pool_grows_with_the_autoscaler(autoscaling, small_checkpoint,
-                                                                                  tmp_path):
+def test_labeling_from_zero_workers_waits_then_its_pool_grows_with_the_autoscaler(autoscaling, tmp_path):
     """The job says what it waits for and does not crash; the autoscaler adds a node for its first actor, then
-    another as the pool asks to grow. An image held back keeps the job going until the second node is up, however
-    fast the first actor labels the rest."""
+    another as the pool asks to grow. The pool grows when blocks queue up for its actor: a full-size ResNet18 on
+    tiny images makes the model, not reading, the slow stage, on any machine. An image held back keeps the job
+    going until the second node is up, however fast the first actor labels the rest."""
     autoscaling.wait_until_at_rest()
+    model = random_weight_checkpoint("resnet18", ["blue", "red"], tmp_path)
     images = make_image_folder(tmp_path / "imgs", train_per_class=300, val_per_class=0) / "train"
     held = HeldImage(images / "red" / "zz_held.jpg", (images / "red" / "red_000.jpg").read_bytes())
-    proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(tmp_path / "out"),
+    proc = start_label(["--checkpoint", model, "--input", str(images), "--output", str(tmp_path / "out"),
                         "--batch-size", "4", "--max-actors", "2"], autoscaling.env(), stderr=subprocess.STDOUT)
     try:
         first = job_lines(proc, 2)
