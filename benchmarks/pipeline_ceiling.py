@@ -43,7 +43,7 @@ from pipeline.label.plan import CPU_BATCH, MAX_THREADS  # noqa: E402
 from pipeline.label.predictor import example_batch  # noqa: E402
 from pipeline.label.reading import FIRST_BLOCK_ROWS  # noqa: E402
 from pipeline.label.sources import list_inputs  # noqa: E402
-from pipeline.labels import OUTPUT_SCHEMA  # noqa: E402
+from pipeline.labels_file import OUTPUT_SCHEMA  # noqa: E402
 from tests.helpers import random_weight_checkpoint  # noqa: E402
 
 

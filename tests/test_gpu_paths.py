@@ -24,7 +24,7 @@ from pipeline.label.device_decoding import CROP_BYTES, DECODED_BYTES, DeviceDeco
 from pipeline.label.plan import model_payload, split_cpu_decoded
 from pipeline.label.predictor import CPU_DECODED, Predictor
 from pipeline.label.reading import Preprocess, encoded_rows
-from pipeline.labels import output_schema
+from pipeline.labels_file import output_schema
 from pipeline.train.loop import choose_amp, load_scaler
 from tests.helpers import DEMO_DATA, random_weight_state
 

@@ -23,7 +23,7 @@ from pipeline.keys import Reader
 from pipeline.label import lock
 from pipeline.label.lock import OutputBusy, OutputLock
 from pipeline.label.output import LABEL_DEFINING, LabelWriter
-from pipeline.labels import OUTPUT_SCHEMA
+from pipeline.labels_file import OUTPUT_SCHEMA
 
 
 @pytest.fixture(params=["local", "s3"])

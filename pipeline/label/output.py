@@ -32,7 +32,15 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.label.lock import OutputLock
-from pipeline.labels import OUTPUT_SCHEMA, PROVENANCE_KEY, is_part, output_schema, part_paths, provenance_of, read_table
+from pipeline.labels_file import (
+    OUTPUT_SCHEMA,
+    PROVENANCE_KEY,
+    is_part,
+    output_schema,
+    part_paths,
+    provenance_of,
+    read_table,
+)
 
 SUMMARY = "_summary.json"
 TEMP_PREFIX = ".writing-"

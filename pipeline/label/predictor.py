@@ -13,7 +13,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.labels import output_schema
+from pipeline.labels_file import output_schema
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: GPUs before sm_80
 # GPU actors' output has one more column than the labels file: whether the actor's CPU decoded the row's file,

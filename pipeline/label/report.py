@@ -28,7 +28,7 @@ from pipeline.images import decode_image
 from pipeline.keys import Reader
 from pipeline.label.evaluate import true_classes
 from pipeline.label.output import LEGACY_REPORT, read_runs
-from pipeline.labels import part_paths, provenance_of, read_table
+from pipeline.labels_file import part_paths, provenance_of, read_table
 from pipeline.metrics import confusion_matrix
 
 REPORT = "_report.html"

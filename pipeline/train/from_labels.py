@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.keys import split_member
-from pipeline.labels import PROVENANCE_KEY, is_part
+from pipeline.labels_file import PROVENANCE_KEY, is_part
 from pipeline.train.splits import Split, TrainingData
 
 REQUIRED = ("path", "label")
