@@ -68,7 +68,7 @@ def time_read(files: list[str], spec: ModelSpec) -> float:
     from pipeline.label.reading import read_units
 
     init_ray()
-    plan.quiet_ray_data()
+    plan.configure_ray_data()
     actors = plan.actor_plan(None, None)
     units = plan.read_units_of(files, {}, actors.batch_size)
     start = time.perf_counter()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -29,6 +30,7 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 EMBEDDING = "embedding"  # with --embeddings: fixed-size list<float32>, the model's pooled features
 PROVENANCE_KEY = b"imgjobs"
+UNITS_KEY = b"imgjobs_units"  # the file's rows per unit and the units it completes (pipeline.label.units)
 
 
 def output_schema(embedding_size: int | None = None) -> pa.Schema:
@@ -46,6 +48,21 @@ def provenance_of(schema: pa.Schema, path: str) -> dict:
         reason = str(e).splitlines()[0] or "no provenance"
         raise UsageError(f"output folder holds {path}, which is not a labels file of this imgjobs version ({reason}); "
                          "use another --output, or --overwrite") from None
+
+
+def units_record(schema: pa.Schema, path: str) -> dict:
+    """The unit record in the schema metadata of the labels file `path`."""
+    try:
+        return json.loads(schema.metadata[UNITS_KEY])
+    except (KeyError, ValueError):
+        raise UsageError(f"output folder holds {path}, written by imgjobs 0.1, which kept no record of its "
+                         "units; finish that output with the imgjobs that began it, or use another --output, or "
+                         "--overwrite") from None
+
+
+def io_errors(table: pa.Table) -> pa.ChunkedArray:
+    """True for the rows whose input could not be read (error_kind "io"), false for the others."""
+    return pc.fill_null(pc.equal(table.column("error_kind"), "io"), False)
 
 
 def is_part(entry: pafs.FileInfo) -> bool:

@@ -5,6 +5,7 @@ sampler. Fixtures live in conftest.py."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -63,6 +65,28 @@ def make_image_folder(root: Path, classes=("blue", "red"), train_per_class=12, v
                     img.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 6, y + 6))
                 img.save(folder / f"{name}_{i:03d}.jpg", quality=90)
     return root
+
+
+def tiny_jpeg_shards(root: Path, shards: int, per_shard: int) -> list[Path]:
+    """`shards` uncompressed tar shards of `per_shard` 32×32 JPEGs each, named as img2dataset names them
+    (000000.tar, members 000000000.jpg...): copies of 16 distinct images, so writing them is fast."""
+    blobs = []
+    for i in range(16):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (i * 16, 255 - i * 16, (i * 40) % 256)).save(buf, "JPEG")
+        blobs.append(buf.getvalue())
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        path = root / f"{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                data = blobs[(s * per_shard + i) % 16]
+                info = tarfile.TarInfo(f"{s * per_shard + i:09d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
 
 
 def write_config(path: Path, name: str, data_root: Path, storage: Path, **sections) -> Path:

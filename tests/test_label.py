@@ -270,8 +270,10 @@ def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_loc
     runs, a second one into its output is refused, naming it; after a kill, the next one takes the dead job's lock
     over at once."""
     images = make_image_folder(tmp_path / "imgs", train_per_class=40, val_per_class=0)
-    # Listed last, this one keeps each job running until the test has killed it, however fast the machine.
-    held = HeldImage(images / "train" / "red" / "zz_held.jpg", (images / "train" / "red" / "red_000.jpg").read_bytes())
+    # Listed last, in a folder and so a unit of its own, this one keeps each job running until the test has killed
+    # it, however fast the machine.
+    (images / "zz").mkdir()
+    held = HeldImage(images / "zz" / "held.jpg", (images / "train" / "red" / "red_000.jpg").read_bytes())
     out = tmp_path / "out"
     args = ["--checkpoint", small_checkpoint, "--input", str(images), "--output", str(out),
             "--rows-per-file", "8", "--batch-size", "4"]

@@ -1,14 +1,12 @@
 """`imgjobs label` under faults and hostile inputs, with real processes: a killed predictor actor, a full
-disk, an output folder that cannot be written, bad checkpoints, and a 20,000-image run."""
+disk, an output folder that cannot be written, bad checkpoints, and 50,000 images in shards killed mid-shard."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import time
@@ -19,11 +17,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from jobs.cli import main
 from pipeline import checkpoint
-from tests.helpers import DEMO_DATA, make_image_folder, peak_memory, read_output, start_label
+from pipeline.labels_file import UNITS_KEY
+from tests.helpers import DEMO_DATA, make_image_folder, read_output, start_label, tiny_jpeg_shards
 
 
 def joined_env(ray_local) -> dict:
@@ -188,48 +186,40 @@ def test_crafted_pickle_checkpoint_is_refused_and_its_code_never_runs(ray_local,
     assert marker.exists()
 
 
-def tiny_jpegs(root: Path, count: int) -> list[Path]:
-    """`count` 32×32 JPEGs in folders of 1000, copies of 16 distinct images (writing them is the fast part)."""
-    blobs = []
-    for i in range(16):
-        buf = io.BytesIO()
-        Image.new("RGB", (32, 32), (i * 16, 255 - i * 16, (i * 40) % 256)).save(buf, "JPEG")
-        blobs.append(buf.getvalue())
-    paths = []
-    for i in range(count):
-        folder = root / f"d{i // 1000:03d}"
-        if i % 1000 == 0:
-            folder.mkdir(parents=True)
-        path = folder / f"img_{i:06d}.jpg"
-        path.write_bytes(blobs[i % 16])
-        paths.append(path)
-    return paths
-
-
 @pytest.mark.ray
-def test_20000_images_in_one_run_each_exactly_once_with_flat_memory(ray_local, small_checkpoint, tmp_path):
+def test_50000_images_in_shards_killed_mid_shard_then_resumed_each_exactly_once(ray_local, small_checkpoint, tmp_path):
+    """20 shards of 2,500 images: killed once before its first file and once mid-shard. The rerun skips the finished
+    shards without opening them (one is no tar any more by then: opened, it would give an error row), finishes the
+    shards in progress from their done keys, and labels every image once."""
+    shards = tiny_jpeg_shards(tmp_path / "shards", 20, 2500)
+    out = tmp_path / "out"
+    args = ["--checkpoint", small_checkpoint, "--input", str(tmp_path / "shards"), "--output", str(out),
+            "--rows-per-file", "700"]  # not a divisor of 2,500: files end mid-shard
     env = joined_env(ray_local)
-    me = psutil.Process()
-    figures = {}
-    for count in (2_000, 20_000):
-        paths = tiny_jpegs(tmp_path / f"imgs{count}", count)
-        out = tmp_path / f"out{count}"
-        start = time.perf_counter()
-        proc = start_label(["--checkpoint", small_checkpoint, "--input", str(tmp_path / f"imgs{count}"),
-                            "--output", str(out), "--rows-per-file", "5000"], env)
-        # The whole job: the driver and every Ray process (raylet, GCS, dashboard, workers) under this test.
-        with peak_memory(lambda: me.children(recursive=True)) as peak:
-            stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stdout + stderr
-        seconds = time.perf_counter() - start
-        keys = [r["path"] for r in read_output(out)]
-        assert len(keys) == len(set(keys)) == count and set(keys) == {str(p) for p in paths}
-        assert [pq.ParquetFile(f).metadata.num_rows for f in sorted(out.glob("*.parquet"))].count(5000) == count // 5000
-        figures[count] = {"seconds": round(seconds, 1), "peak_rss_mib": peak["rss"] >> 20,
-                          "peak_pss_mib": peak["pss"] >> 20}
-        shutil.rmtree(tmp_path / f"imgs{count}")
-    print(f"\nlabel load: {json.dumps(figures)}")
-    # Flat: ten times the images may not double the memory, most of which is Ray's own processes and the idle
-    # workers of the session.
-    for measure in ("peak_rss_mib", "peak_pss_mib"):
-        assert figures[20_000][measure] <= 2 * figures[2_000][measure], figures
+    for files in (0, 6):  # killed once its lock is taken but nothing is written, then after six files
+        proc = start_label(args, env, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not (
+            (out / "_lock.json").exists() and len(list(out.glob("*.parquet"))) >= files
+        ):
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    records = [json.loads(pq.read_schema(f).metadata[UNITS_KEY]) for f in out.glob("*.parquet")]
+    finished = {unit for record in records for unit in record["done"]}
+    in_progress = {unit for record in records for unit in record["rows"]} - finished
+    assert finished and in_progress and len(finished) < 20, records
+    committed = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
+    Path(sorted(finished)[0]).write_bytes(b"no tar any more")
+
+    rerun = start_label(args, env, stderr=subprocess.STDOUT)
+    said = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, said
+    assert f"{len(finished)} finished units skipped unopened" in said, said
+    rows = read_output(out)
+    keys = [r["path"] for r in rows]
+    assert len(keys) == len(set(keys)) == 50_000 and not [r for r in rows if r["error"]]
+    assert {k.split("!")[0] for k in keys} == {str(s) for s in shards}
+    summary = json.loads((out / "_summary.json").read_text())["runs"][-1]
+    assert summary["skipped_existing"] == committed and summary["labeled"] == 50_000 - committed

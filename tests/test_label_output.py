@@ -1,5 +1,5 @@
 """The label output: one writer at a time, on local disk and on a real S3 API server; files committed by size and
-by time; archive members over the cap."""
+by time; archive members over the cap; bookkeeping by unit, with nothing kept per image."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ import pytest
 from jobs import label as label_command
 from pipeline import storage
 from pipeline.keys import Reader
-from pipeline.label import lock
+from pipeline.label import lock, units
 from pipeline.label.lock import OutputBusy, OutputLock
 from pipeline.label.output import LABEL_DEFINING, LabelWriter
-from pipeline.labels_file import OUTPUT_SCHEMA
+from pipeline.label.sources import list_inputs
+from pipeline.label.units import UNIT, UNIT_TOTAL
+from pipeline.labels_file import OUTPUT_SCHEMA, UNITS_KEY
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -109,8 +111,12 @@ class Clock:
         return self.now
 
 
-def rows(*names: str) -> pa.Table:
-    return pa.Table.from_pylist([{"path": name} for name in names], schema=OUTPUT_SCHEMA)
+def rows(*names: str, unit: str = "u", total: int = -1) -> pa.Table:
+    """Rows as the predictors give them to the writer: with their unit, and `total` on the last."""
+    schema = OUTPUT_SCHEMA.append(pa.field(UNIT, pa.string())).append(pa.field(UNIT_TOTAL, pa.int64()))
+    totals = [-1] * (len(names) - 1) + [total]
+    return pa.Table.from_pylist([{"path": name, UNIT: unit, UNIT_TOTAL: t} for name, t in zip(names, totals)],
+                                schema=schema)
 
 
 def test_with_the_default_options_rows_are_committed_once_a_minute_has_passed(tmp_path):
@@ -140,3 +146,83 @@ def test_with_the_default_options_rows_are_committed_once_a_minute_has_passed(tm
     writer.add(rows("f", "a"))  # "a" is done already: never written twice
     assert committed() == ["a", "b", "c", "d", "e", "f"] and writer.files_written == 2
     writer.close()
+
+
+def unit_records(out) -> list[dict]:
+    """Each labels file's unit record, in name order."""
+    return [json.loads(pq.read_schema(f).metadata[UNITS_KEY]) for f in sorted(out.glob("*.parquet"))]
+
+
+def test_a_unit_is_recorded_finished_in_the_file_that_holds_its_last_rows_and_a_rerun_skips_it(tmp_path):
+    out = tmp_path / "out"
+    writer = LabelWriter(str(out), dict.fromkeys(LABEL_DEFINING), rows_per_file=2, commit_every=3600, overwrite=False)
+    writer.add(rows("a/1", "a/2", unit="a"))
+    writer.add(rows("b/1", unit="b"))
+    writer.add(rows("a/2", "a/3", unit="a", total=3))  # a/2 again: Ray ran a task twice
+    assert set(writer.ledger.taken) == {"b"}  # a's keys went with its last rows; b is still in progress
+    writer.close()
+    assert unit_records(out) == [{"rows": {"a": 2}, "done": [], "io_errors": 0},
+                                 {"rows": {"b": 1, "a": 1}, "done": ["a"], "io_errors": 0}]
+    again = LabelWriter(str(out), dict.fromkeys(LABEL_DEFINING), rows_per_file=2, commit_every=3600, overwrite=False)
+    work = units.plan(["a", "b", "c"], pa.array([], pa.large_string()), again.records)
+    again.close()
+    assert work.finished == 1 and [u["unit"] for u in work.units] == ["b", "c"]
+    b, c = work.units
+    assert (b["prior"], json.loads(b["parts"])) == (1, [sorted(p.name for p in out.glob("*.parquet"))[1]])
+    assert (c["prior"], json.loads(c["parts"])) == (0, [])
+
+
+def test_loose_files_form_the_same_units_every_run_and_a_changed_folder_finds_its_done_keys(tmp_path):
+    keys = pa.array(sorted([f"/d/{i:05d}.jpg" for i in range(2500)] + ["/e/x.jpg"]), pa.large_string())
+    first = list(units.loose_units(keys))
+    assert [(end - start) for _, start, end in first] == [1024, 1024, 452, 1]  # by folder, runs of 1024
+    assert list(units.loose_units(keys)) == first
+    records = units.Records()
+    for i, (name, start, end) in enumerate(first):
+        records.add(f"part-{i}.parquet", {"rows": {name: end - start}, "done": [name], "io_errors": 0})
+    assert units.plan([], keys, records).units == []  # all finished: nothing to do
+    grown = pa.array(sorted([*keys.to_pylist(), "/d/00000a.jpg"]), pa.large_string())
+    work = units.plan([], grown, records)
+    # The folder's later runs changed: they look for their done keys in the files of the units no longer listed.
+    assert [u["end"] - u["start"] for u in work.units] == [1024, 1024, 453]
+    orphans = [f"part-{i}.parquet" for i in range(3)]
+    assert all(json.loads(u["parts"]) == orphans for u in work.units)
+
+
+def test_the_writer_keeps_no_key_of_a_finished_unit(tmp_path):
+    """No per-image structure in the driver: ten times the rows, in units of 500, leave the writer's Python memory
+    as it was."""
+    writer = LabelWriter(str(tmp_path / "out"), dict.fromkeys(LABEL_DEFINING), rows_per_file=5000,
+                         commit_every=3600, overwrite=False)
+    tracemalloc.start()
+    try:
+        held = {}
+        for unit in range(200):
+            names = [f"s{unit:03d}.tar!{i:03d}.jpg" for i in range(500)]
+            writer.add(rows(*names[:250], unit=f"s{unit:03d}.tar"))
+            writer.add(rows(*names[250:], unit=f"s{unit:03d}.tar", total=500))
+            if unit + 1 in (20, 200):
+                held[unit + 1] = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    writer.close()
+    assert writer.files_written == 20 and not writer.ledger.taken
+    assert held[200] - held[20] < 2 * 90_000, held  # under 2 bytes per row; a set of the keys takes over 100
+
+
+def test_listing_keeps_its_keys_in_arrow_not_as_python_strings(tmp_path):
+    """A manifest of 400,000 lines peaks at the Python memory of one of 100,000: the listing and its
+    de-duplication hold the keys in Arrow arrays."""
+    peaks = {}
+    for count in (100_000, 400_000):
+        manifest = tmp_path / f"m{count}.txt"
+        manifest.write_text("".join(f"/data/{i // 1000:04d}/{i:07d}.jpg\n" for i in range(count)) * 2)  # twice
+        tracemalloc.start()
+        try:
+            listing = list_inputs([str(manifest)])
+            peaks[count] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        last = f"/data/{(count - 1) // 1000:04d}/{count - 1:07d}.jpg"
+        assert len(listing.files) == count and listing.files[count - 1].as_py() == last
+    assert peaks[400_000] < peaks[100_000] + 2**20, peaks

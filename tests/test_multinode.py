@@ -157,7 +157,8 @@ def test_labeling_from_zero_workers_waits_then_its_pool_grows_with_the_autoscale
     autoscaling.wait_until_at_rest()
     model = random_weight_checkpoint("resnet18", ["blue", "red"], tmp_path)
     images = make_image_folder(tmp_path / "imgs", train_per_class=300, val_per_class=0) / "train"
-    held = HeldImage(images / "red" / "zz_held.jpg", (images / "red" / "red_000.jpg").read_bytes())
+    (images / "zz").mkdir()  # listed last, a unit of its own
+    held = HeldImage(images / "zz" / "held.jpg", (images / "red" / "red_000.jpg").read_bytes())
     proc = start_label(["--checkpoint", model, "--input", str(images), "--output", str(tmp_path / "out"),
                         "--batch-size", "4", "--max-actors", "2"], autoscaling.env(), stderr=subprocess.STDOUT)
     try:

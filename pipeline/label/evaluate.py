@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.keys import split_member
-from pipeline.metrics import confusion_matrix
 
 
 def check_class_folders(roots: list[str], classes: list[str]) -> None:
@@ -26,38 +29,51 @@ def check_class_folders(roots: list[str], classes: list[str]) -> None:
             )
 
 
-def true_classes(paths: list[str], roots: list[str], classes: list[str]) -> list[int | None]:
-    """The class index each path's folder names (root/<class>/...), None for paths outside the class folders. An
+def true_classes(paths: list[str], roots: list[str], classes: list[str]) -> np.ndarray:
+    """The class index each path's folder names (root/<class>/...), -1 for paths outside the class folders. An
     archive's member takes its class from its own folder inside the archive (root/shard.tar!<class>/...), else
     from the archive's folder (root/<class>/shard.tar!...)."""
     index = {name: i for i, name in enumerate(classes)}
     prefixes = [storage.split_query(r)[0].rstrip("/") + "/" for r in roots]
-    found = []
-    for path in paths:
+    found = np.full(len(paths), -1, dtype=np.int64)
+    for i, path in enumerate(paths):
         prefix = next((p for p in prefixes if path.startswith(p)), None)
         if prefix is None:
-            found.append(None)
             continue
         archive, member = split_member(path)
         inner, _, in_folder = member.partition("/") if archive else ("", "", "")
         folder, _, rest = path[len(prefix):].partition("/")
-        found.append(index[inner] if in_folder and inner in index else index[folder] if folder in index and rest
-                     else None)
+        if in_folder and inner in index:
+            found[i] = index[inner]
+        elif folder in index and rest:
+            found[i] = index[folder]
     return found
 
 
-def evaluate(rows: pa.Table, roots: list[str], classes: list[str]) -> dict:
-    """Accuracy and confusion matrix over the labeled images of the class-folder inputs among `rows` (path and
-    label_index columns). The job passes every row of the output, earlier runs' included, so a resumed job
-    reports the whole collection."""
-    targets = true_classes(rows.column("path").to_pylist(), roots, classes)
-    pairs = [(t, p) for t, p in zip(targets, rows.column("label_index").to_pylist()) if t is not None]
-    labeled = [(t, p) for t, p in pairs if p is not None]
-    correct = sum(t == p for t, p in labeled)
+def truth_and_prediction(rows: pa.Table, roots: list[str], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `rows` (path and label_index columns): its true class (-1 outside the class folders) and the
+    predicted one (-1 for error rows)."""
+    predicted = pc.fill_null(rows.column("label_index"), -1).to_numpy().astype(np.int64)
+    return true_classes(rows.column("path").to_pylist(), roots, classes), predicted
+
+
+def evaluate(tables: Iterable[pa.Table], roots: list[str], classes: list[str]) -> dict:
+    """Accuracy and confusion matrix over the labeled images of the class-folder inputs among the rows of `tables`
+    (path and label_index columns), one labels file at a time. The job passes every file of the output, earlier
+    runs' included, so a resumed job reports the whole collection."""
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    errors = 0
+    for rows in tables:
+        truth, predicted = truth_and_prediction(rows, roots, classes)
+        inside = truth >= 0
+        errors += int((inside & (predicted < 0)).sum())
+        labeled = inside & (predicted >= 0)
+        np.add.at(matrix, (truth[labeled], predicted[labeled]), 1)
+    evaluated = int(matrix.sum())
     return {
-        "accuracy": round(correct / len(labeled), 4) if labeled else None,
-        "evaluated": len(labeled),
-        "evaluated_errors": len(pairs) - len(labeled),
+        "accuracy": round(int(np.trace(matrix)) / evaluated, 4) if evaluated else None,
+        "evaluated": evaluated,
+        "evaluated_errors": errors,
         "evaluated_roots": roots,
-        "confusion_matrix": confusion_matrix([t for t, _ in labeled], [p for _, p in labeled], len(classes)),
+        "confusion_matrix": matrix.tolist(),
     }

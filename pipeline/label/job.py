@@ -18,12 +18,13 @@ import pipeline
 from pipeline import checkpoint, storage
 from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr, timestamp
 from pipeline.errors import UsageError
-from pipeline.keys import MEMBER_SEPARATOR
+from pipeline.label import units
 from pipeline.label.evaluate import check_class_folders, evaluate
 from pipeline.label.options import LabelOptions
-from pipeline.label.output import SUMMARY, LabelWriter, io_errors, read_runs
+from pipeline.label.output import SUMMARY, LabelWriter, read_runs
 from pipeline.label.report import write_report
 from pipeline.label.sources import Listing, list_inputs
+from pipeline.labels_file import io_errors
 
 if TYPE_CHECKING:
     from pipeline.label.plan import ActorPlan
@@ -34,16 +35,6 @@ MAX_IO_ERRORS = 0.5  # a larger share of a run's inputs unreadable ends it with 
 
 class ReadFailures(Exception):
     """Most inputs could not be read. Their rows are written, and a rerun retries them."""
-
-
-@dataclass
-class Work:
-    """What this run labels: the files and archives not yet in the output, minus done archive members."""
-
-    files: list[str]
-    archive_done: dict[str, list[str]]  # archive key -> its keys already in the output
-    options: dict[str, str]  # the inputs' filesystem options by host (Listing.options)
-    skipped: int  # inputs the output already holds
 
 
 def label(opts: LabelOptions, started_at: float | None = None, console: Console | None = None) -> dict:
@@ -86,25 +77,27 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     # Fails first if it cannot write there, another job holds the output, or the output holds other labels.
     writer = LabelWriter(opts.output, provenance, opts.rows_per_file, opts.commit_every, opts.overwrite, console.line)
     try:
-        work = remaining(listing, writer.done)
+        work = units.plan(listing.archives.to_pylist(), listing.files, writer.records)
+        skipped = writer.records.existing
         console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
-                     f"{listed_in:.1f}s; {work.skipped} already in {opts.output}")
-        progress = RunCounter(console, len(work.files), len(work.archive_done))
-        if work.files or work.archive_done:
-            progress.cpu_decoded = run(opts, model, actors, work, provenance,
+                     f"{listed_in:.1f}s; {skipped} already in {opts.output}"
+                     + (f" ({work.finished} finished units skipped unopened)" if work.finished else ""))
+        progress = RunCounter(console, work.files, work.archives)
+        if work.units:
+            progress.cpu_decoded = run(opts, model, actors, work, listing, provenance,
                                        lambda table: progress.add(writer.add(table), started), console)
     finally:
         writer.close()  # what was labeled is committed, and the lock given back, whatever stopped the run
     console.close()
     summary = {"run_id": writer.run_id, "started": timestamp(started), "ended": timestamp(time.time())}
-    summary |= progress.summary(work.skipped) | provenance | {"inputs": opts.inputs,
+    summary |= progress.summary(skipped) | provenance | {"inputs": opts.inputs,
                                                               "files_written": writer.files_written}
     done = progress.labeled + progress.errors
     if actors.gpu and done and progress.cpu_decoded > CPU_SHARE_NOTICE * done:
         console.line(f"label: GPU actors decoded {progress.cpu_decoded} of {done} files on their CPUs (other formats, "
                      "CMYK, damaged JPEGs, files nvjpeg rejected): those CPUs may have bounded the rate")
     if opts.evaluate:
-        summary.update(evaluate(writer.read_all(["path", "label_index"]), listing.roots, state["classes"]))
+        summary.update(evaluate(writer.tables(["path", "label_index"]), listing.roots, state["classes"]))
     append_run(writer, summary)
     if opts.report:
         write_report(opts.output, console.line)
@@ -162,8 +155,8 @@ def append_run(writer: LabelWriter, summary: dict) -> None:
     storage.write_bytes(writer.fs, path, json.dumps({"runs": [*runs, summary]}, indent=2).encode())
 
 
-def run(opts: LabelOptions, model: Model, actors: ActorPlan, work: Work, provenance: dict, take,
-        console: Console) -> int:
+def run(opts: LabelOptions, model: Model, actors: ActorPlan, work: units.Work, listing: Listing, provenance: dict,
+        take, console: Console) -> int:
     """Choose the actors' precision (recorded in `provenance`) on the Ray that label() joined or started, and hand
     every labeled block to take(). Returns how many files GPU actors decoded on their CPUs instead."""
     from pipeline.label import plan  # Ray and torch, as in label()
@@ -180,13 +173,14 @@ def run(opts: LabelOptions, model: Model, actors: ActorPlan, work: Work, provena
     if actors.gpu or payload is None or payload["precision"] != precision:
         payload = plan.model_payload(model.state, model.model, precision, gpu=actors.gpu, embeddings=opts.embeddings,
                                      log=console.line)
-    units = plan.read_units_of(work.files, work.archive_done, actors.batch_size)
-    dataset = plan.dataset(units, work.options, actors, payload, exact_decode=opts.exact_decode,
+    dataset = plan.dataset(work, listing.files, opts.output, listing.options, actors, payload,
+                           exact_decode=opts.exact_decode,
                            max_member_bytes=opts.max_member_bytes, top_k=model.top_k,
                            min_confidence=opts.min_confidence)
     cpu_decoded = 0
     with filtered_stderr(RESTARTABLE_ACTOR_NOTICE):
-        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        # No prefetch: with it, the stream's latest block waits for the next one, which a slow unit may hold back.
+        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             table, on_cpu = plan.split_cpu_decoded(table)
             cpu_decoded += on_cpu
             take(table)
@@ -198,23 +192,6 @@ def check_top_k(top_k: int | None, classes: list[str]) -> int:
     if not 1 <= top_k <= len(classes):
         raise UsageError(f"--top-k {top_k} must be between 1 and the checkpoint's {len(classes)} classes")
     return top_k
-
-
-def remaining(listing: Listing, done: set[str]) -> Work:
-    """The listed inputs the output does not hold yet. For each archive, the keys of it (members, or its own
-    error row) already done, in one pass over `done`: a member key is ARCHIVE!MEMBER, and either part may
-    itself contain a '!'."""
-    files = [key for key in listing.files if key not in done]
-    by_archive = {a: [a] if a in done else [] for a in listing.archives}
-    for key in done:
-        cut = key.find(MEMBER_SEPARATOR)
-        while cut >= 0:
-            if key[:cut] in by_archive:
-                by_archive[key[:cut]].append(key)
-                break
-            cut = key.find(MEMBER_SEPARATOR, cut + 1)
-    skipped = len(listing.files) - len(files) + sum(map(len, by_archive.values()))
-    return Work(files, by_archive, listing.options, skipped)
 
 
 class RunCounter:

@@ -2,11 +2,12 @@
 
 A row counts as done only once it is in a complete `*.parquet` file in the output folder. Files are
 written under a hidden temporary name and renamed when complete, so a job killed at any moment (kill -9
-included) leaves complete files plus, at worst, a hidden temporary that the next run deletes. The next
-run reads the `path` column of the complete files and labels only the rest. Files get a run-unique
-name, so a rerun never overwrites what an earlier run committed. The one exception: rows whose input
-could not be read (`error_kind` "io") are retried by the next run, which first rewrites their files
-without them, under the same name, the same way (a temporary, then a rename over it).
+included) leaves complete files plus, at worst, a hidden temporary that the next run deletes. Each file records
+in its metadata its rows per unit and the units whose last rows it holds (pipeline.label.units): the next run
+reads only those footers, skips finished units, and labels the rest of the others. Files get a run-unique name,
+so a rerun never overwrites what an earlier run committed. The one exception: rows whose input could not be read
+(`error_kind` "io") are retried by the next run, which first rewrites the files that hold some (their records
+say so) without them, under the same name, the same way (a temporary, then a rename over it).
 
 Files are committed when they hold `rows_per_file` rows, or `commit_every` seconds after the last commit,
 whichever comes first: a kill loses at most about that much work. Small files are not merged afterwards: a
@@ -23,6 +24,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,14 +35,17 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.label.lock import OutputLock
+from pipeline.label.units import UNIT, UNIT_TOTAL, Ledger, Records
 from pipeline.labels_file import (
-    OUTPUT_SCHEMA,
     PROVENANCE_KEY,
+    UNITS_KEY,
+    io_errors,
     is_part,
     output_schema,
     part_paths,
     provenance_of,
     read_table,
+    units_record,
 )
 
 SUMMARY = "_summary.json"
@@ -77,7 +83,7 @@ class LabelWriter:
         self._last_commit = clock()
 
     def _open(self, provenance: dict, overwrite: bool) -> None:
-        """Check the files there against `provenance`, then clean up and collect the keys already done."""
+        """Check the files there against `provenance`, clean up, and read what they record of their units."""
         self.provenance = provenance  # the job adds to it what it learns once Ray is up (compute_precision)
         parts = []
         for entry in self.fs.get_file_info(pafs.FileSelector(self.base)):
@@ -86,20 +92,22 @@ class LabelWriter:
                 self.fs.delete_file(entry.path)  # a killed run's unfinished file, an old page, or --overwrite
             elif is_part(entry):
                 parts.append(entry.path)
-        keys = {path: read_table(self.fs, path, ["path", "error_kind"]) for path in parts}  # one read each
-        for path, table in keys.items():  # every check before any committed file changes
-            check_same_labels(provenance_of(table.schema, path), provenance, path, self.out_dir)
-        self.done: set[str] = set()  # keys already in a committed file, including this run's
-        for path, table in keys.items():
-            self.done.update(self._without_io_errors(path, table))
-        self.existing = len(self.done)
+        # Footers only, many at once: on object stores each is a request or two.
+        with ThreadPoolExecutor(16) as pool:
+            schemas = list(pool.map(lambda path: pq.read_schema(path, filesystem=self.fs), parts))
+        records = [units_record(schema, path) for schema, path in zip(schemas, parts, strict=True)]
+        for path, schema in zip(parts, schemas, strict=True):  # every check before any committed file changes
+            check_same_labels(provenance_of(schema, path), provenance, path, self.out_dir)
+        self.records = Records()
+        for path, record in zip(parts, records, strict=True):
+            if record["io_errors"]:
+                self._retry_io_errors(path, record)
+            self.records.add(path.rsplit("/", 1)[-1], record)
+        self.ledger = Ledger(self.records)
 
     def add(self, table: pa.Table) -> pa.Table:
-        """Buffer rows not yet done and commit full files; returns the rows taken."""
-        keep = [key not in self.done for key in table.column("path").to_pylist()]
-        if not all(keep):  # Ray may re-run a task after a worker failure; its rows must not repeat
-            table = table.filter(pa.array(keep))
-        self.done.update(table.column("path").to_pylist())
+        """Buffer rows not yet taken (their unit columns included) and commit full files; returns the rows taken."""
+        table = self.ledger.take(table)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         if self._pending_rows >= self.rows_per_file:
@@ -112,20 +120,17 @@ class LabelWriter:
             self._commit_pending()
         return table
 
-    def _without_io_errors(self, path: str, keys: pa.Table) -> list[str]:
-        """The keys of a committed file (`keys`: its path and error_kind columns), after dropping its io error rows
-        from it so that this run retries them."""
-        io = io_errors(keys)
-        if pc.any(io).as_py():
-            kept = read_table(self.fs, path).filter(pc.invert(io))
-            if kept.num_rows:
-                temp = f"{path.rsplit('/', 1)[0]}/{TEMP_PREFIX}retry-{uuid.uuid4().hex[:8]}.parquet"
-                pq.write_table(kept, temp, filesystem=self.fs)
-                self.fs.move(temp, path)
-            else:
-                self.fs.delete_file(path)
-            keys = keys.filter(pc.invert(io))
-        return keys.column("path").to_pylist()
+    def _retry_io_errors(self, path: str, record: dict) -> None:
+        """Drop the io error rows of a committed file, so that this run retries them; its record counts none."""
+        table = read_table(self.fs, path)
+        kept = table.filter(pc.invert(io_errors(table)))
+        if kept.num_rows:
+            metadata = table.schema.metadata | {UNITS_KEY: json.dumps(record | {"io_errors": 0}).encode()}
+            temp = f"{path.rsplit('/', 1)[0]}/{TEMP_PREFIX}retry-{uuid.uuid4().hex[:8]}.parquet"
+            pq.write_table(kept.replace_schema_metadata(metadata), temp, filesystem=self.fs)
+            self.fs.move(temp, path)
+        else:
+            self.fs.delete_file(path)
 
     def close(self) -> None:
         """Commit the last, partly filled file, and give the output's lock back."""
@@ -141,10 +146,11 @@ class LabelWriter:
         self.lock.check()
         name = f"part-{self.run_id}-{self.files_written:05d}.parquet"
         temp = f"{self.base}/{TEMP_PREFIX}{name}"
+        record = self.ledger.record(table)
         try:
             schema = output_schema(self.provenance.get("embeddings")).with_metadata(
-                {PROVENANCE_KEY: json.dumps(self.provenance)})
-            pq.write_table(table.cast(schema), temp, filesystem=self.fs)
+                {PROVENANCE_KEY: json.dumps(self.provenance), UNITS_KEY: json.dumps(record)})
+            pq.write_table(table.drop_columns([UNIT, UNIT_TOTAL]).cast(schema), temp, filesystem=self.fs)
             self.fs.move(temp, f"{self.base}/{name}")  # atomic on local disks; object stores publish whole objects
         except OSError as e:  # disk full, file too large, permissions changed: earlier files stay complete
             try:
@@ -155,12 +161,14 @@ class LabelWriter:
                 f"writing {self.base}/{name} failed: {str(e).splitlines()[0]}; {self.files_written} file(s) of this "
                 f"run are complete; free space or fix {self.base}, then run the same command again to resume"
             ) from None
+        self.ledger.committed_file(record, table)
         self.files_written += 1
         self._last_commit = self.clock()
 
-    def read_all(self, columns: list[str]) -> pa.Table:
-        tables = [read_table(self.fs, path, columns) for path in part_paths(self.fs, self.base)]
-        return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table().select(columns)
+    def tables(self, columns: list[str]) -> Iterator[pa.Table]:
+        """The output's labels files, one at a time, with these columns."""
+        for path in part_paths(self.fs, self.base):
+            yield read_table(self.fs, path, columns)
 
 
 def read_runs(fs: pafs.FileSystem, base: str) -> list[dict]:
@@ -200,10 +208,3 @@ def check_same_labels(found: dict, wanted: dict, path: str, out_dir: str) -> Non
 def _short(value) -> str:
     text = json.dumps(value)
     return text[:19] + "…" if len(text) > 20 else text
-
-
-def io_errors(table: pa.Table) -> pa.ChunkedArray:
-    """True for the rows whose input could not be read (error_kind "io"), false for the others."""
-    return pc.fill_null(pc.equal(table.column("error_kind"), "io"), False)
-
-

@@ -1,10 +1,9 @@
-"""How a labeling job runs on the cluster: the predictor actors, the read units and the model they load."""
+"""How a labeling job runs on the cluster: the predictor actors, the read tasks and the model they load."""
 
 from __future__ import annotations
 
 import io
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -15,7 +14,8 @@ import torch
 
 from pipeline.hardware import gpu_capability, gpu_half_precision, native_bf16
 from pipeline.label.predictor import CPU_DECODED, DTYPES, Predictor, example_batch, torchscript_model
-from pipeline.label.reading import make_unit, read_units
+from pipeline.label.reading import read_units
+from pipeline.label.units import Work
 from pipeline.models import WithEmbedding
 
 # Images per model call. On CPU, small batches keep a ResNet's activations in cache (README, Performance);
@@ -25,9 +25,10 @@ MAX_THREADS = 4  # per CPU actor: intra-op scaling flattens beyond about 4 threa
 # A read task is one decoding thread that also waits on storage. Its reservation must differ from the
 # predictor's, or Ray Data fuses reading into the predictor actors and decoding stops running in parallel.
 READ_CPUS = 0.5
-# Between two read tasks Ray Data takes a scheduling round (tens of ms) in which, where a node has room for one
-# read task beside its predictor, nothing decodes: 256 small files per task left the read slot idle half the time.
-MAX_TASK_FILES = 1024
+# Ray Data gathers a task's output until it exceeds DataContext.target_max_block_size (128 MiB by default) before
+# it passes any on: a shard of 10,000 small crops would reach the predictors only once read whole. At 16 MiB a
+# read block of 128 224-pixel crops (19 MB) passes as it is, and one of small crops waits for a few more.
+BLOCK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -70,40 +71,23 @@ def actor_plan(batch_size: int | None, max_actors: int | None) -> ActorPlan:
                      waiting=not gpus and not cpus)
 
 
-def split_files(files: list[str], batch_size: int) -> list[list[str]]:
-    """Files per read task: first a model batch's worth, so labels start to flow at once, then doubling up to
-    about four tasks per CPU (8 to MAX_TASK_FILES each), so reads spread over the cluster at little per-task
-    cost."""
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    largest = max(8, min(MAX_TASK_FILES, math.ceil(len(files) / (4 * cpus))))
-    parts, start, size = [], 0, min(batch_size, largest)
-    while start < len(files):
-        parts.append(files[start : start + size])
-        start, size = start + size, min(2 * size, largest)
-    return parts
-
-
-def read_units_of(files: list[str], archive_done: dict[str, list[str]], batch_size: int) -> list[dict]:
-    """The read tasks' work: batches of files (see split_files), and one unit per archive."""
-    units = [make_unit(files=part) for part in split_files(files, batch_size)]
-    return units + [make_unit(archive=a, done=keys) for a, keys in archive_done.items()]
-
-
-def dataset(units: list[dict], options: dict[str, str], actors: ActorPlan, payload: dict, exact_decode: bool,
-            max_member_bytes: int, top_k: int, min_confidence: float) -> ray.data.Dataset:
-    """Read units → read-and-decode tasks → predictor actors. GPU predictors decode JPEGs themselves, on the GPU:
+def dataset(work: Work, files: pa.Array, output: str, options: dict[str, str], actors: ActorPlan, payload: dict,
+            exact_decode: bool, max_member_bytes: int, top_k: int, min_confidence: float) -> ray.data.Dataset:
+    """Units (a read task each) → read-and-decode tasks → predictor actors. `files` are the sorted loose-file keys
+    that loose units index: they go to the object store once. GPU predictors decode JPEGs themselves, on the GPU:
     their read tasks only read (device_decoding), and they decode at full size, whatever `exact_decode` says."""
-    quiet_ray_data()
+    configure_ray_data()
     gpu = actors.gpu
     if gpu:
         from pipeline.label.device_decoding import check_image_extension  # torchvision.io: GPU jobs only
 
         check_image_extension()
     return (
-        ray.data.from_items(units, override_num_blocks=len(units))
+        ray.data.from_items(work.units, override_num_blocks=len(work.units))
         .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors.read_cpus,
                      fn_kwargs={"spec": payload["model"], "exact_decode": exact_decode, "options": options,
-                                "max_member_bytes": max_member_bytes, "encoded": gpu})
+                                "max_member_bytes": max_member_bytes, "files_ref": [ray.put(files)],
+                                "output": output, "encoded": gpu})
         .map_batches(
             Predictor,
             # CPU actors take each read block whole and run it in model batches: a call per block, not per batch,
@@ -134,9 +118,11 @@ def split_cpu_decoded(table: pa.Table) -> tuple[pa.Table, int]:
     return table.drop_columns([CPU_DECODED]), pc.sum(table.column(CPU_DECODED)).as_py() or 0
 
 
-def quiet_ray_data() -> None:
-    """The job prints its own progress line; Ray Data's progress bars and notices about them are noise."""
+def configure_ray_data() -> None:
+    """Blocks that stream, and no progress bars: the job prints its own progress line, and Ray Data's bars and
+    notices about them are noise."""
     ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

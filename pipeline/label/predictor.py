@@ -13,6 +13,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from pipeline.label.units import BOOKKEEPING
 from pipeline.labels_file import output_schema
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: GPUs before sm_80
@@ -134,10 +135,15 @@ class Predictor:
         if self.embedding_size:
             columns.append(pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.embedding_size,
                                                              mask=pa.array(bad)))
+        schema = self.schema
         if cpu_decoded is not None:
             columns.append(pa.array(cpu_decoded, pa.bool_()))
             self.count_cpu_decoded(int(read.sum()), int(cpu_decoded.sum()))
-        return pa.Table.from_arrays(columns, schema=self.schema)
+        for field in BOOKKEEPING:  # the read tasks' unit columns pass through to the writer
+            if field.name in batch:
+                columns.append(pa.array(batch[field.name], field.type))
+                schema = schema.append(field)
+        return pa.Table.from_arrays(columns, schema=schema)
 
     def count_cpu_decoded(self, files: int, on_cpu: int) -> None:
         self.files, self.cpu_files = self.files + files, self.cpu_files + on_cpu

@@ -13,20 +13,21 @@ import json
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
 
+from pipeline import storage
 from pipeline.checkpoint import ModelSpec
 from pipeline.images import decode_with_size, image_error, jpeg_header, resize_center_crop
-from pipeline.keys import Item, Reader, error_kind
+from pipeline.keys import MEMBER_SEPARATOR, Item, Reader, error_kind
+from pipeline.label.units import UNIT, UNIT_TOTAL
 
 # Output blocks: each costs Ray Data milliseconds to move and hand to an actor, so rows of 224-pixel crops
-# (150 KB) go 128 to a block after a first one of 32, which feeds the predictor early (a read unit of files
-# starts smaller still, plan.split_files); encoded files, up to several MB each, go 32 to a block.
+# (150 KB) go 128 to a block after a first one of 32, which feeds the predictor early; encoded files, up to
+# several MB each, go 32 to a block.
 FIRST_BLOCK_ROWS, ROWS_PER_BLOCK, ENCODED_ROWS_PER_BLOCK = 32, 128, 32
-
-
-def make_unit(files: list[str] = (), archive: str | None = None, done: list[str] = ()) -> dict:
-    """One read task's work: some image files, or one archive (minus the members already labeled)."""
-    return {"unit": json.dumps({"files": list(files), "archive": archive, "done": list(done)})}
 
 
 class Preprocess:
@@ -93,18 +94,68 @@ def encoded_rows(items: Iterator[Item]) -> Iterator[dict]:
 
 
 def read_units(batch, spec: ModelSpec, exact_decode: bool, options: dict[str, str], max_member_bytes: int,
-               encoded: bool = False) -> Iterator[dict]:
-    """Ray Data map_batches function (a generator, so an archive's members stream out block by block).
-    `spec` is the checkpoint's model spec (sizes and interpolation), `options` the inputs' filesystem options.
-    With `encoded`, rows carry the files' bytes instead of decoded crops (encoded_rows)."""
+               files_ref: list, output: str, encoded: bool = False) -> Iterator[dict]:
+    """Ray Data map_batches function over units (units.plan): a generator, so an archive's members stream out
+    block by block. `spec` is the checkpoint's model spec (sizes and interpolation), `options` the inputs'
+    filesystem options, `files_ref` [the object ref of the sorted loose-file keys] that loose units index, and
+    `output` the labels folder, where a unit in progress finds its done keys. With `encoded`, rows carry the files'
+    bytes instead of decoded crops (encoded_rows). Every row carries its unit, and a unit's last row its total."""
     rows = encoded_rows if encoded else Preprocess(spec, exact_decode).rows
     reader = Reader(options, max_member_bytes)
-    for text in batch["unit"].to_pylist():
-        unit = json.loads(text)
+    for unit in batch.to_pylist():
+        files = None if unit["archive"] else ray.get(files_ref[0])[unit["start"] : unit["end"]]
+        done = done_keys(output, json.loads(unit["parts"]), unit["archive"], files)
         if unit["archive"]:
-            yield from rows(reader.archive_members(unit["archive"], set(unit["done"])))
+            items = reader.archive_members(unit["archive"], done)
         else:
-            yield from rows(_read_files(reader, unit["files"]))
+            items = _read_files(reader, [key for key in files.to_pylist() if key not in done])
+        held = AllButLast(items)
+        yield from _with_unit(rows(held), unit["unit"])
+        if held.last is None and unit["archive"] and not unit["prior"]:
+            held.last = unit["archive"], None, "no image members in it", "empty"  # its unit's total needs a row
+        if held.last is not None:  # the unit's last row, in a block of its own: the unit's end rides on it
+            yield from _with_unit(rows(iter([held.last])), unit["unit"], total=unit["prior"] + held.count + 1)
+
+
+def done_keys(output: str, parts: list[str], archive: str, files: pa.Array | None) -> set[str]:
+    """The keys of a unit in progress already in the labels files `parts` of `output`: the archive's own key and its
+    members' (ARCHIVE!MEMBER), or those of `files`."""
+    if not parts:
+        return set()
+    fs, base = storage.resolve(output)
+    done = set()
+    for name in parts:
+        keys = pq.read_table(f"{base}/{name}", columns=["path"], filesystem=fs).column("path")
+        if archive:
+            mine = pc.or_(pc.starts_with(keys, archive + MEMBER_SEPARATOR), pc.equal(keys, archive))
+        else:
+            mine = pc.is_in(keys, value_set=files.cast(pa.string()))
+        done.update(keys.filter(mine).to_pylist())
+    return done
+
+
+class AllButLast:
+    """Iterates over `items` but their last, which it keeps in `last`; `count` is how many it gave."""
+
+    def __init__(self, items: Iterator[Item]):
+        self.items, self.last, self.count = items, None, 0
+
+    def __iter__(self) -> Iterator[Item]:
+        for item in self.items:
+            if self.last is not None:
+                self.count += 1
+                yield self.last
+            self.last = item
+
+
+def _with_unit(blocks: Iterator[dict], unit: str, total: int = -1) -> Iterator[dict]:
+    """The blocks with their unit's columns; `total` (the unit's rows in all, earlier runs' included) goes on the
+    last row."""
+    for block in blocks:
+        n = len(block["path"])
+        block |= {UNIT: np.full(n, unit, dtype=object), UNIT_TOTAL: np.full(n, -1, dtype=np.int64)}
+        block[UNIT_TOTAL][-1] = total
+        yield block
 
 
 def _read_files(reader: Reader, keys: list[str]) -> Iterator[Item]:

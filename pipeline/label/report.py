@@ -5,7 +5,8 @@ the folder reads as a dataset as it stands.
 The page is built from what the output holds, the Parquet files and _summary.json, so it can be rebuilt at any
 time: after resumes, after the job, on another machine. Its styles are inline and its thumbnails are data: URIs,
 so it opens offline and can be mailed. Its size is bounded whatever the output's size: it shows at most
-MAX_THUMBNAILS images, chosen by the rule the page states, and counts for everything else.
+MAX_THUMBNAILS images, chosen by the rule the page states, and counts for everything else. So is its memory: it
+reads the columns it needs one labels file at a time, and keeps counts and the few rows it may show (Tally).
 """
 
 from __future__ import annotations
@@ -13,23 +14,22 @@ from __future__ import annotations
 import base64
 import io
 import time
-from collections import Counter
 
 import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.console import timestamp
 from pipeline.errors import UsageError
 from pipeline.images import decode_image
 from pipeline.keys import Reader
-from pipeline.label.evaluate import true_classes
+from pipeline.label.evaluate import truth_and_prediction
 from pipeline.label.output import LEGACY_REPORT, read_runs
 from pipeline.labels_file import part_paths, provenance_of, read_table
-from pipeline.metrics import confusion_matrix
 
 REPORT = "_report.html"
 COLUMNS = ["path", "label", "label_index", "score", "topk_labels", "topk_scores", "uncertain", "error", "error_kind"]
@@ -49,20 +49,75 @@ def write_report(output: str, log=print) -> str:
     parts = part_paths(fs, base)
     if not parts:
         raise UsageError(f"{output} holds no labels files; pass the --output folder of an imgjobs label run")
-    tables = [read_table(fs, path, COLUMNS) for path in parts]
-    provenance = provenance_of(tables[0].schema, parts[0])
-    rows = pa.concat_tables([t.replace_schema_metadata() for t in tables])
+    provenance = provenance_of(pq.read_schema(parts[0], filesystem=fs), parts[0])
     runs = read_runs(fs, base)  # none for a job killed before its end: its Parquet files are all the page needs
+    evaluated = next((r["evaluated_roots"] for r in reversed(runs) if r.get("evaluated_roots")), None)
+    tally = Tally(provenance["classes"], evaluated)
+    for part in parts:
+        tally.add(read_table(fs, part, COLUMNS))
     path, query = storage.split_query(output)
     thumbnails = Thumbnails({storage.host(path): query} if storage.is_uri(path) and query else {})
-    page = render(Page(path, rows, provenance, runs, thumbnails))  # no query: it may hold credentials
+    page = render(Page(path, tally, provenance, runs, thumbnails))  # no query: it may hold credentials
     target = f"{base}/{REPORT}"
     storage.write_bytes(fs, target, page.encode())
     if fs.get_file_info(f"{base}/{LEGACY_REPORT}").type == pafs.FileType.File:
         fs.delete_file(f"{base}/{LEGACY_REPORT}")
     shown = storage.join(output, REPORT)
-    log(f"report: {shown} ({len(page) / 2**20:.1f} MiB, {thumbnails.count} thumbnails, {rows.num_rows} rows)")
+    log(f"report: {shown} ({len(page) / 2**20:.1f} MiB, {thumbnails.count} thumbnails, {tally.rows} rows)")
     return shown
+
+
+class Tally:
+    """What the page needs of the output's rows, gathered one labels file at a time: counts, and only the rows it
+    may show (the lowest-scored of each class, of the uncertain rows, the most confident mistakes, examples of each
+    error)."""
+
+    def __init__(self, classes: list[str], evaluated_roots: list[str] | None):
+        self.classes, self.roots = classes, evaluated_roots
+        self.rows = self.ok = self.uncertain_count = self.wrong = 0
+        self.class_counts = np.zeros(len(classes), dtype=np.int64)
+        self.histogram = np.zeros(BINS, dtype=np.int64)
+        self.matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        self.least = self.uncertain = self.mistakes = None  # tables of candidate rows
+        self.errors: dict[str, list] = {}  # reason -> [count, examples]
+
+    def add(self, rows: pa.Table) -> None:
+        rows = rows.replace_schema_metadata()
+        ok = rows.filter(pc.is_null(rows.column("error")))
+        self.rows, self.ok = self.rows + rows.num_rows, self.ok + ok.num_rows
+        labels = ok.column("label_index").to_numpy()
+        self.class_counts += np.bincount(labels, minlength=len(self.classes))
+        self.histogram += np.histogram(ok.column("score").to_numpy(), bins=BINS, range=(0.0, 1.0))[0]
+        self.least = _lowest_per_class(_concat(self.least, ok), PER_CLASS)
+        uncertain = ok.filter(pc.fill_null(ok.column("uncertain"), False))
+        self.uncertain_count += uncertain.num_rows
+        self.uncertain = _concat(self.uncertain, uncertain).sort_by("score").slice(0, UNCERTAIN_SHOWN)
+        if self.roots:
+            truth, predicted = truth_and_prediction(ok, self.roots, self.classes)
+            inside = truth >= 0
+            np.add.at(self.matrix, (truth[inside], predicted[inside]), 1)
+            wrong = inside & (truth != predicted)
+            self.wrong += int(wrong.sum())
+            mistakes = ok.filter(pa.array(wrong)).append_column("true", pa.array(truth[wrong]))
+            self.mistakes = _concat(self.mistakes, mistakes).sort_by([("score", "descending")]).slice(0, MISTAKES_SHOWN)
+        errors = rows.filter(pc.is_valid(rows.column("error")))
+        for path, error, kind in zip(*(errors.column(c).to_pylist() for c in ("path", "error", "error_kind"))):
+            group = self.errors.setdefault(f"{kind}: {error.split(':', 1)[0]}", [0, []])
+            group[0] += 1
+            if len(group[1]) < ERRORS_SHOWN:
+                group[1].append((path, error))
+
+
+def _concat(kept: pa.Table | None, more: pa.Table) -> pa.Table:
+    return more if kept is None else pa.concat_tables([kept, more])
+
+
+def _lowest_per_class(rows: pa.Table, n: int) -> pa.Table:
+    """The `n` lowest-scored rows of each class, by class then score."""
+    rows = rows.sort_by([("label_index", "ascending"), ("score", "ascending")])
+    labels = rows.column("label_index").to_numpy()
+    rank = np.arange(len(labels)) - np.searchsorted(labels, labels)  # position within its class
+    return rows.filter(pa.array(rank < n))
 
 
 class Thumbnails:
@@ -94,15 +149,13 @@ def render(page: Page) -> str:
 
 
 class Page:
-    """What the page shows, worked out from the output's rows: the template (templates/report.html.j2) lays it out."""
+    """What the page shows, worked out from the output's tally: the template (templates/report.html.j2) lays it out."""
 
-    def __init__(self, output: str, rows: pa.Table, provenance: dict, runs: list[dict], thumbnails: Thumbnails):
-        self.output, self.rows, self.provenance, self.runs = output, rows, provenance, runs
+    def __init__(self, output: str, tally: Tally, provenance: dict, runs: list[dict], thumbnails: Thumbnails):
+        self.output, self.tally, self.provenance, self.runs = output, tally, provenance, runs
         self.thumbnails = thumbnails
         self.classes = provenance["classes"]
-        self.ok = rows.filter(pc.is_null(rows.column("error")))
         self.threshold = provenance.get("min_confidence") or 0
-        self.evaluated = next((r for r in reversed(runs) if r.get("evaluated_roots")), None)
 
     def context(self) -> dict:
         return {
@@ -118,79 +171,70 @@ class Page:
             "least": self.least_confident(),
             "limits": {"total": MAX_THUMBNAILS, "per_class": self.shown_per_class(), "uncertain": UNCERTAIN_SHOWN,
                        "mistakes": MISTAKES_SHOWN},
-            "uncertain": self.uncertain(),
+            "uncertain": {"count": self.tally.uncertain_count, "cards": self.cards(self.tally.uncertain)},
             "errors": self.errors(),
         }
 
     def facts(self) -> list[tuple[str, object]]:
-        total, ok = self.rows.num_rows, self.ok.num_rows
-        uncertain = pc.sum(pc.fill_null(self.rows.column("uncertain"), False)).as_py() or 0
-        p = self.provenance
-        return [("rows", total), ("labeled", ok), ("errors", total - ok), ("uncertain", uncertain),
+        t, p = self.tally, self.provenance
+        return [("rows", t.rows), ("labeled", t.ok), ("errors", t.rows - t.ok), ("uncertain", t.uncertain_count),
                 ("checkpoint", p["checkpoint"]), ("model", f"{p['arch']}, {p.get('compute_precision', '?')}"),
                 ("classes", len(self.classes)), ("page built", timestamp(time.time()))]
 
     def class_counts(self) -> list[tuple[str, int, str]]:
         """(class, images, bar width in px), the largest first."""
-        counts = Counter(self.ok.column("label").to_pylist())
-        peak = max(counts.values(), default=1)
-        return [(name, n, f"{200 * n / peak:.0f}") for name, n in counts.most_common()]
+        counts = self.tally.class_counts
+        peak = max(int(counts.max(initial=0)), 1)
+        return [(self.classes[i], int(counts[i]), f"{200 * counts[i] / peak:.0f}")
+                for i in np.argsort(-counts, kind="stable") if counts[i]]
 
     def histogram(self) -> dict:
-        scores = self.ok.column("score").to_numpy()
-        counts, _ = np.histogram(scores, bins=BINS, range=(0.0, 1.0))
-        peak = max(counts.max(initial=0), 1)
-        return {"scored": len(scores),
+        counts = self.tally.histogram
+        peak = max(int(counts.max(initial=0)), 1)
+        return {"scored": int(counts.sum()),
                 "bins": [{"range": f"{i / BINS:.2f}–{(i + 1) / BINS:.2f}", "count": int(n),
                           "height": f"{100 * n / peak:.1f}"} for i, n in enumerate(counts)]}
 
     def evaluation(self) -> dict | None:
-        if not self.evaluated:
+        t = self.tally
+        if not t.roots:
             return None
-        roots = self.evaluated["evaluated_roots"]
-        targets = true_classes(self.ok.column("path").to_pylist(), roots, self.classes)
-        predicted = self.ok.column("label_index").to_pylist()
-        pairs = [(t, p) for t, p in zip(targets, predicted) if t is not None]
-        matrix = confusion_matrix([t for t, _ in pairs], [p for _, p in pairs], len(self.classes))
-        evaluated = sum(map(sum, matrix))
-        correct = sum(matrix[i][i] for i in range(len(self.classes)))
-        wrong = [i for i, (t, p) in enumerate(zip(targets, predicted)) if t is not None and t != p]
-        wrong.sort(key=lambda i: -self.ok.column("score")[i].as_py())  # the most confident mistakes first
-        return {"accuracy": correct / max(evaluated, 1), "evaluated": evaluated, "roots": roots,
-                "matrix": list(zip(self.classes, matrix)), "wrong": len(wrong),
-                "mistakes": [self.card(i, self.ok, f"true: {self.classes[targets[i]]}")
-                             for i in wrong[:MISTAKES_SHOWN]]}
+        evaluated = int(t.matrix.sum())
+        mistakes = t.mistakes
+        notes = [f"true: {self.classes[i]}" for i in mistakes.column("true").to_pylist()]
+        return {"accuracy": int(np.trace(t.matrix)) / max(evaluated, 1), "evaluated": evaluated, "roots": t.roots,
+                "matrix": list(zip(self.classes, t.matrix.tolist())), "wrong": t.wrong,
+                "mistakes": self.cards(mistakes, notes)}
 
     def shown_per_class(self) -> int:
-        classes = len(set(self.ok.column("label_index").to_pylist()))
+        classes = int((self.tally.class_counts > 0).sum())
         return min(PER_CLASS, max(1, CLASS_THUMBNAILS // max(classes, 1)))
 
     def least_confident(self) -> list[dict]:
-        counts = Counter(self.ok.column("label_index").to_pylist())
+        counts = self.tally.class_counts
         per_class = self.shown_per_class()
-        largest = [c for c, _ in counts.most_common(CLASS_THUMBNAILS // per_class)]
-        ordered = self.ok.sort_by([("label_index", "ascending"), ("score", "ascending")])
-        starts = np.searchsorted(ordered.column("label_index").to_numpy(), largest)
-        return [{"name": self.classes[cls], "count": counts[cls],
-                 "cards": [self.card(i, ordered) for i in range(start, start + min(per_class, counts[cls]))]}
-                for cls, start in zip(largest, starts)]
-
-    def uncertain(self) -> dict:
-        rows = self.ok.filter(pc.fill_null(self.ok.column("uncertain"), False)).sort_by("score")
-        return {"count": rows.num_rows, "cards": [self.card(i, rows) for i in range(min(rows.num_rows,
-                                                                                          UNCERTAIN_SHOWN))]}
+        largest = [int(c) for c in np.argsort(-counts, kind="stable")[:CLASS_THUMBNAILS // per_class] if counts[c]]
+        least = self.tally.least  # by class, then score
+        labels = least.column("label_index").to_numpy()
+        groups = []
+        for c in largest:
+            start, end = np.searchsorted(labels, c), np.searchsorted(labels, c, side="right")
+            groups.append({"name": self.classes[c], "count": int(counts[c]),
+                           "cards": self.cards(least.slice(int(start), int(min(end - start, per_class))))})
+        return groups
 
     def errors(self) -> dict:
-        errors = self.rows.filter(pc.is_valid(self.rows.column("error")))
-        groups: dict[str, list[tuple[str, str]]] = {}
-        for path, error, kind in zip(*(errors.column(c).to_pylist() for c in ("path", "error", "error_kind"))):
-            groups.setdefault(f"{kind}: {error.split(':', 1)[0]}", []).append((path, error))
-        return {"count": errors.num_rows, "shown": ERRORS_SHOWN,
-                "groups": [{"reason": reason, "count": len(items), "examples": items[:ERRORS_SHOWN]}
-                           for reason, items in sorted(groups.items(), key=lambda g: -len(g[1]))]}
+        groups = sorted(self.tally.errors.items(), key=lambda g: -g[1][0])
+        return {"count": self.tally.rows - self.tally.ok, "shown": ERRORS_SHOWN,
+                "groups": [{"reason": reason, "count": count, "examples": examples}
+                           for reason, (count, examples) in groups]}
 
-    def card(self, i: int, rows: pa.Table, note: str = "") -> dict:
-        row = {c: rows.column(c)[i].as_py() for c in ("path", "label", "score", "topk_labels", "topk_scores")}
-        topk = ", ".join(f"{label} {score:.2f}" for label, score in zip(row["topk_labels"], row["topk_scores"]))
-        return {"thumb": self.thumbnails.of(row["path"]), "label": row["label"], "score": row["score"],
-                "note": note, "topk": topk, "path": row["path"]}
+    def cards(self, rows: pa.Table | None, notes: list[str] | None = None) -> list[dict]:
+        if rows is None:
+            return []
+        cards = []
+        for i, row in enumerate(rows.select(["path", "label", "score", "topk_labels", "topk_scores"]).to_pylist()):
+            topk = ", ".join(f"{label} {score:.2f}" for label, score in zip(row["topk_labels"], row["topk_scores"]))
+            cards.append({"thumb": self.thumbnails.of(row["path"]), "label": row["label"], "score": row["score"],
+                          "note": notes[i] if notes else "", "topk": topk, "path": row["path"]})
+        return cards

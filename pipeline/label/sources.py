@@ -3,11 +3,14 @@ named by its key (pipeline.keys)."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline import storage
@@ -18,20 +21,40 @@ from pipeline.keys import archive_kind
 MANIFEST_SUFFIX = ".txt"
 
 
+class Keys:
+    """Keys gathered into Arrow chunks, not kept as a Python string each: a listing may hold 10⁸ of them."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self):
+        self.chunks: list[pa.Array] = []
+        self.buffer: list[str] = []
+
+    def append(self, key: str) -> None:
+        self.buffer.append(key)
+        if len(self.buffer) == self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self.chunks.append(pa.array(self.buffer, pa.large_string()))
+            self.buffer = []
+
+    def sorted_unique(self) -> pa.Array:
+        """The keys, each once, in sorted order: the same inputs always give the same array."""
+        self._flush()
+        keys = pc.unique(pa.chunked_array(self.chunks, pa.large_string()))
+        return keys.take(pc.sort_indices(keys))
+
+
 @dataclass
 class Listing:
-    files: list[str] = field(default_factory=list)  # keys of image files, each listed once
-    archives: list[str] = field(default_factory=list)  # keys of archives, streamed by the read tasks
+    files: pa.Array  # keys of image files: sorted, each once (large_string)
+    archives: pa.Array  # keys of archives, streamed by the read tasks: sorted, each once
     roots: list[str] = field(default_factory=list)  # directory inputs (class-folder trees for --evaluate): key+query
     # A URI input's query string (its filesystem's options, e.g. an S3 endpoint) by host. Keys carry none, so the
     # output's paths stay clean; readers open a key with the options of its host.
     options: dict[str, str] = field(default_factory=dict)
-
-    def add(self, key: str, seen: set[str]) -> None:
-        """An image file or an archive, by its name; the same one named by two inputs is still labeled once."""
-        if key not in seen:
-            seen.add(key)
-            (self.archives if archive_kind(key) else self.files).append(key)
 
 
 def list_inputs(paths: list[str]) -> Listing:
@@ -57,24 +80,29 @@ def list_inputs(paths: list[str]) -> Listing:
                 raise UsageError(f"input {path} is not an image, archive (.tar .tar.gz .tgz .zip), manifest (.txt) "
                                  "or directory")
             inputs.append((_uri_prefix(name, fs_path) + fs_path, query, fs, fs_path, kind))
-    listing, seen = Listing(), set()
+    files, archives, roots, options = Keys(), Keys(), [], {}
+
+    def add(key: str) -> None:
+        (archives if archive_kind(key) else files).append(key)
+
     for key, query, fs, fs_path, kind in inputs:
         if query:
-            listing.options[storage.host(key)] = query
+            options[storage.host(key)] = query
         if kind == pafs.FileType.Directory:
-            listing.roots.append(key + query)
+            roots.append(key + query)
             prefix = key[:len(key) - len(fs_path)]
             for found in storage.walk(fs, fs_path, lambda name: is_image_name(name) or archive_kind(name)):
-                listing.add(prefix + found, seen)
+                add(prefix + found)
         elif key.lower().endswith(MANIFEST_SUFFIX):
             for line in _manifest_entries(fs, fs_path, key):
                 entry, query = storage.split_query(line)
                 if query:
-                    listing.options[storage.host(entry)] = query
-                listing.add(entry, seen)
+                    options[storage.host(entry)] = query
+                add(entry)
         else:
-            listing.add(key, seen)
-    if not listing.files and not listing.archives:
+            add(key)
+    listing = Listing(files.sorted_unique(), archives.sorted_unique(), roots, options)  # inputs may overlap
+    if not len(listing.files) and not len(listing.archives):
         raise UsageError(f"nothing to label in {' '.join(paths)}: no image ({' '.join(sorted(IMAGE_EXTENSIONS))}) "
                          "or archive (.tar .tar.gz .tgz .zip) there")
     return listing
@@ -135,18 +163,18 @@ def _glob(name: str, query: str) -> list[str]:
 def _manifest_entries(fs: pafs.FileSystem, fs_path: str, key: str) -> Iterator[str]:
     """Keys listed in a manifest; relative lines are relative to the manifest's folder. Lines are not checked
     for existence (a million stat calls on object storage would stall): a missing file gets an error row."""
-    text = storage.read_bytes(fs, fs_path).decode("utf-8", errors="replace")
     base = key.rsplit("/", 1)[0]
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if storage.is_uri(line):
-            yield line
-        elif storage.is_uri(base):
-            yield f"{base}/{line}"
-        else:
-            yield os.path.normpath(os.path.join(base, os.path.expanduser(line)))
+    with fs.open_input_stream(fs_path) as stream:  # line by line: a manifest may list 10⁸ images
+        for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if storage.is_uri(line):
+                yield line
+            elif storage.is_uri(base):
+                yield f"{base}/{line}"
+            else:
+                yield os.path.normpath(os.path.join(base, os.path.expanduser(line)))
 
 
 def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
