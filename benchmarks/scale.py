@@ -1,0 +1,226 @@
+"""`imgjobs label` at scale: 10k, 100k and 1M tiny JPEGs in tar shards of 10,000, with a near-free model, so
+that what is measured is the job's own machinery (listing, bookkeeping, resume), not the model.
+
+    .venv/bin/python benchmarks/scale.py                          # 10k, 100k and 1M
+    .venv/bin/python benchmarks/scale.py --sizes 10000 100000     # smaller
+
+Jobs join one local Ray cluster that this script starts and stops, as jobs on a cluster do, with the same
+--rows-per-file and --commit-every at every size. For each size, a fresh job: rows/s after start-up, its rate over
+the first and the last 10% of its rows (from its files' commit times), the driver's peak RSS. At the largest
+size also: a rerun of the finished job (seconds to exit), and a job killed once half its rows are committed, then
+rerun: its first new batch against the fresh job's (both from command start). The driver's RSS per input is taken
+against a 20,000-image job. In the same run, on the 100k shards: the plain PyTorch way (a DataLoader over the
+shards, webdataset style, two workers, the same model) and the ceiling (decoding alone on every core), as ratios.
+Nothing here is a pass/fail test: it prints numbers for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import checkpoint  # noqa: E402
+from pipeline.hardware import cpu_model  # noqa: E402
+from tests.helpers import LocalCluster, random_weight_checkpoint, start_label, tiny_jpeg_shards  # noqa: E402
+
+PER_SHARD = 10_000
+ROWS_PER_FILE = 10_000
+INPUT_SIZE = 32
+
+
+def label(shards: Path, out: Path, ckpt: str, env: dict, kill_at: int | None = None) -> dict:
+    """Run a job to its end (or SIGKILL it once `kill_at` rows are committed): its summary entry, the driver's peak
+    RSS, wall seconds, its first-batch seconds as it printed them, and its files' (commit time, rows)."""
+    args = ["--checkpoint", ckpt, "--input", str(shards), "--output", str(out), "--rows-per-file", str(ROWS_PER_FILE),
+            "--commit-every", "60"]
+    start = time.time()
+    proc = start_label(args, env, stderr=subprocess.STDOUT)
+    driver, peak, done = psutil.Process(proc.pid), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.2):
+            try:
+                peak[0] = max(peak[0], driver.memory_info().rss)
+            except psutil.Error:
+                return
+
+    threading.Thread(target=sample, daemon=True).start()
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    if kill_at:
+        while proc.poll() is None and committed_rows(out) < kill_at:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done.set()
+    reader.join(5)
+    seconds = time.time() - start
+    said = "".join(lines)
+    if not kill_at and proc.returncode != 0:
+        raise SystemExit(f"label failed:\n{said[-3000:]}")
+    first = re.search(r"first labeled batch after ([\d.]+)s", said)
+    runs = json.loads((out / "_summary.json").read_text())["runs"] if (out / "_summary.json").exists() else []
+    files = sorted((f.stat().st_mtime, pq.ParquetFile(f).metadata.num_rows) for f in out.glob("*.parquet"))
+    return {"summary": runs[-1] if runs and not kill_at else None, "peak_rss": peak[0], "seconds": seconds,
+            "first_batch_s": float(first.group(1)) if first else None, "files": files, "started": start}
+
+
+def committed_rows(out: Path) -> int:
+    rows = 0
+    for f in list(out.glob("*.parquet")) if out.exists() else []:
+        try:
+            rows += pq.ParquetFile(f).metadata.num_rows
+        except OSError:  # renamed or rewritten meanwhile
+            pass
+    return rows
+
+
+def tenth_rates(files: list[tuple[float, int]]) -> tuple[float, float] | None:
+    """Rows/s over the first and the last tenth of the files (commit times), after the first file: start-up
+    excluded."""
+    if len(files) < 21:
+        return None
+    tenth = len(files) // 10
+    first = files[1 : 1 + tenth + 1]
+    last = files[-tenth - 1 :]
+
+    def rate(span):
+        return sum(rows for _, rows in span[1:]) / (span[-1][0] - span[0][0])
+
+    return rate(first), rate(last)
+
+
+def shard_samples(shards: list[Path]):
+    """(tensor, 0) per member of the shards, split among DataLoader workers: the webdataset way."""
+
+    class Shards(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            mine = shards[info.id :: info.num_workers] if info else shards
+            for path in mine:
+                with tarfile.open(path, "r|") as tar:
+                    for member in tar:
+                        yield decode(tar.extractfile(member).read()), 0
+
+    return Shards()
+
+
+def decode(data: bytes) -> torch.Tensor:
+    image = Image.open(io.BytesIO(data)).convert("RGB").resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR)
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(INPUT_SIZE, INPUT_SIZE, 3)
+
+
+def plain_pytorch(shards: list[Path], ckpt: str) -> float:
+    """Images/s of a DataLoader over the shards (two workers) into the same model, eager, fp32."""
+    model = checkpoint.build_from(checkpoint.load(ckpt)).eval()
+    loader = torch.utils.data.DataLoader(shard_samples(shards), batch_size=64, num_workers=2)
+    start, count = time.perf_counter(), 0
+    with torch.inference_mode():
+        for pixels, _ in loader:
+            model(pixels.permute(0, 3, 1, 2).float().div(255))
+            count += len(pixels)
+    return count / (time.perf_counter() - start)
+
+
+def decode_shard(path: Path) -> int:
+    count = 0
+    with tarfile.open(path, "r|") as tar:
+        for member in tar:
+            decode(tar.extractfile(member).read())
+            count += 1
+    return count
+
+
+def ceiling(shards: list[Path]) -> float:
+    """Images/s of reading and decoding alone, one process per core: no model, no framework."""
+    start = time.perf_counter()
+    with mp.Pool(os.cpu_count()) as pool:
+        count = sum(pool.map(decode_shard, shards))
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    args = parser.parse_args()
+    print(f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} cores", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="imgjobs-scale-"))
+    cluster = LocalCluster({"num_cpus": os.cpu_count()}, [])
+    try:
+        env = {**os.environ, **cluster.env(), "CUDA_VISIBLE_DEVICES": ""}
+        ckpt = random_weight_checkpoint("mobilenet_v3_small", ["a", "b"], work, input_size=INPUT_SIZE)
+        largest = max(args.sizes)
+        all_shards = tiny_jpeg_shards(work / "all", largest // PER_SHARD, PER_SHARD)
+        base = label(link_shards(work / "s20k", all_shards[:2], per_shard=PER_SHARD, total=20_000), work / "o20k",
+                     ckpt, env)
+        print(f"20,000 images: driver peak RSS {base['peak_rss'] / 2**20:.0f} MiB", flush=True)
+        for size in args.sizes:
+            shards = link_shards(work / f"s{size}", all_shards, per_shard=PER_SHARD, total=size)
+            fresh = label(shards, work / f"o{size}", ckpt, env)
+            s = fresh["summary"]
+            rates = tenth_rates(fresh["files"])
+            growth = (fresh["peak_rss"] - base["peak_rss"]) / (size - 20_000) if size > 20_000 else None
+            print(f"{size:>9,} images in {max(1, size // PER_SHARD)} shards: {s['images_per_s_after_startup']:,.0f} "
+                  f"rows/s after start-up ({s['startup_seconds']:.1f} s start-up, {fresh['seconds']:.0f} s in all); "
+                  f"driver peak RSS {fresh['peak_rss'] / 2**20:.0f} MiB"
+                  + (f", {growth:+.1f} bytes per input over the 20,000-image job" if growth is not None else "")
+                  + (f"; first 10% {rates[0]:,.0f} rows/s, last 10% {rates[1]:,.0f} rows/s "
+                     f"(ratio {rates[1] / rates[0]:.2f})" if rates else ""), flush=True)
+            if size == 100_000 or size == largest and 100_000 not in args.sizes:
+                plain, top = plain_pytorch(shards_of(shards), ckpt), ceiling(shards_of(shards))
+                job = s["images_per_s_after_startup"]
+                print(f"  plain PyTorch (DataLoader, 2 workers) {plain:,.0f} images/s; decoding alone on "
+                      f"{os.cpu_count()} cores {top:,.0f} images/s; imgjobs/plain {job / plain:.2f}, "
+                      f"imgjobs/ceiling {job / top:.2f}", flush=True)
+            if size == largest:
+                again = label(shards, work / f"o{size}", ckpt, env)
+                print(f"  rerun of the finished job: exit after {again['seconds']:.1f} s", flush=True)
+                killed = label(shards, work / f"k{size}", ckpt, env, kill_at=size // 2)
+                resumed = label(shards, work / f"k{size}", ckpt, env)
+                r = resumed["summary"]
+                print(f"  killed at {committed_rows(work / f'k{size}') - r['labeled']:,} rows committed; the rerun's "
+                      f"first new batch after {r['startup_seconds']:.1f} s against {killed['first_batch_s']:.1f} s "
+                      f"for the fresh job (+{r['startup_seconds'] - killed['first_batch_s']:.1f} s); driver peak RSS "
+                      f"{resumed['peak_rss'] / 2**20:.0f} MiB; every image once: "
+                      f"{r['total'] == size and committed_rows(work / f'k{size}') == size}", flush=True)
+    finally:
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def link_shards(folder: Path, shards: list[Path], per_shard: int, total: int) -> Path:
+    """A folder of the first total/per_shard shards, as links: the sizes share one set of files."""
+    folder.mkdir()
+    for shard in shards[: max(1, total // per_shard)]:
+        (folder / shard.name).symlink_to(shard)
+    return folder
+
+
+def shards_of(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.tar"))
+
+
+if __name__ == "__main__":
+    main()
