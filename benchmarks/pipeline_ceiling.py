@@ -38,6 +38,7 @@ from label_throughput import imgjobs_cpu_model, label_job, rows_per_s  # noqa: E
 from pipeline import checkpoint  # noqa: E402
 from pipeline.checkpoint import ModelSpec  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
+from pipeline.label import units  # noqa: E402
 from pipeline.label.output import LabelWriter  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, MAX_THREADS  # noqa: E402
 from pipeline.label.predictor import example_batch  # noqa: E402
@@ -59,8 +60,8 @@ def tiny_images(folder: Path, count: int) -> None:
         os.link(distinct[i % len(distinct)], folder / f"{i:06d}.jpg")
 
 
-def time_read(files: list[str], spec: ModelSpec) -> float:
-    """Rows/s of the read tasks alone, as the job plans them."""
+def time_read(files: pa.Array, spec: ModelSpec) -> float:
+    """Rows/s of the read tasks alone, over the units the job plans."""
     import ray
 
     from pipeline.cluster import init_ray
@@ -70,12 +71,13 @@ def time_read(files: list[str], spec: ModelSpec) -> float:
     init_ray()
     plan.configure_ray_data()
     actors = plan.actor_plan(None, None)
-    units = plan.read_units_of(files, {}, actors.batch_size)
+    work = units.plan([], files, units.Records())
     start = time.perf_counter()
     rows = 0
-    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+    dataset = ray.data.from_items(work.units, override_num_blocks=len(work.units)).map_batches(
         read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors.read_cpus,
-        fn_kwargs={"spec": spec, "exact_decode": False, "options": {}, "max_member_bytes": 2**28})
+        fn_kwargs={"spec": spec, "exact_decode": False, "options": {}, "max_member_bytes": 2**28,
+                   "files_ref": [ray.put(files)], "output": ""})
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         rows += batch.num_rows
     seconds = time.perf_counter() - start
@@ -95,15 +97,19 @@ def time_model(ckpt: str, batch_size: int) -> float:
 
 def time_commit(out: Path, rows: int) -> float:
     """Rows/s of the driver's commits, in blocks of FIRST_BLOCK_ROWS label rows, the size of a read unit's first
-    block as CPU predictors return it (later blocks hold up to ROWS_PER_BLOCK): more blocks per row than a job
-    commits, so a lower bound."""
+    block as CPU predictors return it (later blocks hold up to ROWS_PER_BLOCK), each block a unit of its own: more
+    blocks and units per row than a job commits, so a lower bound."""
     n = FIRST_BLOCK_ROWS
+    schema = OUTPUT_SCHEMA
+    for field in units.BOOKKEEPING:
+        schema = schema.append(field)
     block = pa.Table.from_pylist([{
         "path": f"/data/{i:09d}.jpg", "label": "a", "label_index": 0, "score": 0.9, "topk_labels": ["a", "b"],
         "topk_scores": [0.9, 0.1], "uncertain": False, "error": None, "error_kind": None, "width": 32, "height": 32,
-    } for i in range(n)], schema=OUTPUT_SCHEMA)
+        units.UNIT: "u", units.UNIT_TOTAL: n if i == n - 1 else -1,
+    } for i in range(n)], schema=schema)
     blocks = [block.set_column(0, "path", pa.array([f"/data/{b:06d}-{i:02d}.jpg" for i in range(n)]))
-              for b in range(rows // n)]
+              .set_column(len(OUTPUT_SCHEMA), units.UNIT, pa.array([f"unit{b}"] * n)) for b in range(rows // n)]
     start = time.perf_counter()
     writer = LabelWriter(str(out), {"classes": ["a", "b"]}, rows_per_file=100_000, commit_every=60.0,
                          overwrite=False, log=lambda line: None)

@@ -9,9 +9,10 @@ Jobs join one local Ray cluster that this script starts and stops, as jobs on a 
 the first and the last 10% of its rows (from its files' commit times), the driver's peak RSS. At the largest
 size also: a rerun of the finished job (seconds to exit), and a job killed once half its rows are committed, then
 rerun: its first new batch against the fresh job's (both from command start). The driver's RSS per input is taken
-against a 20,000-image job. In the same run, on the 100k shards: the plain PyTorch way (a DataLoader over the
-shards, webdataset style, two workers, the same model) and the ceiling (decoding alone on every core), as ratios.
-Nothing here is a pass/fail test: it prints numbers for benchmarks/RESULTS.md.
+against a 20,000-image job. `imgjobs report` runs on each size's output: its peak RSS. In the same run, on the 100k
+shards: the plain PyTorch way (a DataLoader over the shards, webdataset style, two workers, the same model) and the
+ceiling (decoding alone on every core), as ratios. Nothing here is a pass/fail test: it prints numbers for
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -85,6 +86,19 @@ def label(shards: Path, out: Path, ckpt: str, env: dict, kill_at: int | None = N
     files = sorted((f.stat().st_mtime, pq.ParquetFile(f).metadata.num_rows) for f in out.glob("*.parquet"))
     return {"summary": runs[-1] if runs and not kill_at else None, "peak_rss": peak[0], "seconds": seconds,
             "first_batch_s": float(first.group(1)) if first else None, "files": files, "started": start}
+
+
+def peak_rss(command: list[str], env: dict) -> int:
+    """The peak RSS of a command's process, sampled every 0.1 s."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak, process = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            peak = max(peak, process.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.1)
+    return peak
 
 
 def committed_rows(out: Path) -> int:
@@ -166,6 +180,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} cores", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped, it still stops its cluster
     work = Path(tempfile.mkdtemp(prefix="imgjobs-scale-"))
     cluster = LocalCluster({"num_cpus": os.cpu_count()}, [])
     try:
@@ -194,6 +209,8 @@ def main() -> None:
                 print(f"  plain PyTorch (DataLoader, 2 workers) {plain:,.0f} images/s; decoding alone on "
                       f"{os.cpu_count()} cores {top:,.0f} images/s; imgjobs/plain {job / plain:.2f}, "
                       f"imgjobs/ceiling {job / top:.2f}", flush=True)
+            report = peak_rss([sys.executable, "-m", "jobs.cli", "report", str(work / f"o{size}")], env)
+            print(f"  imgjobs report on its {size:,} rows: peak RSS {report / 2**20:.0f} MiB", flush=True)
             if size == largest:
                 again = label(shards, work / f"o{size}", ckpt, env)
                 print(f"  rerun of the finished job: exit after {again['seconds']:.1f} s", flush=True)

@@ -7,16 +7,21 @@ import json
 import re
 import shutil
 import subprocess
+import tracemalloc
 from collections import Counter
 
 import duckdb
+import numpy as np
 import pandas
+import pyarrow as pa
 import pyarrow.dataset
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from jobs.cli import main
-from pipeline.label.report import CLASS_THUMBNAILS, MISTAKES_SHOWN, PER_CLASS, UNCERTAIN_SHOWN
+from pipeline.label.report import CLASS_THUMBNAILS, MISTAKES_SHOWN, PER_CLASS, UNCERTAIN_SHOWN, write_report
+from pipeline.labels_file import OUTPUT_SCHEMA, PROVENANCE_KEY
 from tests.helpers import REPO, read_output
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -157,3 +162,44 @@ def test_imgjobs_report_of_a_folder_without_labels_is_one_line_exit_2(tmp_path, 
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no labels files" in err
+
+
+def synthetic_output(out, parts: int, rows: int = 20_000) -> None:
+    """An output of `parts` labels files of `rows` rows each, 3 classes, some uncertain, some errors; their paths
+    name no real file (their thumbnails show as missing)."""
+    out.mkdir()
+    classes = ["a", "b", "c"]
+    provenance = {"classes": classes, "checkpoint": "c", "arch": "x", "min_confidence": 0.5}
+    rng = np.random.default_rng(0)
+    for part in range(parts):
+        index = rng.integers(0, 3, rows).astype(np.int32)
+        score = rng.random(rows).astype(np.float32)
+        error = np.where(np.arange(rows) % 1000 == 0, "decode: broken", None)
+        table = pa.table({
+            "path": [f"/x/{part}/{i}.jpg" for i in range(rows)],
+            "label": np.array(classes, dtype=object)[index],
+            "label_index": index, "score": score,
+            "topk_labels": [[classes[i]] for i in index], "topk_scores": [[s] for s in score.tolist()],
+            "uncertain": score < 0.5, "error": error, "error_kind": np.where(error == None, None, "decode"),  # noqa: E711
+            "width": np.full(rows, 32, np.int32), "height": np.full(rows, 32, np.int32),
+        })
+        table = table.cast(OUTPUT_SCHEMA).replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance)})
+        pq.write_table(table, out / f"part-synthetic-{part:05d}.parquet")
+
+
+def test_the_report_reads_one_labels_file_at_a_time(tmp_path):
+    """Ten times the rows peak at the Python memory of one file's: the page keeps counts and the rows it may
+    show, never a column of every file."""
+    peaks, pages = {}, {}
+    for parts in (1, 10):
+        out = tmp_path / f"out{parts}"
+        synthetic_output(out, parts)
+        tracemalloc.start()
+        try:
+            write_report(str(out), log=lambda line: None)
+            peaks[parts] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        pages[parts] = (out / "_report.html").read_text()
+    assert f"<dd>{10 * 20_000}</dd>" in pages[10] and f"<dd>{20_000}</dd>" in pages[1]  # rows counted
+    assert peaks[10] < 1.5 * peaks[1], peaks
