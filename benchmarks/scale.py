@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -43,7 +44,13 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import checkpoint  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
-from tests.helpers import LocalCluster, random_weight_checkpoint, start_label, tiny_jpeg_shards  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    LocalCluster,
+    label_files,
+    random_weight_checkpoint,
+    start_label,
+    tiny_jpeg_shards,
+)
 
 PER_SHARD = 10_000
 ROWS_PER_FILE = 10_000
@@ -83,7 +90,7 @@ def label(shards: Path, out: Path, ckpt: str, env: dict, kill_at: int | None = N
         raise SystemExit(f"label failed:\n{said[-3000:]}")
     first = re.search(r"first labeled batch after ([\d.]+)s", said)
     runs = json.loads((out / "_summary.json").read_text())["runs"] if (out / "_summary.json").exists() else []
-    files = sorted((f.stat().st_mtime, pq.ParquetFile(f).metadata.num_rows) for f in out.glob("*.parquet"))
+    files = sorted((f.stat().st_mtime, pq.ParquetFile(f).metadata.num_rows) for f in label_files(out))
     return {"summary": runs[-1] if runs and not kill_at else None, "peak_rss": peak[0], "seconds": seconds,
             "first_batch_s": float(first.group(1)) if first else None, "files": files, "started": start}
 
@@ -103,7 +110,7 @@ def peak_rss(command: list[str], env: dict) -> int:
 
 def committed_rows(out: Path) -> int:
     rows = 0
-    for f in list(out.glob("*.parquet")) if out.exists() else []:
+    for f in label_files(out) if out.exists() else []:
         try:
             rows += pq.ParquetFile(f).metadata.num_rows
         except OSError:  # renamed or rewritten meanwhile
@@ -178,6 +185,8 @@ def ceiling(shards: list[Path]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--resume-only", action="store_true", help="only the kill at half and the rerun, at the "
+                        "largest size")
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} cores", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped, it still stops its cluster
@@ -188,43 +197,55 @@ def main() -> None:
         ckpt = random_weight_checkpoint("mobilenet_v3_small", ["a", "b"], work, input_size=INPUT_SIZE)
         largest = max(args.sizes)
         all_shards = tiny_jpeg_shards(work / "all", largest // PER_SHARD, PER_SHARD)
-        base = label(link_shards(work / "s20k", all_shards[:2], per_shard=PER_SHARD, total=20_000), work / "o20k",
-                     ckpt, env)
-        print(f"20,000 images: driver peak RSS {base['peak_rss'] / 2**20:.0f} MiB", flush=True)
-        for size in args.sizes:
-            shards = link_shards(work / f"s{size}", all_shards, per_shard=PER_SHARD, total=size)
-            fresh = label(shards, work / f"o{size}", ckpt, env)
-            s = fresh["summary"]
-            rates = tenth_rates(fresh["files"])
-            growth = (fresh["peak_rss"] - base["peak_rss"]) / (size - 20_000) if size > 20_000 else None
-            print(f"{size:>9,} images in {max(1, size // PER_SHARD)} shards: {s['images_per_s_after_startup']:,.0f} "
-                  f"rows/s after start-up ({s['startup_seconds']:.1f} s start-up, {fresh['seconds']:.0f} s in all); "
-                  f"driver peak RSS {fresh['peak_rss'] / 2**20:.0f} MiB"
-                  + (f", {growth:+.1f} bytes per input over the 20,000-image job" if growth is not None else "")
-                  + (f"; first 10% {rates[0]:,.0f} rows/s, last 10% {rates[1]:,.0f} rows/s "
-                     f"(ratio {rates[1] / rates[0]:.2f})" if rates else ""), flush=True)
-            if size == 100_000 or size == largest and 100_000 not in args.sizes:
-                plain, top = plain_pytorch(shards_of(shards), ckpt), ceiling(shards_of(shards))
-                job = s["images_per_s_after_startup"]
-                print(f"  plain PyTorch (DataLoader, 2 workers) {plain:,.0f} images/s; decoding alone on "
-                      f"{os.cpu_count()} cores {top:,.0f} images/s; imgjobs/plain {job / plain:.2f}, "
-                      f"imgjobs/ceiling {job / top:.2f}", flush=True)
-            report = peak_rss([sys.executable, "-m", "jobs.cli", "report", str(work / f"o{size}")], env)
-            print(f"  imgjobs report on its {size:,} rows: peak RSS {report / 2**20:.0f} MiB", flush=True)
-            if size == largest:
-                again = label(shards, work / f"o{size}", ckpt, env)
-                print(f"  rerun of the finished job: exit after {again['seconds']:.1f} s", flush=True)
-                killed = label(shards, work / f"k{size}", ckpt, env, kill_at=size // 2)
-                resumed = label(shards, work / f"k{size}", ckpt, env)
-                r = resumed["summary"]
-                print(f"  killed at {committed_rows(work / f'k{size}') - r['labeled']:,} rows committed; the rerun's "
-                      f"first new batch after {r['startup_seconds']:.1f} s against {killed['first_batch_s']:.1f} s "
-                      f"for the fresh job (+{r['startup_seconds'] - killed['first_batch_s']:.1f} s); driver peak RSS "
-                      f"{resumed['peak_rss'] / 2**20:.0f} MiB; every image once: "
-                      f"{r['total'] == size and committed_rows(work / f'k{size}') == size}", flush=True)
+        if not args.resume_only:
+            fresh_runs(work, all_shards, args.sizes, ckpt, env)
+        kill_and_resume(work, link_shards(work / "killed", all_shards, PER_SHARD, largest), largest, ckpt, env)
     finally:
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def fresh_runs(work: Path, all_shards: list[Path], sizes: list[int], ckpt: str, env: dict) -> None:
+    base = label(link_shards(work / "s20k", all_shards[:2], per_shard=PER_SHARD, total=20_000), work / "o20k",
+                 ckpt, env)
+    print(f"20,000 images: driver peak RSS {base['peak_rss'] / 2**20:.0f} MiB", flush=True)
+    for size in sizes:
+        shards = link_shards(work / f"s{size}", all_shards, per_shard=PER_SHARD, total=size)
+        fresh = label(shards, work / f"o{size}", ckpt, env)
+        s = fresh["summary"]
+        rates = tenth_rates(fresh["files"])
+        growth = (fresh["peak_rss"] - base["peak_rss"]) / (size - 20_000) if size > 20_000 else None
+        print(f"{size:>9,} images in {max(1, size // PER_SHARD)} shards: {s['images_per_s_after_startup']:,.0f} "
+              f"rows/s after start-up ({s['startup_seconds']:.1f} s start-up, {fresh['seconds']:.0f} s in all); "
+              f"driver peak RSS {fresh['peak_rss'] / 2**20:.0f} MiB"
+              + (f", {growth:+.1f} bytes per input over the 20,000-image job" if growth is not None else "")
+              + (f"; first 10% {rates[0]:,.0f} rows/s, last 10% {rates[1]:,.0f} rows/s "
+                 f"(ratio {rates[1] / rates[0]:.2f})" if rates else ""), flush=True)
+        if size == 100_000 or size == max(sizes) and 100_000 not in sizes:
+            plain, top = plain_pytorch(shards_of(shards), ckpt), ceiling(shards_of(shards))
+            job = s["images_per_s_after_startup"]
+            print(f"  plain PyTorch (DataLoader, 2 workers) {plain:,.0f} images/s; decoding alone on "
+                  f"{os.cpu_count()} cores {top:,.0f} images/s; imgjobs/plain {job / plain:.2f}, "
+                  f"imgjobs/ceiling {job / top:.2f}", flush=True)
+        report = peak_rss([sys.executable, "-m", "jobs.cli", "report", str(work / f"o{size}")], env)
+        print(f"  imgjobs report on its {size:,} rows: peak RSS {report / 2**20:.0f} MiB", flush=True)
+        if size == max(sizes):
+            again = label(shards, work / f"o{size}", ckpt, env)
+            print(f"  rerun of the finished job: exit after {again['seconds']:.1f} s", flush=True)
+
+
+def kill_and_resume(work: Path, shards: Path, size: int, ckpt: str, env: dict) -> None:
+    """A fresh job killed once half its rows are committed, then the same command again."""
+    out = work / "killed-out"
+    killed = label(shards, out, ckpt, env, kill_at=size // 2)
+    resumed = label(shards, out, ckpt, env)
+    r = resumed["summary"]
+    keys = pq.read_table(label_files(out), columns=["path"]).column("path")
+    print(f"  killed at {r['skipped_existing']:,} rows committed; the rerun's first new batch after "
+          f"{r['startup_seconds']:.1f} s against {killed['first_batch_s']:.1f} s for the fresh job "
+          f"({r['startup_seconds'] - killed['first_batch_s']:+.1f} s); driver peak RSS "
+          f"{resumed['peak_rss'] / 2**20:.0f} MiB; rows {len(keys):,}, distinct {pc.count_distinct(keys).as_py():,}",
+          flush=True)
 
 
 def link_shards(folder: Path, shards: list[Path], per_shard: int, total: int) -> Path:

@@ -262,9 +262,15 @@ def peak_memory(processes):
         thread.join()
 
 
+def label_files(out: Path) -> list[Path]:
+    """The committed labels files of an output folder, in name order: not a job's hidden temporaries, which
+    `*.parquet` matches too."""
+    return sorted(p for p in out.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
 def read_output(out: Path) -> list[dict]:
     """Every row of a label output folder."""
-    files = sorted(out.glob("*.parquet"))
+    files = label_files(out)
     return pq.read_table(files).to_pylist() if files else []
 
 

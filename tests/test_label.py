@@ -31,7 +31,7 @@ from pipeline.label.predictor import torchscript_model
 from pipeline.models import build_model
 from pipeline.train.transforms import eval_transform
 from tests.corpus import make_corpus
-from tests.helpers import REPO, HeldImage, make_image_folder, random_weight_state, read_output, start_label
+from tests.helpers import REPO, HeldImage, label_files, make_image_folder, random_weight_state, read_output, start_label
 
 CLASSES = ["blue", "red"]
 
@@ -101,7 +101,7 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
     assert summary["total"] == len(rows) and summary["errors"] == len(errors)
     assert summary["labeled"] == len(rows) - len(errors) and summary["skipped_existing"] == 0
     assert summary["classes"] == CLASSES and summary["images_per_s"] > 0 and summary["checkpoint"] == small_checkpoint
-    assert [pq.ParquetFile(f).metadata.num_rows for f in sorted(out.glob("*.parquet"))].count(7) == len(rows) // 7
+    assert [pq.ParquetFile(f).metadata.num_rows for f in label_files(out)].count(7) == len(rows) // 7
 
     # Rerun: all but the unreadable rows are there; those are retried, fail again, and so are all this run did:
     # exit 1, and still one row per input. --overwrite: everything again, in fresh files.
@@ -115,7 +115,7 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
 
     # Every file says where its labels came from.
     weights_sha256 = hashlib.sha256(Path(small_checkpoint).read_bytes()).hexdigest()
-    for part in out.glob("*.parquet"):
+    for part in label_files(out):
         provenance = json.loads(pq.read_schema(part).metadata[b"imgjobs"])
         assert provenance == {"imgjobs_version": pipeline.__version__, "checkpoint": small_checkpoint,
                               "weights_sha256": weights_sha256, "arch": "mobilenet_v3_small", "classes": CLASSES,
@@ -140,7 +140,7 @@ def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, sma
     assert main([*args, "--overwrite", "--precision", "bf16", "--exact-decode"]) == 0
     bf16 = {r["path"]: r for r in read_output(out)}
     assert set(bf16) == set(rows) and {k for k, r in bf16.items() if r["error"]} == errors
-    provenance = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"imgjobs"])
+    provenance = json.loads(pq.read_schema(label_files(out)[0]).metadata[b"imgjobs"])
     assert provenance["precision"] == provenance["compute_precision"] == "bf16"
     assert provenance["decode"] == {"exact": True}
     assert len(json.loads((out / "_summary.json").read_text())["runs"]) == 1  # --overwrite starts over
@@ -188,7 +188,7 @@ def test_embeddings_are_the_pooled_features_and_equal_for_byte_identical_files(r
     assert len(rows["red_000.jpg"]["embedding"]) == 1024  # MobileNetV3-small's features before classifier.3
     assert rows["zz_copy.jpg"]["embedding"] == rows["red_000.jpg"]["embedding"] != rows["red_001.jpg"]["embedding"]
     assert rows["broken.jpg"]["embedding"] is None
-    provenance = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"imgjobs"])
+    provenance = json.loads(pq.read_schema(label_files(out)[0]).metadata[b"imgjobs"])
     assert provenance["embeddings"] == 1024
     capsys.readouterr()
     assert main(args) == 2  # the files there have an embedding column
@@ -284,7 +284,7 @@ def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_loc
         proc = start_label(args, env, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline and not (
-            out.exists() and len(list(out.glob("*.parquet"))) >= committed + new_files
+            out.exists() and len(label_files(out)) >= committed + new_files
         ):
             time.sleep(0.02)
         if new_files == 3:  # the last run: it goes on labeling meanwhile, up to the held image
@@ -295,7 +295,7 @@ def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_loc
         assert proc.poll() is None, proc.stdout.read()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        committed = len(list(out.glob("*.parquet")))
+        committed = len(label_files(out))
     (out / ".writing-part-left-over.parquet").write_bytes(b"half a file")  # what a kill mid-write leaves
     held.release()
     rerun = start_label(args, env, stderr=subprocess.STDOUT)

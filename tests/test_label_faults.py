@@ -21,7 +21,7 @@ import torch
 from jobs.cli import main
 from pipeline import checkpoint
 from pipeline.labels_file import UNITS_KEY
-from tests.helpers import DEMO_DATA, make_image_folder, read_output, start_label, tiny_jpeg_shards
+from tests.helpers import DEMO_DATA, label_files, make_image_folder, read_output, start_label, tiny_jpeg_shards
 
 
 def joined_env(ray_local) -> dict:
@@ -55,7 +55,7 @@ def test_killed_predictor_actor_is_restarted_and_nothing_is_lost(ray_local, smal
     before = {p.pid for p in predictor_actors()}  # an earlier test's pool, if its processes linger
     proc = start_label(args, joined_env(ray_local))
     deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and not list(out.glob("*.parquet")):
+    while proc.poll() is None and time.time() < deadline and not label_files(out):
         time.sleep(0.02)
     actors = [p for p in predictor_actors() if p.pid not in before]
     assert proc.poll() is None and actors, "the job finished, or had no predictor actor, before the kill"
@@ -108,7 +108,7 @@ def test_disk_full_during_a_write_is_one_clear_line_and_a_rerun_completes(ray_lo
     assert full.returncode == 2, stdout + stderr
     line = one_line_error(stderr)
     assert "No space left on device" in line and "run the same command again" in line
-    committed = {p: digest(p) for p in out.glob("*.parquet")}
+    committed = {p: digest(p) for p in label_files(out)}
     assert 1 <= len(committed) < 15  # some files were complete before the disk filled, and not all of them
     for part in committed:  # each complete and readable: no half-written labels file
         assert pq.ParquetFile(part).metadata.num_rows == 8
@@ -200,17 +200,17 @@ def test_50000_images_in_shards_killed_mid_shard_then_resumed_each_exactly_once(
         proc = start_label(args, env, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline and not (
-            (out / "_lock.json").exists() and len(list(out.glob("*.parquet"))) >= files
+            (out / "_lock.json").exists() and len(label_files(out)) >= files
         ):
             time.sleep(0.02)
         assert proc.poll() is None, proc.stdout.read()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    records = [json.loads(pq.read_schema(f).metadata[UNITS_KEY]) for f in out.glob("*.parquet")]
+    records = [json.loads(pq.read_schema(f).metadata[UNITS_KEY]) for f in label_files(out)]
     finished = {unit for record in records for unit in record["done"]}
     in_progress = {unit for record in records for unit in record["rows"]} - finished
     assert finished and in_progress and len(finished) < 20, records
-    committed = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
+    committed = sum(pq.ParquetFile(f).metadata.num_rows for f in label_files(out))
     Path(sorted(finished)[0]).write_bytes(b"no tar any more")
 
     rerun = start_label(args, env, stderr=subprocess.STDOUT)

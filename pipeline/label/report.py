@@ -128,16 +128,16 @@ class Thumbnails:
         self.count = 0
 
     def of(self, key: str) -> dict:
-        """{"src": a data: URI} or, for an image that cannot be read now, {"error": why}."""
+        """{"src": a data: URI, "error": None} or, for an image that cannot be read now, {"src": None, "error": why}."""
         try:
             image = decode_image(self.reader.read_key(key), draft_size=THUMB_PX)
         except Exception as e:  # moved, deleted, or in a compressed archive: the row still shows, without a picture
-            return {"error": str(e)[:200]}
+            return {"src": None, "error": str(e)[:200]}
         image.thumbnail((THUMB_PX, THUMB_PX))
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=75)
         self.count += 1
-        return {"src": f"data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}"}
+        return {"src": f"data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}", "error": None}
 
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.label"), autoescape=True,
