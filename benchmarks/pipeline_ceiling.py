@@ -42,7 +42,6 @@ from pipeline.label import units  # noqa: E402
 from pipeline.label.output import LabelWriter  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, MAX_THREADS  # noqa: E402
 from pipeline.label.predictor import example_batch  # noqa: E402
-from pipeline.label.reading import FIRST_BLOCK_ROWS  # noqa: E402
 from pipeline.label.sources import list_inputs  # noqa: E402
 from pipeline.labels_file import OUTPUT_SCHEMA  # noqa: E402
 from tests.helpers import random_weight_checkpoint  # noqa: E402
@@ -96,10 +95,10 @@ def time_model(ckpt: str, batch_size: int) -> float:
 
 
 def time_commit(out: Path, rows: int) -> float:
-    """Rows/s of the driver's commits, in blocks of FIRST_BLOCK_ROWS label rows, the size of a read unit's first
-    block as CPU predictors return it (later blocks hold up to ROWS_PER_BLOCK), each block a unit of its own: more
-    blocks and units per row than a job commits, so a lower bound."""
-    n = FIRST_BLOCK_ROWS
+    """Rows/s of the driver's commits, in blocks of 16 label rows, the size of a read block of 224-pixel crops as
+    CPU predictors return it, each block a unit of its own: more units per row than a job commits, so a lower
+    bound."""
+    n = 16
     schema = OUTPUT_SCHEMA
     for field in units.BOOKKEEPING:
         schema = schema.append(field)

@@ -13,6 +13,7 @@ from jobs.cli import main
 from pipeline.models import build_model
 from pipeline.train.data import scan_image_folder
 from pipeline.train.dataset import ImageDataset
+from pipeline.train.loop import PreemptionClock
 from pipeline.train.transforms import eval_transform
 from tests.corpus import make_corpus
 from tests.helpers import REPO, fresh_env, make_image_folder, train, wait_for_checkpoint, write_config
@@ -110,3 +111,36 @@ def test_training_whose_reads_mostly_fail_stops_with_one_line(ray_local, tmp_pat
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert lines[0].startswith("imgjobs train: error: training failed: 10 of 14 train files could not be read or "
                                "decoded, more than data.max_unreadable=0.5 of them (first: "), lines
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def looks(step_seconds: float, steps: int, every: float = 5.0) -> list[int]:
+    """The steps after which the workers look for a preemption notice, with steps of `step_seconds`."""
+    clock, looked = FakeClock(), []
+    preemption = PreemptionClock(every, clock=clock)
+    for epoch in range(2):
+        preemption.start_epoch(last_step=steps)
+        clock.now += 3.0  # from the epoch's start to its first batch: validation, a checkpoint, the loader's start
+        for step in range(1, steps + 1):
+            wanted = preemption.wants(step)  # asked once the step's batch is loaded, before it runs
+            clock.now += step_seconds
+            if wanted:
+                looked.append((epoch, step))
+                preemption.looked()
+    return looked
+
+
+def test_workers_look_for_a_preemption_notice_every_few_seconds_and_after_every_long_step():
+    # After the run's first step (its length unknown), then every 5 s, the 3 s between epochs included, and after
+    # each epoch's last step.
+    assert looks(1.0, 12) == [(0, 1), (0, 6), (0, 11), (0, 12), (1, 2), (1, 7), (1, 12)]
+    assert looks(6.0, 3) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]  # steps over 5 s: after each one
+    assert looks(0.1, 7) == [(0, 1), (0, 7), (1, 7)]  # epochs of fewer than 10 quick steps still look
+    assert looks(0.1, 3, every=0) == [(e, s) for e in range(2) for s in (1, 2, 3)]

@@ -100,9 +100,8 @@ class LabelWriter:
             check_same_labels(provenance_of(schema, path), provenance, path, self.out_dir)
         self.records = Records()
         for path, record in zip(parts, records, strict=True):
-            if record["io_errors"]:
-                self._retry_io_errors(path, record)
-            self.records.add(path.rsplit("/", 1)[-1], record)
+            if not record["io_errors"] or self._retry_io_errors(path, record):
+                self.records.add(path.rsplit("/", 1)[-1], record)
         self.ledger = Ledger(self.records)
 
     def add(self, table: pa.Table) -> pa.Table:
@@ -120,8 +119,9 @@ class LabelWriter:
             self._commit_pending()
         return table
 
-    def _retry_io_errors(self, path: str, record: dict) -> None:
-        """Drop the io error rows of a committed file, so that this run retries them; its record counts none."""
+    def _retry_io_errors(self, path: str, record: dict) -> bool:
+        """Drop the io error rows of a committed file, so that this run retries them (its record counts none);
+        returns whether the file is still there, with other rows."""
         table = read_table(self.fs, path)
         kept = table.filter(pc.invert(io_errors(table)))
         if kept.num_rows:
@@ -129,8 +129,9 @@ class LabelWriter:
             temp = f"{path.rsplit('/', 1)[0]}/{TEMP_PREFIX}retry-{uuid.uuid4().hex[:8]}.parquet"
             pq.write_table(kept.replace_schema_metadata(metadata), temp, filesystem=self.fs)
             self.fs.move(temp, path)
-        else:
-            self.fs.delete_file(path)
+            return True
+        self.fs.delete_file(path)
+        return False
 
     def close(self) -> None:
         """Commit the last, partly filled file, and give the output's lock back."""

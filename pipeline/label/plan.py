@@ -14,7 +14,7 @@ import torch
 
 from pipeline.hardware import gpu_capability, gpu_half_precision, native_bf16
 from pipeline.label.predictor import CPU_DECODED, DTYPES, Predictor, example_batch, torchscript_model
-from pipeline.label.reading import read_units
+from pipeline.label.reading import BLOCK_BYTES, read_units
 from pipeline.label.units import Work
 from pipeline.models import WithEmbedding
 
@@ -25,10 +25,6 @@ MAX_THREADS = 4  # per CPU actor: intra-op scaling flattens beyond about 4 threa
 # A read task is one decoding thread that also waits on storage. Its reservation must differ from the
 # predictor's, or Ray Data fuses reading into the predictor actors and decoding stops running in parallel.
 READ_CPUS = 0.5
-# Ray Data gathers a task's output until it exceeds DataContext.target_max_block_size (128 MiB by default) before
-# it passes any on: a shard of 10,000 small crops would reach the predictors only once read whole. At 16 MiB a
-# read block of 128 224-pixel crops (19 MB) passes as it is, and one of small crops waits for a few more.
-BLOCK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)

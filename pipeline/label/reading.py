@@ -24,10 +24,14 @@ from pipeline.images import decode_with_size, image_error, jpeg_header, resize_c
 from pipeline.keys import MEMBER_SEPARATOR, Item, Reader, error_kind
 from pipeline.label.units import UNIT, UNIT_TOTAL
 
-# Output blocks: each costs Ray Data milliseconds to move and hand to an actor, so rows of 224-pixel crops
-# (150 KB) go 128 to a block after a first one of 32, which feeds the predictor early; encoded files, up to
-# several MB each, go 32 to a block.
-FIRST_BLOCK_ROWS, ROWS_PER_BLOCK, ENCODED_ROWS_PER_BLOCK = 32, 128, 32
+# Ray Data gathers a read task's output until it exceeds DataContext.target_max_block_size (128 MiB by default)
+# before it passes any on, and slices what reaches 1.5 times that: a shard of 10,000 small crops would reach the
+# predictors only once read whole. The job sets it to BLOCK_BYTES, and decoded blocks hold a little more than that
+# (BLOCK_ROWS_BYTES), so each passes on as it is, as soon as it is decoded: 18 rows of 224-pixel crops, 214 of 64.
+# Encoded files, up to several MB each, go 32 to a block (Ray slices the larger ones).
+BLOCK_BYTES = 2 * 2**20
+BLOCK_ROWS_BYTES = int(1.25 * BLOCK_BYTES)
+ENCODED_ROWS_PER_BLOCK = 32
 
 
 class Preprocess:
@@ -46,7 +50,7 @@ class Preprocess:
 
     def rows(self, items: Iterator[Item]) -> Iterator[dict]:
         """Blocks of decoded rows from (key, bytes, read error, its kind) items."""
-        block, size = [], FIRST_BLOCK_ROWS
+        block, size = [], -(-BLOCK_ROWS_BYTES // (3 * self.input_size**2))  # rows of a little over BLOCK_BYTES
         for key, data, error, kind in items:
             pixels, width, height = None, 0, 0
             if error is None:
@@ -57,7 +61,7 @@ class Preprocess:
             block.append((key, pixels, width, height, error or "", kind or ""))
             if len(block) == size:
                 yield self._block(block)
-                block, size = [], ROWS_PER_BLOCK
+                block = []
         if block:
             yield self._block(block)
 

@@ -69,8 +69,9 @@ class Records:
     def add(self, name: str, record: dict) -> None:
         """The record of labels file `name` (what metadata_of wrote)."""
         for unit, rows in record["rows"].items():
-            self.parts.setdefault(unit, []).append(name)
-            self.rows[unit] += rows
+            if rows:  # a unit of only io error rows here: none left once they are dropped for a retry
+                self.parts.setdefault(unit, []).append(name)
+                self.rows[unit] += rows
         self.complete.update(record["done"])
 
     @property

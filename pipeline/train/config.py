@@ -55,6 +55,9 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after a node's preemption (spot "
                                                                 "reclaim) before the run fails; -1: no limit")
+    preemption_check_seconds: LaxFloat = Field(5.0, ge=0, description="the workers look for a preemption notice "
+                                               "at least this often while they train, and at each epoch's end (a "
+                                               "notice comes 30 s to 2 min before the reclaim); 0: after every step")
 
 
 class ScalingConfig(_Section):

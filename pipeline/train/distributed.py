@@ -19,15 +19,15 @@ def sum_over_workers(sums: torch.Tensor) -> list[float]:
     return sums.cpu().tolist()
 
 
-def every_worker(flag: bool) -> bool:
-    """Whether the flag holds on every worker: ranks that must take the same steps agree on each one. The flag
-    travels between the hosts (gloo): through NCCL it would go to the GPU and back, and reading it would make the
-    host wait for every kernel queued before it, once a step."""
+def agree(every: bool, any_: bool = False) -> tuple[bool, bool]:
+    """Whether `every` holds on every worker, and whether `any_` holds on any, in one all-reduce: ranks that must
+    take the same steps agree on each one. The flags travel between the hosts (gloo): through NCCL they would go to
+    the GPU and back, and reading them would make the host wait for every kernel queued before them, once a step."""
     if not _distributed():
-        return flag
-    agreed = torch.tensor([int(flag)])
+        return every, any_
+    agreed = torch.tensor([int(every), -int(any_)])
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=_host_group())
-    return bool(agreed.item())
+    return bool(agreed[0]), bool(agreed[1])
 
 
 _host_groups = {}  # the default group -> a gloo group of the same ranks

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import tempfile
 import time
@@ -35,9 +36,6 @@ from pipeline.train.transforms import decode_sizes, eval_transform, train_transf
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Steps between the workers' joint question about preemption, a barrier across them: often enough for a notice
-# that comes two minutes before a spot reclaim.
-PREEMPTION_CHECK_STEPS = 10
 
 
 @dataclass
@@ -72,22 +70,54 @@ class Worker:
     def autocast(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
-    def batches(self, loader: DataLoader, in_step: bool = False, start: int = 0, rng_state=None):
-        """(position, images, targets, indices) on the device, position counting the loader's batches from
-        `start`; files that did not decode are recorded and left out. `in_step`: a step whose batch failed
-        whole on any rank is skipped by all of them, since DDP's collectives need every rank. `rng_state` is
-        set once the loader has drawn its seed, as it had been when that state was saved."""
+    def batches(self, loader: DataLoader, clock: PreemptionClock | None = None, start: int = 0, rng_state=None):
+        """(position, images, targets, indices, look) on the device, position counting the loader's batches from
+        `start`; files that did not decode are recorded and left out. With a `clock` (training steps), the ranks
+        agree on each step: one whose batch failed whole on any rank is skipped by all of them, since DDP's
+        collectives need every rank, and `look` says whether any rank's clock wants them all to look for a
+        preemption notice after it. `rng_state` is set once the loader has drawn its seed, as it had been when
+        that state was saved."""
         batches = iter(loader)
         if rng_state is not None:
             torch.set_rng_state(rng_state)
         for position, (images, targets, indices, skipped) in enumerate(batches, start=start + 1):
             self.skipped.update(skipped)
-            if not (distributed.every_worker(images is not None) if in_step else images is not None):
+            ok, look = (images is not None, False) if clock is None else distributed.agree(
+                images is not None, clock.wants(position))
+            if not ok:
                 continue
             images = images.to(self.device, non_blocking=True)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield position, images, targets.to(self.device, non_blocking=True), indices
+            yield position, images, targets.to(self.device, non_blocking=True), indices, look
+
+
+class PreemptionClock:
+    """When this worker wants the workers to look for a preemption notice after the coming step: once `every`
+    seconds will have passed since they last looked by that step's end, judged by the last step's length (so a step
+    longer than that is always followed by a look), after the epoch's last step, and after the run's first step,
+    whose length is not known yet. The wish rides on the step's all-reduce that the ranks make anyway
+    (distributed.agree): they look together when any of them wishes. `clock`: seconds, monotonic."""
+
+    def __init__(self, every: float, clock=time.perf_counter):
+        self.every, self.clock = every, clock
+        self.looked_at = self.fetched_at = clock()
+        self.step_seconds = math.inf  # the last step's, its batch's loading included
+        self.last_step, self.in_epoch = 0, False
+
+    def start_epoch(self, last_step: int) -> None:
+        """An epoch whose last step is `last_step` begins: the time until its first batch is no step's."""
+        self.last_step, self.in_epoch = last_step, False
+
+    def wants(self, step: int) -> bool:
+        now = self.clock()
+        if self.in_epoch:
+            self.step_seconds = now - self.fetched_at
+        self.fetched_at, self.in_epoch = now, True
+        return step == self.last_step or now - self.looked_at + self.step_seconds >= self.every
+
+    def looked(self) -> None:
+        self.looked_at = self.clock()
 
 
 def choose_amp(requested: str, capability: tuple[int, int] | None) -> tuple[str, str]:
@@ -153,6 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_loader, val_loader = build_loaders(cfg, job, spec, worker)
     nodes = len(set(distributed.merge_dicts({worker.rank: ray.get_runtime_context().get_node_id()}).values()))
 
+    clock = PreemptionClock(cfg.train.preemption_check_seconds)
     for epoch in range(progress.epoch, cfg.train.epochs):
         train_loader.sampler.set_epoch(epoch)  # a new shuffle, and so a new shard, every epoch
         # Seeding per epoch (loader workers are re-forked each epoch) makes a resumed run match an unbroken one.
@@ -175,8 +206,9 @@ def train_loop_per_worker(config: dict) -> None:
             report({"epoch": epoch, "step": step, "val_acc": -1.0},  # never the best
                    checkpoint_state(job, spec, model, optimizer, scheduler, scaler, saved, []), worker)
 
+        clock.start_epoch(last_step=train_loader.sampler.skip // cfg.train.batch_size + len(train_loader))
         train_sums, first_step_at = train_one_epoch(ddp_model, criterion, optimizer, scaler, train_loader, worker,
-                                                    reporter, mid_epoch, on_preemption_check)
+                                                    reporter, mid_epoch, clock, on_preemption_check)
         train_seconds = time.perf_counter() - start
         scheduler.step()
         val_sums, predictions = evaluate(ddp_model, criterion, val_loader, worker)
@@ -224,21 +256,22 @@ def build_loaders(cfg: Config, job: TrainingJob, spec: ModelSpec, worker: Worker
 
 
 def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker, reporter: Reporter,
-                    mid_epoch: dict | None, on_preemption_check) -> tuple[torch.Tensor, float | None]:
+                    mid_epoch: dict | None, clock: PreemptionClock, on_preemption_check) -> tuple[torch.Tensor,
+                                                                                              float | None]:
     """Sums of (loss, correct, count) over this worker's shard, and the time.time() of its first step. From a
-    mid-epoch checkpoint it goes on where that one stopped, with its sums and random state. Every
-    PREEMPTION_CHECK_STEPS steps it calls `on_preemption_check`, which saves a checkpoint on the first notice of
-    a node's preemption; training goes on until the node goes."""
+    mid-epoch checkpoint it goes on where that one stopped, with its sums and random state. When the `clock` says
+    so, it calls `on_preemption_check`, which saves a checkpoint on the first notice of a node's preemption;
+    training goes on until the node goes."""
     set_train_mode(model)
     # The sums stay on the device, read once at the epoch's end: reading them each step (.item()) would make the
     # host wait for each step's kernels before it could queue the next step's.
     sums = torch.tensor(mid_epoch["sums"] if mid_epoch else [0.0, 0.0, 0.0], dtype=torch.float64,
                         device=worker.device)
     trained = 0  # images of this epoch trained since it (re)started, counted on the host
-    batches = worker.batches(loader, in_step=True, start=loader.sampler.skip // loader.batch_size,
+    batches = worker.batches(loader, clock, start=loader.sampler.skip // loader.batch_size,
                              rng_state=mid_epoch and mid_epoch["rng"])
     first_step_at = None
-    for step, images, targets, _ in batches:
+    for step, images, targets, _, look in batches:
         first_step_at = first_step_at or time.time()
         with worker.autocast():
             logits = model(images)
@@ -253,8 +286,9 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
         trained += len(targets)
         reporter.step(step, trained)
         # Only the batch of this step has been loaded yet: the random state resumes exactly at the next one.
-        if step % PREEMPTION_CHECK_STEPS == 0:
+        if look:
             on_preemption_check(step, sums)
+            clock.looked()
     return sums, first_step_at
 
 
@@ -264,7 +298,7 @@ def evaluate(model, criterion, loader, worker: Worker) -> tuple[torch.Tensor, di
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=worker.device)  # on the device, as in train_one_epoch
     all_indices, all_preds = [], []
-    for _, images, targets, indices in worker.batches(loader):
+    for _, images, targets, indices, _ in worker.batches(loader):
         with worker.autocast():
             logits = model(images)
         preds = logits.argmax(1)

@@ -17,7 +17,8 @@ from pipeline.errors import UsageError
 CONFIG = "config.json"  # the config a run started with, written before Ray Train starts
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # what Ray Train resumes from
 # Keys a continued run may change: none of them changes what an epoch computes.
-CONTINUABLE = {"train.max_failures", "train.max_preemption_failures", "train.num_data_workers", "data.max_unreadable",
+CONTINUABLE = {"train.max_failures", "train.max_preemption_failures", "train.preemption_check_seconds",
+               "train.num_data_workers", "data.max_unreadable",
                "tracking.mlflow_uri", "tracking.mlflow_experiment"}
 
 
