@@ -449,7 +449,13 @@ class AutoscalingCluster:
             raise
 
     def raylets(self) -> int:
-        return sum("raylet" in p.name() for p in psutil.Process(self.process.pid).children(recursive=True))
+        count = 0
+        for process in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                count += "raylet" in process.name()
+            except psutil.NoSuchProcess:  # a node stopping meanwhile
+                pass
+        return count
 
     def wait_for_raylets(self, count: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
