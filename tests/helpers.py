@@ -262,6 +262,16 @@ def peak_memory(processes):
         thread.join()
 
 
+class Clock:
+    """A monotonic clock that moves only when the test says (`now`, seconds)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def label_files(out: Path) -> list[Path]:
     """The committed labels files of an output folder, in name order: not a job's hidden temporaries, which
     `*.parquet` matches too."""

@@ -26,7 +26,7 @@ from pipeline.label.output import LABEL_DEFINING, LabelWriter
 from pipeline.label.sources import list_inputs
 from pipeline.label.units import UNIT, UNIT_TOTAL
 from pipeline.labels_file import OUTPUT_SCHEMA, UNITS_KEY
-from tests.helpers import label_files
+from tests.helpers import Clock, label_files
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -100,16 +100,6 @@ def test_archive_members_over_the_cap_get_an_error_row_without_being_inflated(tm
     assert rows["bomb.jpg"] == [None, "archive member of 300 MiB is over the 256 MiB cap (--max-member-mb)",
                                 "too_large"]
     assert rows["small.jpg"] == [small, None, None] and peak < 16 * 2**20
-
-
-class Clock:
-    """A monotonic clock that moves only when the test says."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def rows(*names: str, unit: str = "u", total: int = -1) -> pa.Table:

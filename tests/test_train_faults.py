@@ -16,7 +16,7 @@ from pipeline.train.dataset import ImageDataset
 from pipeline.train.loop import PreemptionClock
 from pipeline.train.transforms import eval_transform
 from tests.corpus import make_corpus
-from tests.helpers import REPO, fresh_env, make_image_folder, train, wait_for_checkpoint, write_config
+from tests.helpers import REPO, Clock, fresh_env, make_image_folder, train, wait_for_checkpoint, write_config
 
 
 def test_bad_files_are_skipped_and_counted(ray_local, tmp_path, capfd):
@@ -113,17 +113,9 @@ def test_training_whose_reads_mostly_fail_stops_with_one_line(ray_local, tmp_pat
                                "decoded, more than data.max_unreadable=0.5 of them (first: "), lines
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def looks(step_seconds: float, steps: int, every: float = 5.0) -> list[int]:
     """The steps after which the workers look for a preemption notice, with steps of `step_seconds`."""
-    clock, looked = FakeClock(), []
+    clock, looked = Clock(), []
     preemption = PreemptionClock(every, clock=clock)
     for epoch in range(2):
         preemption.start_epoch(last_step=steps)
