@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import storage  # noqa: E402
+from pipeline.keys import Reader  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train.data import scan_image_folder  # noqa: E402
 from pipeline.train.dataset import ImageDataset, collate_skipping  # noqa: E402
@@ -40,11 +40,11 @@ def images_per_s(root: str, spec: dict, workers: int) -> float:
 def raw_bytes_per_s(root: str) -> float:
     """Reading each file's bytes in one process, no decoding: the storage's own ceiling for this access pattern."""
     folder = scan_image_folder(root)
-    fs, _ = storage.resolve(root)
+    reader = Reader.for_root(root)
     start = time.perf_counter()
-    for path in folder.train.paths:
-        storage.read_bytes(fs, path)
-    return len(folder.train.paths) / (time.perf_counter() - start)
+    for key in folder.train.keys():
+        reader.read(key)
+    return len(folder.train) / (time.perf_counter() - start)
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ import tarfile
 import zipfile
 from collections.abc import Iterator
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline import storage
@@ -29,6 +31,32 @@ def archive_kind(name: str) -> str | None:
     return "tar" if lower.endswith(TAR_SUFFIXES) else None
 
 
+class Keys:
+    """Keys gathered into Arrow chunks, not kept as a Python string each: a listing may hold 10⁸ of them."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self):
+        self.chunks: list[pa.Array] = []
+        self.buffer: list[str] = []
+
+    def append(self, key: str) -> None:
+        self.buffer.append(key)
+        if len(self.buffer) == self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self.chunks.append(pa.array(self.buffer, pa.large_string()))
+            self.buffer = []
+
+    def sorted_unique(self) -> pa.Array:
+        """The keys, each once, in sorted order: the same inputs always give the same array."""
+        self._flush()
+        keys = pc.unique(pa.chunked_array(self.chunks, pa.large_string()))
+        return keys.take(pc.sort_indices(keys))
+
+
 class Reader:
     """Reads keys' bytes; one filesystem object per URI host, because creating one can cost a network call.
     `options` are the hosts' query strings (Listing.options). Archive members over `max_member_bytes` get an
@@ -40,6 +68,12 @@ class Reader:
         self._filesystems: dict[str, tuple[pafs.FileSystem, int]] = {}
         self.retrying = storage.Retrying()  # this reader's failures in a row decide how hard it retries
         self._archives: dict[str, object] = {}  # archive key -> member name -> bytes (read_key)
+
+    @classmethod
+    def for_root(cls, root: str) -> Reader:
+        """A reader of the keys under `root`, a path or a URI whose query string (an S3 endpoint) they lack."""
+        path, query = storage.split_query(root)
+        return cls({storage.host(path): query} if query else {})
 
     def open(self, key: str):
         if not storage.is_uri(key):
@@ -56,11 +90,17 @@ class Reader:
         return self.retrying(read_all)
 
     def read_key(self, key: str) -> bytes:
-        """The bytes of any key: a file, a URI, or a member of a .tar or .zip archive (ARCHIVE!MEMBER), read by
-        itself. Each archive is opened once and indexed; compressed tars cannot be read member by member."""
+        """The bytes of any key: a file, a URI, or a member of an archive (ARCHIVE!MEMBER), read by itself. A .zip
+        or a .tar is opened once and indexed; a compressed tar cannot be read member by member, so it is streamed up
+        to the member, which suits a few reads (a grid of val images), not a training set (pipeline.train.shards)."""
         archive, member = split_member(key)
         if archive is None:
             return self.read(key)
+        if archive_kind(archive) == "tar" and not archive.lower().endswith(".tar"):
+            found = next((data for name, data, _, _ in self.archive_members(archive, set()) if name == key), None)
+            if found is None:
+                raise FileNotFoundError(f"{member} is not in {archive}")
+            return found
         if archive not in self._archives:
             f = self.retrying(lambda: self.open(archive))
             if archive_kind(archive) == "zip":

@@ -61,6 +61,15 @@ def host(uri: str) -> str:
     return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
+def uri_prefix(path: str, fs_path: str) -> str:
+    """What goes in front of a filesystem path to make its key: nothing for local paths, `s3://`,
+    `file://` or `hdfs://host:port` for URIs, so keys stay URIs that any reader can open."""
+    if not is_uri(path):
+        return ""
+    path = path.rstrip("/")
+    return path[: len(path) - len(fs_path)] if path.endswith(fs_path) else path.split("://", 1)[0] + "://"
+
+
 class Retrying:
     """The retry policy of every storage call: a call is retried with exponential backoff while it fails
     transiently (an OSError that is not a missing file, a folder, or a refusal: is_permanent), and its last failure
@@ -125,6 +134,17 @@ def walk_images(fs: pafs.FileSystem, root: str) -> Iterator[str]:
 def walk(fs: pafs.FileSystem, root: str, wanted: Callable[[str], bool]) -> Iterator[str]:
     """Files under `root` whose name is `wanted`, in sorted order, hidden names skipped. On object stores one
     recursive listing: about a thousand keys per request."""
+    return (path for path, _ in _walk(fs, root, wanted))
+
+
+def walk_sizes(fs: pafs.FileSystem, root: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, int]]:
+    """As walk, with each file's size in bytes (from the same listing on object stores)."""
+    for path, entry in _walk(fs, root, wanted):
+        yield path, entry.size if isinstance(entry, pafs.FileInfo) else entry.stat().st_size
+
+
+def _walk(fs: pafs.FileSystem, root: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, object]]:
+    """(path, its FileInfo or os.DirEntry)."""
     if isinstance(fs, pafs.LocalFileSystem):
         yield from _walk_local(root, wanted)
         return
@@ -133,10 +153,10 @@ def walk(fs: pafs.FileSystem, root: str, wanted: Callable[[str], bool]) -> Itera
     for info in sorted(infos, key=lambda i: i.path):
         rel = info.path[prefix:]
         if info.type == pafs.FileType.File and wanted(rel) and not any(map(is_hidden, rel.split("/"))):
-            yield info.path
+            yield info.path, info
 
 
-def _walk_local(root: str, wanted: Callable[[str], bool]) -> Iterator[str]:
+def _walk_local(root: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, os.DirEntry]]:
     """os.scandir, much faster than a stat call per file on a million-file tree. Symlinked folders are not
     followed, so links cannot loop."""
     stack = [root]
@@ -160,5 +180,5 @@ def _walk_local(root: str, wanted: Callable[[str], bool]) -> Iterator[str]:
                 if not entry.is_symlink():  # their targets can be inputs themselves
                     subdirs.append(entry.path)
             elif wanted(entry.name):  # broken links stay in, and get an error row
-                yield entry.path
+                yield entry.path, entry
         stack.extend(reversed(subdirs))

@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,6 +66,27 @@ def make_image_folder(root: Path, classes=("blue", "red"), train_per_class=12, v
                     img.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 6, y + 6))
                 img.save(folder / f"{name}_{i:03d}.jpg", quality=90)
     return root
+
+
+def pack_shards(folder: Path, out: Path, per_shard: int, suffixes=(".tar",)) -> Path:
+    """An image folder tree (root/{train,val}/<class>/*.jpg) packed into shard folders (out/{train,val}/*.tar...)
+    as WebDataset writes them: members in class folders, classes mixed within shards, the shards' kinds taking
+    turns from `suffixes` (.tar, .tar.gz, .zip)."""
+    for split in ("train", "val"):
+        members = sorted(p.relative_to(folder / split) for p in (folder / split).rglob("*.jpg"))
+        members = sorted(members, key=lambda p: (p.name, str(p)))  # interleave the classes
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for n, first in enumerate(range(0, len(members), per_shard)):
+            path = out / split / f"{n:06d}{suffixes[n % len(suffixes)]}"
+            if path.suffix == ".zip":
+                with zipfile.ZipFile(path, "w") as archive:
+                    for member in members[first:first + per_shard]:
+                        archive.write(folder / split / member, str(member))
+            else:
+                with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tar:
+                    for member in members[first:first + per_shard]:
+                        tar.add(folder / split / member, str(member))
+    return out
 
 
 def tiny_jpeg_shards(root: Path, shards: int, per_shard: int) -> list[Path]:

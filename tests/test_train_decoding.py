@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -26,8 +27,8 @@ def big_photo(shared_hymenoptera, tmp_path_factory):
 
 def decoded_sizes(folder, draft_size):
     """The (width, height) that ImageDataset hands its transform."""
-    dataset = ImageDataset(str(folder), Split([str(folder / "big.jpg")], [0]), transform=lambda img: img.size,
-                           draft_size=draft_size)
+    dataset = ImageDataset(str(folder), Split.from_keys(pa.array([str(folder / "big.jpg")]), [0]),
+                           transform=lambda img: img.size, draft_size=draft_size)
     return dataset[0][0]
 
 

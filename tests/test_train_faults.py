@@ -35,10 +35,10 @@ def test_bad_files_are_skipped_and_counted(ray_local, tmp_path, capfd):
 def test_a_file_that_vanishes_after_listing_is_skipped(tmp_path):
     root = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
     folder = scan_image_folder(str(root))
-    os.remove(folder.val.paths[0])
+    os.remove(folder.val.key(0))
     transform = eval_transform(build_model("efficientnet_lite0", 2)[1])
     image, path, reason = ImageDataset(str(root), folder.val, transform)[0]
-    assert image is None and path == folder.val.paths[0] and "FileNotFoundError" in reason
+    assert image is None and path == folder.val.key(0) and "FileNotFoundError" in reason
 
 
 def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path, capfd):

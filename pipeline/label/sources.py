@@ -10,41 +10,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.images import IMAGE_EXTENSIONS, is_image_name
-from pipeline.keys import archive_kind
+from pipeline.keys import Keys, archive_kind
 
 MANIFEST_SUFFIX = ".txt"
-
-
-class Keys:
-    """Keys gathered into Arrow chunks, not kept as a Python string each: a listing may hold 10⁸ of them."""
-
-    CHUNK = 1 << 16
-
-    def __init__(self):
-        self.chunks: list[pa.Array] = []
-        self.buffer: list[str] = []
-
-    def append(self, key: str) -> None:
-        self.buffer.append(key)
-        if len(self.buffer) == self.CHUNK:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.buffer:
-            self.chunks.append(pa.array(self.buffer, pa.large_string()))
-            self.buffer = []
-
-    def sorted_unique(self) -> pa.Array:
-        """The keys, each once, in sorted order: the same inputs always give the same array."""
-        self._flush()
-        keys = pc.unique(pa.chunked_array(self.chunks, pa.large_string()))
-        return keys.take(pc.sort_indices(keys))
 
 
 @dataclass
@@ -79,7 +52,7 @@ def list_inputs(paths: list[str]) -> Listing:
             ):
                 raise UsageError(f"input {path} is not an image, archive (.tar .tar.gz .tgz .zip), manifest (.txt) "
                                  "or directory")
-            inputs.append((_uri_prefix(name, fs_path) + fs_path, query, fs, fs_path, kind))
+            inputs.append((storage.uri_prefix(name, fs_path) + fs_path, query, fs, fs_path, kind))
     files, archives, roots, options = Keys(), Keys(), [], {}
 
     def add(key: str) -> None:
@@ -150,7 +123,7 @@ def _glob(name: str, query: str) -> list[str]:
     base = folder or ("/" if "/" in head else ".")
     regex = re.compile("[^/]*".join(map(re.escape, pattern.split("*"))) + "$")
     fs, fs_base = _resolve(base + query)
-    prefix = _uri_prefix(base, fs_base)
+    prefix = storage.uri_prefix(base, fs_base)
     try:
         infos = fs.get_file_info(pafs.FileSelector(fs_base, recursive="/" in pattern, allow_not_found=True))
     except OSError as e:
@@ -189,12 +162,3 @@ def _file_info(fs: pafs.FileSystem, fs_path: str, path: str) -> pafs.FileInfo:
         return fs.get_file_info(fs_path)
     except Exception as e:
         raise UsageError(f"input {path} cannot be opened: {str(e).splitlines()[0]}") from None
-
-
-def _uri_prefix(path: str, fs_path: str) -> str:
-    """What goes in front of a filesystem path to make its key: nothing for local paths, `s3://`,
-    `file://` or `hdfs://host:port` for URIs, so keys stay URIs that any reader can open."""
-    if not storage.is_uri(path):
-        return ""
-    path = path.rstrip("/")
-    return path[: len(path) - len(fs_path)] if path.endswith(fs_path) else path.split("://", 1)[0] + "://"

@@ -28,6 +28,8 @@ class DataConfig(_Section):
     split_seed: int = Field(0, description="labels Parquet: the seed of that split")
     max_unreadable: float = Field(0.5, ge=0, le=1, description="stop when a larger share of a split's files fails "
                                                                "to read or decode")
+    shuffle_buffer: int = Field(256, ge=0, description="shards: encoded images each DataLoader process holds to "
+                                "shuffle the members it streams (WebDataset's buffer); 0 or 1: stored order")
     exact_decode: bool = Field(False, description="decode every JPEG at full size; by default a big one decodes at "
                                                   "a reduced scale that still gives every crop its full pixels")
 
@@ -55,6 +57,8 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after a node's preemption (spot "
                                                                 "reclaim) before the run fails; -1: no limit")
+    max_steps_per_epoch: int | None = Field(None, gt=0, description="end each epoch after this many steps, and "
+                                            "its val pass after as many batches: for smoke runs on big data")
     preemption_check_seconds: LaxFloat = Field(5.0, ge=0, description="the workers look for a preemption notice "
                                                "at least this often while they train, and at each epoch's end (a "
                                                "notice comes 30 s to 2 min before the reclaim); 0: after every step")

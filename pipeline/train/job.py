@@ -20,7 +20,6 @@ from pipeline import checkpoint, storage
 from pipeline.cluster import gpu_choice, init_ray
 from pipeline.console import Console, timestamp
 from pipeline.errors import UsageError
-from pipeline.metrics import confusion_matrix
 from pipeline.train import rerun, shared_storage
 from pipeline.train.config import Config
 from pipeline.train.description import TrainingJob
@@ -61,7 +60,7 @@ def train(cfg: Config, dataset: TrainingData, started_at: float, fresh: bool = F
     if up < cfg.scaling.num_workers:  # Ray Train asks for them and waits; the autoscaler adds nodes
         console.line(f"{cfg.name}: waiting for {cfg.scaling.num_workers} {kind}(s) for the training workers, "
                      f"{up:g} up now")
-    job = TrainingJob(config, dataset, started_at, shared_storage.write_marker(run_dir, cfg.storage.path))
+    job = TrainingJob(config, ray.put(dataset), started_at, shared_storage.write_marker(run_dir, cfg.storage.path))
     try:
         with relay(console, on_epoch=tracker.epoch if tracker else lambda metrics: None) as (events, stopped):
             result = fit(cfg, replace(job, events=events), storage_path, use_gpu)
@@ -178,9 +177,9 @@ def summarise(cfg: Config, job: TrainingJob, dataset: TrainingData, result: ray.
         "world_size": latest["history"][-1]["world_size"],
         "nodes": latest["history"][-1]["nodes"],
         "use_gpu": use_gpu,
-        "skipped_files": len(latest["skipped"]),
-        "skipped": latest["skipped"],
-        "confusion_matrix": confusion_matrix(dataset.val.targets, best["val_predictions"], len(dataset.classes)),
+        "skipped_files": sum(map(len, latest["skipped"].values())),
+        "skipped": {key: why for keys in latest["skipped"].values() for key, why in keys.items()},
+        "confusion_matrix": best["val"]["confusion"],
         "epochs": latest["history"],
         "interruptions": latest["interruptions"],
         "config": job.config,

@@ -8,34 +8,35 @@ workers, and report, rank 0 with a checkpoint.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from pipeline import checkpoint
 from pipeline.checkpoint import ModelSpec
 from pipeline.console import timestamp
 from pipeline.hardware import gpu_half_precision
 from pipeline.models import build_model, configure_trainable, set_train_mode
-from pipeline.train import distributed, shared_storage
+from pipeline.train import distributed, shards, shared_storage
 from pipeline.train.config import Config
-from pipeline.train.dataset import ImageDataset, collate_skipping
+from pipeline.train.dataset import EpochSampler, ImageDataset, ShardStream, collate_skipping
 from pipeline.train.description import TrainingJob
 from pipeline.train.progress import Reporter
+from pipeline.train.splits import SPLITS, TrainingData
 from pipeline.train.transforms import decode_sizes, eval_transform, train_transform
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
+GRID = 16  # val images the prediction grid shows
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Worker:
     amp_dtype: torch.dtype | None
     channels_last: bool
     amp_line: str | None = None  # what train.amp chose and why, where that needs saying
-    skipped: dict = field(default_factory=dict)  # files that did not decode: path -> reason
+    skipped: dict = field(default_factory=lambda: {"train": {}, "val": {}})  # split -> {key: why it failed}
 
     @classmethod
     def current(cls, cfg: Config) -> Worker:
@@ -70,18 +71,21 @@ class Worker:
     def autocast(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
-    def batches(self, loader: DataLoader, clock: PreemptionClock | None = None, start: int = 0, rng_state=None):
-        """(position, images, targets, indices, look) on the device, position counting the loader's batches from
-        `start`; files that did not decode are recorded and left out. With a `clock` (training steps), the ranks
-        agree on each step: one whose batch failed whole on any rank is skipped by all of them, since DDP's
-        collectives need every rank, and `look` says whether any rank's clock wants them all to look for a
-        preemption notice after it. `rng_state` is set once the loader has drawn its seed, as it had been when
-        that state was saved."""
+    def batches(self, loader: DataLoader, split: str, clock: PreemptionClock | None = None, start: int = 0,
+                rng_state=None, limit: int | None = None):
+        """(position, images, targets, keys, look) on the device, position counting the loader's batches from
+        `start` up to `limit`; files that did not decode are recorded under `split` and left out. With a `clock`
+        (training steps), the ranks agree on each step: one whose batch failed whole on any rank is skipped by all
+        of them, since DDP's collectives need every rank, and `look` says whether any rank's clock wants them all
+        to look for a preemption notice after it. `rng_state` is set once the loader has drawn its seed, as it had
+        been when that state was saved."""
         batches = iter(loader)
         if rng_state is not None:
             torch.set_rng_state(rng_state)
-        for position, (images, targets, indices, skipped) in enumerate(batches, start=start + 1):
-            self.skipped.update(skipped)
+        for position, (images, targets, keys, skipped) in enumerate(batches, start=start + 1):
+            if limit is not None and position > limit:
+                return
+            self.skipped[split].update(skipped)
             ok, look = (images is not None, False) if clock is None else distributed.agree(
                 images is not None, clock.wants(position))
             if not ok:
@@ -89,7 +93,7 @@ class Worker:
             images = images.to(self.device, non_blocking=True)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield position, images, targets.to(self.device, non_blocking=True), indices, look
+            yield position, images, targets.to(self.device, non_blocking=True), keys, look
 
 
 class PreemptionClock:
@@ -141,23 +145,11 @@ class RunState:
     best_val_acc: float = 0.0
     best_epoch: int = 0
     history: list = field(default_factory=list)
-    skipped: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=lambda: {"train": {}, "val": {}})  # split -> {key: reason}
     step: int = 0
     ranks: dict = field(default_factory=dict)  # rank -> {"sums": [loss, correct, count], "rng": torch state}
     interruptions: list = field(default_factory=list)  # {reason, epoch, step, at} where the run resumed
     noticed: bool = False  # a preemption notice came since the run last resumed
-
-
-class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start an epoch after the samples of its first `skip` of them."""
-
-    skip = 0
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return super().__len__() - self.skip
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -165,8 +157,9 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = Config.model_validate(job.config)
     shared_storage.check_marker(job.storage_marker, cfg.storage.path)
     worker = Worker.current(cfg)
+    data: TrainingData = ray.get(job.data)  # Arrow and NumPy, shared with the node's object store
     torch.manual_seed(cfg.train.seed)  # the same new head on every worker
-    model, spec = build_model(cfg.model.arch, len(job.data.classes), cfg.model.weights)
+    model, spec = build_model(cfg.model.arch, len(data.classes), cfg.model.weights)
     configure_trainable(model, spec.head, cfg.model.mode, cfg.model.trainable)
     if worker.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -180,19 +173,22 @@ def train_loop_per_worker(config: dict) -> None:
     if worker.amp_line:
         reporter.line(worker.amp_line)
     progress = restore(model, optimizer, scheduler, scaler, worker, reporter)
-    train_loader, val_loader = build_loaders(cfg, job, spec, worker)
+    (train_loader, train_order), (val_loader, _) = (loader(cfg, data, split, spec, worker) for split in SPLITS)
     nodes = len(set(distributed.merge_dicts({worker.rank: ray.get_runtime_context().get_node_id()}).values()))
+    limit = cfg.train.max_steps_per_epoch
 
     clock = PreemptionClock(cfg.train.preemption_check_seconds)
     for epoch in range(progress.epoch, cfg.train.epochs):
-        train_loader.sampler.set_epoch(epoch)  # a new shuffle, and so a new shard, every epoch
+        train_order.set_epoch(epoch)  # a new shuffle, and so a new shard, every epoch
         # Seeding per epoch (loader workers are re-forked each epoch) makes a resumed run match an unbroken one.
         torch.manual_seed(cfg.train.seed * 1_000_000 + epoch * 1000 + worker.rank)
         mid_epoch = progress.ranks.get(worker.rank) if epoch == progress.epoch else None
-        train_loader.sampler.skip = progress.step * cfg.train.batch_size if mid_epoch else 0
+        done = progress.step if mid_epoch else 0
+        train_order.skip = done * cfg.train.batch_size
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        reporter.start_epoch(epoch, len(train_loader))
+        last_step = min(done + len(train_loader), limit or math.inf)
+        reporter.start_epoch(epoch, last_step - done)
 
         def on_preemption_check(step: int, sums: torch.Tensor) -> None:
             """On the first preemption notice, a just-in-time checkpoint: this epoch's steps so far, resumable
@@ -204,23 +200,26 @@ def train_loop_per_worker(config: dict) -> None:
             saved = RunState(**{**vars(progress), "epoch": epoch, "step": step, "ranks": ranks})
             reporter.line(f"preemption notice: saving a checkpoint at epoch {epoch + 1} step {step}")
             report({"epoch": epoch, "step": step, "val_acc": -1.0},  # never the best
-                   checkpoint_state(job, spec, model, optimizer, scheduler, scaler, saved, []), worker)
+                   checkpoint_state(job, data.classes, spec, model, optimizer, scheduler, scaler, saved, None), worker)
 
-        clock.start_epoch(last_step=train_loader.sampler.skip // cfg.train.batch_size + len(train_loader))
+        clock.start_epoch(last_step)
         train_sums, first_step_at = train_one_epoch(ddp_model, criterion, optimizer, scaler, train_loader, worker,
-                                                    reporter, mid_epoch, clock, on_preemption_check)
+                                                    reporter, mid_epoch, clock, on_preemption_check, done, last_step)
         train_seconds = time.perf_counter() - start
         scheduler.step()
-        val_sums, predictions = evaluate(ddp_model, criterion, val_loader, worker)
+        val_sums, confusion, examples = evaluate(ddp_model, criterion, val_loader, worker, len(data.classes), limit)
 
         train_sums, val_sums = distributed.sum_over_workers(train_sums), distributed.sum_over_workers(val_sums)
-        predictions, skipped = distributed.merge_dicts(predictions), distributed.merge_dicts(worker.skipped)
+        confusion = distributed.sum_over_workers(confusion)
+        examples = [e for part in distributed.merge_dicts({worker.rank: examples}).values() for e in part]
+        skipped = {split: distributed.merge_dicts(keys) for split, keys in worker.skipped.items()}
         metrics = epoch_metrics(epoch, train_sums, val_sums, lr, train_seconds, time.perf_counter() - start, worker)
         metrics["nodes"] = nodes
         if epoch == progress.epoch and first_step_at is not None:
             metrics["startup_seconds"] = first_step_at - job.started_at  # command start to first training step
-        new_skips = sorted(set(skipped) - set(progress.skipped))
-        unreadable = too_many_unreadable(skipped, job, cfg.data.max_unreadable)
+        new_skips = {key: why for split in skipped for key, why in skipped[split].items()
+                     if key not in progress.skipped.get(split, {})}
+        unreadable = too_many_unreadable(skipped, data, cfg.data.max_unreadable)
         if unreadable:  # the same on every rank: they all stop, without a checkpoint of a run that saw no data
             reporter.stop(unreadable)
             return
@@ -229,47 +228,50 @@ def train_loop_per_worker(config: dict) -> None:
             progress.best_val_acc, progress.best_epoch = metrics["val_acc"], epoch + 1
         progress.history.append(metrics)
         progress.epoch, progress.step, progress.ranks = epoch + 1, 0, {}
-        val_predictions = [predictions.get(i, -1) for i in range(len(job.data.val))]
-        for path in new_skips:
-            reporter.line(f"warning: skipped {path}: {skipped[path]}")
+        for key in sorted(new_skips):
+            reporter.line(f"warning: skipped {key}: {new_skips[key]}")
         reporter.line(epoch_line(metrics, reporter.epochs))
-        report(metrics, checkpoint_state(job, spec, model, optimizer, scheduler, scaler, progress, val_predictions),
+        val = {"confusion": [[int(n) for n in row] for row in np.reshape(confusion, (len(data.classes), -1))],
+               "examples": examples}
+        report(metrics, checkpoint_state(job, data.classes, spec, model, optimizer, scheduler, scaler, progress, val),
                worker)
         reporter.end_epoch(metrics)
 
 
-def build_loaders(cfg: Config, job: TrainingJob, spec: ModelSpec, worker: Worker) -> tuple[DataLoader, DataLoader]:
-    """This worker's shard of train (reshuffled every epoch through the sampler) and its share of val."""
-    train_draft, val_draft = (None, None) if cfg.data.exact_decode else decode_sizes(spec)
-    train_set = ImageDataset(cfg.data.root, job.data.train, train_transform(spec), keys=job.data.keys,
-                             draft_size=train_draft)
-    sampler = ResumableSampler(train_set, num_replicas=worker.world, rank=worker.rank, shuffle=True,
-                               seed=cfg.train.seed)
-    # Val is split without padding, so every val image is counted exactly once across workers.
-    val_split = job.data.val
-    val_set = ImageDataset(cfg.data.root, val_split, eval_transform(spec),
-                           indices=range(worker.rank, len(val_split), worker.world), keys=job.data.keys,
-                           draft_size=val_draft)
-    loader_args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_data_workers,
-                       collate_fn=collate_skipping, pin_memory=worker.device.type == "cuda")
-    return DataLoader(train_set, sampler=sampler, **loader_args), DataLoader(val_set, shuffle=False, **loader_args)
+def loader(cfg: Config, data: TrainingData, split: str, spec: ModelSpec, worker: Worker):
+    """(DataLoader, what orders its epochs) over this worker's share of a split: train reshuffled every epoch and
+    padded so that every rank takes the same steps, val unpadded, so every val image is counted exactly once. A
+    split of archives is streamed (ShardStream), one of loose files read file by file (EpochSampler)."""
+    train = split == "train"
+    transform = train_transform(spec) if train else eval_transform(spec)
+    draft = None if cfg.data.exact_decode else decode_sizes(spec)[0 if train else 1]
+    samples = getattr(data, split)
+    args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_data_workers,
+                collate_fn=collate_skipping, pin_memory=worker.device.type == "cuda")
+    if samples.archives:
+        stream = ShardStream(data.root, samples, transform, draft, data.classes, worker.rank, worker.world,
+                             cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_buffer, shuffle=train,
+                             split_dir=shards.split_dir(data.root, split))
+        return DataLoader(stream, **args), stream
+    order = EpochSampler(len(samples), worker.rank, worker.world, cfg.train.seed, shuffle=train)
+    return DataLoader(ImageDataset(data.root, samples, transform, draft), sampler=order, **args), order
 
 
 def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker, reporter: Reporter,
-                    mid_epoch: dict | None, clock: PreemptionClock, on_preemption_check) -> tuple[torch.Tensor,
-                                                                                              float | None]:
+                    mid_epoch: dict | None, clock: PreemptionClock, on_preemption_check, done: int,
+                    last_step: int) -> tuple[torch.Tensor, float | None]:
     """Sums of (loss, correct, count) over this worker's shard, and the time.time() of its first step. From a
-    mid-epoch checkpoint it goes on where that one stopped, with its sums and random state. When the `clock` says
-    so, it calls `on_preemption_check`, which saves a checkpoint on the first notice of a node's preemption;
-    training goes on until the node goes."""
+    mid-epoch checkpoint it goes on after its `done` steps, with its sums and random state, to `last_step`. When
+    the `clock` says so, it calls `on_preemption_check`, which saves a checkpoint on the first notice of a node's
+    preemption; training goes on until the node goes."""
     set_train_mode(model)
     # The sums stay on the device, read once at the epoch's end: reading them each step (.item()) would make the
     # host wait for each step's kernels before it could queue the next step's.
     sums = torch.tensor(mid_epoch["sums"] if mid_epoch else [0.0, 0.0, 0.0], dtype=torch.float64,
                         device=worker.device)
     trained = 0  # images of this epoch trained since it (re)started, counted on the host
-    batches = worker.batches(loader, clock, start=loader.sampler.skip // loader.batch_size,
-                             rng_state=mid_epoch and mid_epoch["rng"])
+    batches = worker.batches(loader, "train", clock, start=done, rng_state=mid_epoch and mid_epoch["rng"],
+                             limit=last_step)
     first_step_at = None
     for step, images, targets, _, look in batches:
         first_step_at = first_step_at or time.time()
@@ -284,7 +286,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
         sums[1] += (logits.argmax(1) == targets).sum()
         sums[2] += len(targets)
         trained += len(targets)
-        reporter.step(step, trained)
+        reporter.step(step - done, trained)
         # Only the batch of this step has been loaded yet: the random state resumes exactly at the next one.
         if look:
             on_preemption_check(step, sums)
@@ -293,34 +295,39 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, worker: Worker,
 
 
 @torch.no_grad()
-def evaluate(model, criterion, loader, worker: Worker) -> tuple[torch.Tensor, dict[int, int]]:
-    """Sums of (loss, correct, count) over this worker's share of val, and its predictions by val index."""
+def evaluate(model, criterion, loader, worker: Worker, classes: int,
+             limit: int | None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Sums of (loss, correct, count) over this worker's share of val, its confusion counts (true × predicted,
+    flat), and a few (key, true, predicted) examples for the prediction grid: misclassified ones first, then
+    correct ones of every class."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=worker.device)  # on the device, as in train_one_epoch
-    all_indices, all_preds = [], []
-    for _, images, targets, indices, _ in worker.batches(loader):
+    confusion = torch.zeros(classes * classes, dtype=torch.float64, device=worker.device)
+    wrong, right, per_class = [], {}, -(-GRID // classes)
+    for _, images, targets, keys, _ in worker.batches(loader, "val", limit=limit):
         with worker.autocast():
             logits = model(images)
         preds = logits.argmax(1)
         sums[0] += criterion(logits.float(), targets)
         sums[1] += (preds == targets).sum()
         sums[2] += len(targets)
-        all_indices.append(indices)
-        all_preds.append(preds)
-    if not all_preds:
-        return sums, {}
-    return sums, dict(zip(torch.cat(all_indices).tolist(), torch.cat(all_preds).tolist()))
+        confusion += torch.bincount(targets * classes + preds, minlength=classes * classes)
+        for key, true, pred in zip(keys, targets.tolist(), preds.tolist()):
+            shown, room = (wrong, GRID // 2) if true != pred else (right.setdefault(true, []), per_class)
+            if len(shown) < room:
+                shown.append((key, true, pred))
+    return sums, confusion, wrong + [e for examples in right.values() for e in examples]
 
 
-def too_many_unreadable(skipped: dict, job: TrainingJob, max_share: float) -> str | None:
+def too_many_unreadable(skipped: dict, data: TrainingData, max_share: float) -> str | None:
     """Why the run must stop when more than `max_share` of a split's files failed (a dead mount, wrong
     credentials): a run that goes on would report the accuracy of no data. None while it may go on."""
-    for split in ("train", "val"):
-        paths = getattr(job.data, split).paths
-        failed = [path for path in paths if path in skipped]
-        if paths and len(failed) > max_share * len(paths):
-            return (f"{len(failed)} of {len(paths)} {split} files could not be read or decoded, more than "
-                    f"data.max_unreadable={max_share:g} of them (first: {failed[0]}: {skipped[failed[0]]}); check that "
+    for split in SPLITS:
+        size, failed = len(getattr(data, split)), skipped[split]
+        if size and len(failed) > max_share * size:
+            first = min(failed)
+            return (f"{len(failed)} of {size} {split} files could not be read or decoded, more than "
+                    f"data.max_unreadable={max_share:g} of them (first: {first}: {failed[first]}); check that "
                     "the workers can read data.root, or raise data.max_unreadable")
     return None
 
@@ -342,18 +349,20 @@ def epoch_metrics(epoch: int, train: list[float], val: list[float], lr: float, t
     }
 
 
-def checkpoint_state(job: TrainingJob, spec: ModelSpec, model, optimizer, scheduler, scaler, progress: RunState,
-                     val_predictions: list[int]) -> dict:
-    """Everything needed to resume the run or to label with the model (see pipeline.checkpoint)."""
+def checkpoint_state(job: TrainingJob, classes: list[str], spec: ModelSpec, model, optimizer, scheduler, scaler,
+                     progress: RunState, val: dict | None) -> dict:
+    """Everything needed to resume the run or to label with the model (see pipeline.checkpoint). `val`: the
+    epoch's val confusion matrix and grid examples (none in a mid-epoch checkpoint); nothing that grows with the
+    data."""
     return {
         "model": spec,
-        "classes": job.data.classes,
+        "classes": classes,
         "model_state": model.state_dict(),
         "config": job.config,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "val_predictions": val_predictions,
+        "val": val,
         **vars(progress),
     }
 
@@ -380,7 +389,7 @@ def restore(model, optimizer, scheduler, scaler, worker: Worker, reporter: Repor
     scheduler.load_state_dict(saved["scheduler"])
     load_scaler(scaler, saved.get("scaler"))
     progress = RunState(**{key: saved[key] for key in RunState.__dataclass_fields__ if key in saved})
-    worker.skipped.update(progress.skipped)
+    worker.skipped = {split: dict(keys) for split, keys in progress.skipped.items()}
     reason = "preemption" if progress.noticed else "failure"
     progress.interruptions.append({"reason": reason, "epoch": progress.epoch + 1, "step": progress.step,
                                    "at": timestamp(time.time())})

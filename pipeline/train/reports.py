@@ -17,7 +17,7 @@ import pyarrow.fs as pafs  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.images import decode_image, resize_center_crop  # noqa: E402
-from pipeline.train.data import image_reader
+from pipeline.keys import Reader  # noqa: E402
 from pipeline.train.splits import TrainingData  # noqa: E402
 
 TENSORBOARD = "tensorboard"
@@ -49,7 +49,7 @@ def write_run_outputs(run_dir: str, summary: dict, best: dict, dataset: Training
     storage.write_bytes(fs, f"{base}/curves.png", _png(_curves(history)))
     confusion = _confusion(summary["confusion_matrix"], dataset.classes)
     storage.write_bytes(fs, f"{base}/confusion_matrix.png", _png(confusion))
-    grid = _prediction_grid(best["val_predictions"], dataset)
+    grid = _prediction_grid(best["val"]["examples"], dataset)
     grid.canvas.draw()
     pixels = np.asarray(grid.canvas.buffer_rgba())[..., :3].copy()
     storage.write_bytes(fs, f"{base}/predictions.png", _png(grid))
@@ -114,27 +114,26 @@ def _confusion(matrix: list[list[int]], classes: list[str]):
     return fig
 
 
-def _prediction_grid(predictions: list[int], dataset: TrainingData, count: int = 16):
-    """Val images with predicted vs true labels; misclassifications first, in red."""
-    val = dataset.val
-    wrong = [i for i, p in enumerate(predictions) if p >= 0 and p != val.targets[i]][: count // 2]
-    right = [i for i, p in enumerate(predictions) if p == val.targets[i]]
+def _prediction_grid(examples: list, dataset: TrainingData, count: int = 16):
+    """Val images with predicted vs true labels, from the best epoch's (key, true, predicted) examples:
+    misclassifications first, in red, then correct ones of every class. Members of archives are read from them."""
+    wrong = [e for e in examples if e[1] != e[2]][: count // 2]
+    right = [e for e in examples if e[1] == e[2]]
     # Take evenly spaced correct ones so every class shows, not just the first folder.
     right = right[:: max(1, len(right) // (count - len(wrong)))][: count - len(wrong)]
     shown = wrong + right
-    read = image_reader(dataset.root, dataset.keys)
+    reader = Reader.for_root(dataset.root)
     cols = 4
     rows = max(1, (len(shown) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, shown):
-        ax.imshow(resize_center_crop(decode_image(read(val.paths[i])), 128, 128))
-        wrong = predictions[i] != val.targets[i]
+    for ax, (key, true, predicted) in zip(axes.flat, shown):
+        ax.imshow(resize_center_crop(decode_image(reader.read_key(key)), 128, 128))
         ax.set_title(
-            f"{'WRONG ' if wrong else ''}pred: {dataset.classes[predictions[i]]}\n"
-            f"true: {dataset.classes[val.targets[i]]}",
-            color="red" if wrong else "green",
+            f"{'WRONG ' if true != predicted else ''}pred: {dataset.classes[predicted]}\n"
+            f"true: {dataset.classes[true]}",
+            color="red" if true != predicted else "green",
             fontsize=10,
         )
     return fig

@@ -1,17 +1,81 @@
-"""The training data as both listers give it: classes, and train and val splits of keys with their targets."""
+"""The training data as every lister gives it: classes, and train and val splits held as Arrow and NumPy arrays,
+never as a Python object per sample, so that a split of 10⁸ samples stays a few bytes each in the driver and in
+every worker (which get it through Ray's object store, not their arguments).
+
+A split's samples are grouped by source: a folder of loose files, or an archive. Samples of a source sit together,
+so a sample's source is found from `offsets` (dictionary encoding by run): a sample costs its name and its target.
+A split of shard folders holds no names at all: a shard's image members are its samples, in the order the shard
+stores them, and each takes its class from its folder (pipeline.train.shards).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.keys import MEMBER_SEPARATOR, archive_kind
+
+SPLITS = ("train", "val")
 
 
 @dataclass
 class Split:
-    paths: list[str]
-    targets: list[int]
+    sources: pa.Array  # string: folders of loose files, or archives, each once
+    counts: np.ndarray  # int64 per source: its samples
+    names: pa.Array | None = None  # per sample: a file name in its folder, or a member name; None: shard folders
+    targets: np.ndarray | None = None  # int16 per sample, None for shard folders (the member's folder says)
+
+    def __post_init__(self):
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return int(self.offsets[-1])
+
+    @property
+    def archives(self) -> bool:
+        """Whether every source is an archive: such a split is streamed shard by shard."""
+        return all(archive_kind(s) for s in self.sources.to_pylist()) if len(self.sources) else False
+
+    def source_of(self, index: int) -> int:
+        return int(np.searchsorted(self.offsets, index, side="right")) - 1
+
+    def key(self, index: int) -> str:
+        """Sample `index`'s key (pipeline.keys): FOLDER/NAME, or ARCHIVE!MEMBER."""
+        source = self.sources[self.source_of(index)].as_py()
+        separator = MEMBER_SEPARATOR if archive_kind(source) else "/"
+        return f"{source}{separator}{self.names[index].as_py()}"
+
+    def target(self, index: int) -> int:
+        return int(self.targets[index])
+
+    def keys(self) -> Iterator[str]:
+        return map(self.key, range(len(self)))
+
+    @classmethod
+    def from_keys(cls, keys: pa.Array, targets: np.ndarray) -> Split:
+        """A split of keys (loose paths and ARCHIVE!MEMBER keys)."""
+        parts = split_keys(keys)
+        return cls.from_table(pa.table({"source": parts.field("source"), "name": parts.field("name"),
+                                        "target": np.asarray(targets, dtype=np.int16)}))
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> Split:
+        """A split of a table's (source, name, target) rows; `source` may be dictionary-encoded."""
+        table = sort_by_source(table)
+        source = table["source"].combine_chunks()
+        if pa.types.is_dictionary(source.type):  # runs of indices, named by their dictionary values
+            runs = pc.run_end_encode(source.indices)
+            sources = source.dictionary.take(runs.values)
+        else:
+            runs = pc.run_end_encode(source)
+            sources = runs.values
+        counts = np.diff(runs.run_ends.to_numpy().astype(np.int64), prepend=0)
+        return cls(sources.cast(pa.string()), counts, table["name"].combine_chunks(),
+                   table["target"].to_numpy().astype(np.int16))
 
 
 @dataclass
@@ -20,4 +84,25 @@ class TrainingData:
     classes: list[str]
     train: Split
     val: Split
-    keys: bool = False  # paths are keys (local paths, URIs, ARCHIVE!MEMBER) rather than paths in root's filesystem
+    keys: bool = False  # names are keys' parts (local paths, URIs, archive members) rather than paths in root
+
+
+def split_keys(keys: pa.Array) -> pa.StructArray:
+    """(source, name) of each key: ARCHIVE!MEMBER at the first '!' that follows an archive's name, else a
+    folder and a file name."""
+    member = pc.extract_regex(keys, r"(?i)^(?P<source>.*?\.(?:tar|tar\.gz|tgz|zip))!(?P<name>.+)$")
+    loose = pc.extract_regex(keys, r"^(?P<source>.*)/(?P<name>[^/]+)$")
+    return pc.if_else(pc.is_valid(member), member, loose)
+
+
+def sort_by_source(table: pa.Table) -> pa.Table:
+    """Rows sorted by source, then name. Arrow cannot sort a dictionary-encoded column, so a dictionary `source`
+    sorts by the rank of each row's value among the dictionary's."""
+    source = table["source"].combine_chunks()
+    if pa.types.is_dictionary(source.type):
+        rank = np.empty(len(source.dictionary), dtype=np.int32)
+        rank[pc.sort_indices(source.dictionary).to_numpy()] = np.arange(len(rank), dtype=np.int32)
+        order = pa.table({"source": rank[source.indices.to_numpy()], "name": table["name"]})
+    else:
+        order = table.select(["source", "name"])
+    return table.take(pc.sort_indices(order, [("source", "ascending"), ("name", "ascending")]))
