@@ -182,7 +182,7 @@ fi
 step train-demo 90 "$PY" -m jobs.cli train -c configs/demo.yaml name=gpu-check "data.root=$REPO/data/hymenoptera" \
     "storage.path=$WORK/runs" scaling.use_gpu=true train.amp=auto
 grep "train.amp auto" "$WORK/train-demo.log" || fail "training did not say what train.amp auto chose"
-step train-resnet18 100 "$PY" benchmarks/train_throughput.py --gpu --cases 64x1 --epochs 2 --loader-workers 8 \
+step train-resnet18 150 "$PY" benchmarks/train_throughput.py --gpu --cases 64x1 --epochs 2 --loader-workers 8 --rounds 1 \
     --data "$REPO/data/hymenoptera"
 cat "$WORK/train-resnet18.log"
 
@@ -284,7 +284,7 @@ def phase(name):
 
 train = json.loads((work / "runs" / "gpu-check" / "summary.json").read_text())
 log = lambda name: (work / f"{name}.log").read_text()
-resnet = [line.strip() for line in log("train-resnet18").splitlines() if line[:1] == " " and line.split()[0].isdigit()]
+resnet = [line.strip() for line in log("train-resnet18").splitlines() if line.startswith(("batch ", "  "))]
 decode = [line for line in log("decode-rate").splitlines() if line.startswith("decode")]
 amp = gpu_half_precision(gpu_capability())
 lines = [
@@ -294,8 +294,8 @@ lines = [
     f"- GPU tests: {log('gpu-tests').strip().splitlines()[-1]}",
     f"- Training, demo recipe (EfficientNet-Lite0 features, data/hymenoptera), train.amp=auto: "
     f"{train['epochs'][-1]['images_per_s']:.1f} images/s in its last epoch; {phase('train-demo')}",
-    "- Training, ResNet18, batch 64, benchmarks/train_throughput.py --gpu (batch, workers, ceiling, plain, imgjobs, "
-    f"vs plain, vs ceiling, start-up s): `{' | '.join(resnet) or '?'}`; {phase('train-resnet18')}",
+    "- Training, ResNet18, batch 64, benchmarks/train_throughput.py --gpu (ImageFolder loop, imgjobs on loose files "
+    f"and on shards): `{' | '.join(resnet) or '?'}`; {phase('train-resnet18')}",
     f"- Labeling {len(gpu_labels)} 12 MP photos, fp32, GPU actor (nvjpeg, batch 64): "
     f"{label_gpu['images_per_s_after_startup'] or label_gpu['images_per_s']} images/s after start-up "
     f"({label_gpu['images_per_s']} overall); {phase('label-gpu')}",

@@ -59,19 +59,21 @@ INPUT_SIZE = 32
 
 def label(shards: Path, out: Path, ckpt: str, env: dict, kill_at: int | None = None) -> dict:
     """Run a job to its end (or SIGKILL it once `kill_at` rows are committed): its summary entry, the driver's peak
-    RSS, wall seconds, its first-batch seconds as it printed them, and its files' (commit time, rows)."""
+    RSS and its RSS at each quarter of the run, wall seconds, its first-batch seconds as it printed them, and its
+    files' (commit time, rows)."""
     args = ["--checkpoint", ckpt, "--input", str(shards), "--output", str(out), "--rows-per-file", str(ROWS_PER_FILE),
             "--commit-every", "60"]
     start = time.time()
     proc = start_label(args, env, stderr=subprocess.STDOUT)
-    driver, peak, done = psutil.Process(proc.pid), [0], threading.Event()
+    driver, peak, done, curve = psutil.Process(proc.pid), [0], threading.Event(), []
 
     def sample():
         while not done.wait(0.2):
             try:
-                peak[0] = max(peak[0], driver.memory_info().rss)
+                curve.append(driver.memory_info().rss)
             except psutil.Error:
                 return
+            peak[0] = max(peak[0], curve[-1])
 
     threading.Thread(target=sample, daemon=True).start()
     lines = []
@@ -91,7 +93,9 @@ def label(shards: Path, out: Path, ckpt: str, env: dict, kill_at: int | None = N
     first = re.search(r"first labeled batch after ([\d.]+)s", said)
     runs = json.loads((out / "_summary.json").read_text())["runs"] if (out / "_summary.json").exists() else []
     files = sorted((f.stat().st_mtime, pq.ParquetFile(f).metadata.num_rows) for f in label_files(out))
-    return {"summary": runs[-1] if runs and not kill_at else None, "peak_rss": peak[0], "seconds": seconds,
+    quarters = [curve[min(len(curve) - 1, len(curve) * q // 4)] for q in (1, 2, 3, 4)] if curve else []
+    return {"summary": runs[-1] if runs and not kill_at else None, "peak_rss": peak[0], "quarters": quarters,
+            "seconds": seconds,
             "first_batch_s": float(first.group(1)) if first else None, "files": files, "started": start}
 
 
@@ -221,6 +225,8 @@ def fresh_runs(work: Path, all_shards: list[Path], sizes: list[int], ckpt: str, 
               + (f", {growth:+.1f} bytes per input over the 20,000-image job" if growth is not None else "")
               + (f"; first 10% {rates[0]:,.0f} rows/s, last 10% {rates[1]:,.0f} rows/s "
                  f"(ratio {rates[1] / rates[0]:.2f})" if rates else ""), flush=True)
+        print(f"  driver RSS at each quarter of the job: {', '.join(f'{r / 2**20:.0f}' for r in fresh['quarters'])} "
+              "MiB", flush=True)
         if size == 100_000 or size == max(sizes) and 100_000 not in sizes:
             plain, top = plain_pytorch(shards_of(shards), ckpt), ceiling(shards_of(shards))
             job = s["images_per_s_after_startup"]

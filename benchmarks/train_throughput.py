@@ -1,14 +1,16 @@
-"""Training throughput: `imgjobs train` (Ray Train, DDP) against a plain single-process PyTorch loop.
+"""Training throughput: `imgjobs train` (Ray Train, DDP) against the notebook's loop, on loose files and on shards.
 
-Images/s, with the model-only ceiling (training steps on ready tensors) beside them.
-Same data (data/hymenoptera train), same transforms, ResNet18 with random weights, same cores. Both sides
-report their second epoch's images/s (the first warms up caches and allocators); Ray's start-up is left
-out of the ratio and reported on its own (command start to first training step).
+The notebook's loop is torchvision's ImageFolder and a DataLoader with the same loader processes, transforms and
+model (ResNet18, random weights) in one process. imgjobs trains on the same images as an image folder tree and as
+shard folders (.tar of 64 members, streamed). Each side reports its second epoch's images/s (the first warms up
+caches and allocators) over at least 1,000 images: train/ is repeated (as links) until it holds that many. Rounds
+alternate the sides, and each side's median is compared; Ray's start-up is left out of the ratio and reported on its
+own (command start to first training step). The ceiling is training steps of the model alone on ready tensors.
 
-    .venv/bin/python benchmarks/train_throughput.py [--epochs 2] [--cases 4x1,32x1,4x2,32x2]
+    .venv/bin/python benchmarks/train_throughput.py [--data ../shared/data/hymenoptera] [--cases 4x1,32x1]
 
-With --exact-decode-too, each case also runs with data.exact_decode=true: on big photos (--data a folder of
-12 MP JPEGs) that shows what reduced-size decoding gives (the plain loop decodes at full size, as PyTorch does).
+With --exact-decode-too, imgjobs on loose files also runs with data.exact_decode=true: on big photos that shows what
+reduced-size decoding gives (the notebook's loop decodes at full size, as PyTorch does).
 
 With --gpu, every side runs on this machine's first GPU (cases of one worker), under the autocast that
 `train.amp=auto` chooses there (bf16 from sm_80 on, else fp16 with a GradScaler), in channels_last; imgjobs runs
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +39,6 @@ sys.path.insert(0, str(REPO))
 from pipeline.hardware import cpu_model, gpu_capability, gpu_half_precision  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train.data import scan_image_folder  # noqa: E402
-from pipeline.train.dataset import ImageDataset, collate_skipping  # noqa: E402
 from pipeline.train.transforms import train_transform  # noqa: E402
 
 
@@ -74,24 +77,49 @@ class Device:
 
 
 def plain_loop(data_root: str, batch_size: int, epochs: int, loader_workers: int, device: Device) -> float:
-    """The notebook way: one process, DataLoader, SGD. Returns the last epoch's images/s."""
+    """The notebook's way: ImageFolder, DataLoader, SGD, in one process. Returns the last epoch's images/s."""
+    from torchvision.datasets import ImageFolder
+
     torch.manual_seed(0)
-    folder = scan_image_folder(data_root)
-    model, spec = device.model(len(folder.classes))
-    dataset = ImageDataset(data_root, folder.train, train_transform(spec))
+    dataset = ImageFolder(f"{data_root}/train")
+    model, spec = device.model(len(dataset.classes))
+    dataset.transform = train_transform(spec)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=loader_workers,
-                        collate_fn=collate_skipping, pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     scaler = device.scaler()
     model.train()
     for _ in range(epochs):
         seen, start = 0, time.perf_counter()
-        for images, targets, _, _ in loader:
+        for images, targets in loader:
             device.step(model, optimizer, scaler, images, targets)
             seen += len(targets)
         device.synchronize()
         rate = seen / (time.perf_counter() - start)
     return rate
+
+
+def training_copies(data_root: str, work: Path, minimum: int = 1000, per_shard: int = 64) -> tuple[str, str]:
+    """data_root with train/ repeated (as links) until it holds at least `minimum` images, as an image folder
+    tree and as shard folders of `per_shard` members in class folders."""
+    loose, shards = work / "loose", work / "shards"
+    for split in ("train", "val"):
+        files = sorted(p for p in Path(data_root, split).rglob("*") if p.is_file() and not p.name.startswith("."))
+        copies = -(-minimum // len(files)) if split == "train" else 1
+        members = []
+        for copy in range(copies):
+            for path in files:
+                member = path.relative_to(Path(data_root, split)).with_stem(f"{path.stem}-{copy}")
+                (loose / split / member).parent.mkdir(parents=True, exist_ok=True)
+                (loose / split / member).symlink_to(path.resolve())
+                members.append(member)
+        members.sort(key=lambda m: (m.name, str(m)))  # classes mixed within shards, as labeling writes them
+        (shards / split).mkdir(parents=True)
+        for n, first in enumerate(range(0, len(members), per_shard)):
+            with tarfile.open(shards / split / f"{n:06d}.tar", "w", dereference=True) as tar:
+                for member in members[first:first + per_shard]:
+                    tar.add(loose / split / member, str(member))
+    return str(loose), str(shards)
 
 
 def model_only(batch_size: int, device: Device, steps: int = 5) -> float:
@@ -126,14 +154,19 @@ def imgjobs_train(data_root: str, batch_size: int, workers: int, epochs: int, lo
     return {"images_per_s": summary["epochs"][-1]["images_per_s"], "startup_s": summary["epochs"][0]["startup_seconds"]}
 
 
+def median_and_range(rates: list[float]) -> str:
+    return f"{statistics.median(rates):.1f} ({min(rates):.1f}-{max(rates):.1f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO / "data" / "hymenoptera"))
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hymenoptera"))
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--cases", default="4x1,32x1,4x2,32x2", help="BATCHxWORKERS, comma-separated")
+    parser.add_argument("--cases", default="4x1,32x1", help="BATCHxWORKERS, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each side; medians compared")
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--exact-decode-too", action="store_true",
-                        help="also run each case with data.exact_decode=true")
+                        help="also run imgjobs on loose files with data.exact_decode=true")
     parser.add_argument("--gpu", action="store_true", help="on this machine's first GPU, with train.amp=auto")
     args = parser.parse_args()
     device = Device(args.gpu)
@@ -141,21 +174,33 @@ def main() -> None:
     if args.gpu:
         amp, why = gpu_half_precision(gpu_capability())
         where = f"{torch.cuda.get_device_name(0)} ({amp}: {why}) beside {where}"
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {where}, torch {torch.__version__}")
-    print(f"{'batch':>5} {'workers':>7} {'ceiling':>8} {'plain':>6} {'imgjobs':>7} {'vs plain':>8} "
-          f"{'vs ceiling':>10} {'start-up s':>10}")
-    plain, ceiling = {}, {}
-    for case in args.cases.split(","):
-        batch, workers = map(int, case.split("x"))
-        if batch not in plain:
-            ceiling[batch] = model_only(batch, device)
-            plain[batch] = plain_loop(args.data, batch, args.epochs, args.loader_workers, device)
-        for overrides in [()] + [("data.exact_decode=true",)] * args.exact_decode_too:
-            job = imgjobs_train(args.data, batch, workers, args.epochs, args.loader_workers, args.gpu, *overrides)
-            rate = job["images_per_s"]
-            print(f"{batch:>5} {workers:>7} {ceiling[batch]:>8.1f} {plain[batch]:>6.1f} {rate:>7.1f} "
-                  f"{rate / plain[batch]:>8.2f} {rate / ceiling[batch]:>10.2f} {job['startup_s']:>10.1f} "
-                  f"{' '.join(overrides)}", flush=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {where}, torch {torch.__version__}", flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        loose, shards = training_copies(args.data, Path(work))
+        print(f"{len(scan_image_folder(loose).train)} train images from {args.data}; medians of {args.rounds} "
+              "alternating rounds (range)", flush=True)
+        for case in args.cases.split(","):
+            batch, workers = map(int, case.split("x"))
+            sides = {"plain": lambda: plain_loop(loose, batch, args.epochs, args.loader_workers, device)}
+            for name, root, overrides in [("imgjobs", loose, ()), ("imgjobs, shards", shards, ())] + [
+                    ("imgjobs, exact decode", loose, ("data.exact_decode=true",))] * args.exact_decode_too:
+                sides[name] = lambda root=root, overrides=overrides: imgjobs_train(
+                    root, batch, workers, args.epochs, args.loader_workers, args.gpu, *overrides)
+            rates, startups = {name: [] for name in sides}, {name: [] for name in sides}
+            for _ in range(args.rounds):
+                for name, run in sides.items():
+                    result = run()
+                    rates[name].append(result if name == "plain" else result["images_per_s"])
+                    if name != "plain":
+                        startups[name].append(result["startup_s"])
+            plain = statistics.median(rates["plain"])
+            print(f"batch {batch}, {workers} worker(s): ceiling {model_only(batch, device):.1f} img/s; plain "
+                  f"{median_and_range(rates['plain'])} img/s", flush=True)
+            for name in list(sides)[1:]:
+                print(f"  {name}: {median_and_range(rates[name])} img/s, {statistics.median(rates[name]) / plain:.2f}x "
+                      f"plain; start-up {statistics.median(startups[name]):.1f} s", flush=True)
+            medians = {name: statistics.median(r) for name, r in rates.items()}
+            print(f"  shards vs loose files: {medians['imgjobs, shards'] / medians['imgjobs']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -89,9 +89,10 @@ def pack_shards(folder: Path, out: Path, per_shard: int, suffixes=(".tar",)) -> 
     return out
 
 
-def tiny_jpeg_shards(root: Path, shards: int, per_shard: int) -> list[Path]:
+def tiny_jpeg_shards(root: Path, shards: int, per_shard: int, classes: tuple = ()) -> list[Path]:
     """`shards` uncompressed tar shards of `per_shard` 32×32 JPEGs each, named as img2dataset names them
-    (000000.tar, members 000000000.jpg...): copies of 16 distinct images, so writing them is fast."""
+    (000000.tar, members 000000000.jpg...): copies of 16 distinct images, so writing them is fast. With `classes`,
+    members sit in class folders in turn (ants/000000000.jpg, bees/000000001.jpg...)."""
     blobs = []
     for i in range(16):
         buf = io.BytesIO()
@@ -104,7 +105,8 @@ def tiny_jpeg_shards(root: Path, shards: int, per_shard: int) -> list[Path]:
         with tarfile.open(path, "w") as tar:
             for i in range(per_shard):
                 data = blobs[(s * per_shard + i) % 16]
-                info = tarfile.TarInfo(f"{s * per_shard + i:09d}.jpg")
+                n = s * per_shard + i
+                info = tarfile.TarInfo(f"{classes[n % len(classes)]}/{n:09d}.jpg" if classes else f"{n:09d}.jpg")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
         paths.append(path)

@@ -4,12 +4,11 @@ prints them (pipeline.console), so they read as the job's own lines, redrawn in 
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 
 import ray
-from ray.util.queue import Empty, Queue
+from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.console import Console, duration
@@ -69,18 +68,13 @@ def relay(console: Console, on_epoch=lambda metrics: None):
     # preemption) would fail every restarted worker at its first line. It holds no CPU: every CPU trains.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    stop = threading.Event()
     stopped = []
+    handlers = {"line": console.line, "progress": console.progress, "stop": stopped.append, "epoch": on_epoch}
 
     def pump():
-        while True:
-            try:
-                kind, payload = events.get(timeout=0.5)
-            except (Empty, queue.Empty):
-                if stop.is_set():
-                    return
-                continue
-            handlers = {"line": console.line, "progress": console.progress, "stop": stopped.append, "epoch": on_epoch}
+        # One get waits at a time, for as long as it takes: polling would cost the queue's actor and this process
+        # CPU that, on a small machine, training lacks. The driver's own "end" ends it.
+        for kind, payload in iter(events.get, ("end", None)):
             handlers[kind](payload)
 
     thread = threading.Thread(target=pump, daemon=True)
@@ -88,7 +82,7 @@ def relay(console: Console, on_epoch=lambda metrics: None):
     try:
         yield events, stopped
     finally:
-        stop.set()
+        events.put(("end", None))
         thread.join()
         console.close()
         events.shutdown()
