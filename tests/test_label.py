@@ -280,12 +280,21 @@ def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_loc
     # Join the session's Ray instead of starting one per run; the killed driver's workers die with it.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     committed = 0
+
+    def holds_the_lock(proc) -> bool:
+        try:
+            return json.loads((out / "_lock.json").read_text())["pid"] == proc.pid
+        except (OSError, ValueError, KeyError):
+            return False
+
     for new_files in (0, 1, 3):  # killed once the output folder exists but holds nothing, after one file, after three
         proc = start_label(args, env, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
-        # Blocks may bring several files at once: all 10 that the images before the held one fill may be there.
+        # Blocks may bring several files at once: all 10 that the images before the held one fill may be there
+        # already, so the last run is also waited for until it holds the lock, which the second job must find.
         while proc.poll() is None and time.time() < deadline and not (
             out.exists() and len(label_files(out)) >= min(committed + new_files, 10)
+            and (new_files < 3 or holds_the_lock(proc))
         ):
             time.sleep(0.02)
         if new_files == 3:  # the last run: it goes on labeling meanwhile, up to the held image
@@ -304,6 +313,8 @@ def test_kill_9_of_the_driver_then_rerun_labels_every_image_exactly_once(ray_loc
         said = rerun.communicate(timeout=300)[0]
     finally:
         held.close()
+        if rerun.poll() is None:  # it failed: its actors must not hold the session's CPUs for the tests after it
+            rerun.kill()
     assert rerun.returncode == 0, said
     assert "taking over the lock of label run" in said and f"its process {proc.pid} is gone" in said, said
 
