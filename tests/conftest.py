@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from tests.helpers import (
     NO_RAY_ADDRESS,
     REPO,
     SHARED_DATA,
+    fresh_env,
     make_image_folder,
     random_weight_checkpoint,
     s3_api_server,
@@ -94,13 +97,16 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(ray_local, tmp_path_factory) -> dict:
-    """The demo config trained briefly on the repo's ants/bees copy: a real pretrained checkpoint for labeling tests."""
-    from jobs.cli import main
-
+    """The demo config trained briefly on the repo's ants/bees copy, as a user's first run: a process and a local
+    Ray of its own, beside the session's. Its summary (a real pretrained checkpoint for labeling tests), with what it
+    printed under `stdout` and `stderr`."""
     storage = tmp_path_factory.mktemp("demo-runs")
-    assert main(["train", "-c", str(REPO / "configs" / "demo.yaml"), "train.epochs=2", f"data.root={DEMO_DATA}",
-                 f"storage.path={storage}"]) == 0
-    return json.loads((storage / "demo" / "summary.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", "configs/demo.yaml", "train.epochs=2",
+                             f"data.root={DEMO_DATA}", f"storage.path={storage}"], cwd=REPO, env=fresh_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    summary = json.loads((storage / "demo" / "summary.json").read_text())
+    return summary | {"stdout": result.stdout, "stderr": result.stderr}
 
 
 @pytest.fixture(scope="session")

@@ -21,21 +21,19 @@ NOISE = re.compile(r"Failed to query|TrainingReport\(|core_worker\.cc|Traceback"
 HEAVY = ("torch", "torchvision", "timm", "ray")
 
 
-def test_demo_training_prints_only_its_own_lines(ray_local, tmp_path):
+def test_demo_training_prints_only_its_own_lines(demo_run):
     """A user's first run starts a Ray of its own, beside another Ray on the machine here (the session's: a Ray that
     ray.init starts is not one that jobs join), and prints only its own lines."""
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", "configs/demo.yaml", "train.epochs=1",
-                             f"storage.path={tmp_path}"], cwd=REPO, env=fresh_env(), capture_output=True, text=True,
-                            timeout=600)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-3000:]
+    out = demo_run["stdout"] + demo_run["stderr"]
     assert not NOISE.findall(out), [line for line in out.splitlines() if NOISE.search(line)][:5]
-    lines = result.stdout.strip().splitlines()
+    lines = demo_run["stdout"].strip().splitlines()
     assert lines[0].startswith("demo: 245 train / 153 val images")
-    assert re.search(r"^epoch 1/1  step \d+/16  [\d.]+ img/s  ETA \d+:\d\d epoch, \d+:\d\d run$", result.stdout, re.M)
-    assert re.search(r"^epoch 1/1  train loss [\d.]+ acc [\d.]+  val loss", result.stdout, re.M)
-    assert lines[-1] == (f"run in {tmp_path / 'demo'}; label with it: imgjobs label --checkpoint {tmp_path / 'demo'} "
-                         f"--input IMAGES --output {tmp_path / 'demo' / 'labels'}")
+    assert re.search(r"^epoch 1/2  step \d+/16  [\d.]+ img/s  ETA \d+:\d\d epoch, \d+:\d\d run$", demo_run["stdout"],
+                     re.M)
+    assert re.search(r"^epoch 2/2  train loss [\d.]+ acc [\d.]+  val loss", demo_run["stdout"], re.M)
+    run_dir = demo_run["run_dir"]
+    assert lines[-1] == f"run in {run_dir}; label with it: imgjobs label --checkpoint {run_dir} --input IMAGES " \
+                        f"--output {run_dir}/labels"
     assert not re.search(r"\(\w+ pid=\d+", out), "a Ray worker's line reached the terminal"
 
 

@@ -4,6 +4,7 @@ retries, and a job whose reads mostly fail says so and exits 1."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -52,8 +53,9 @@ def test_unreadable_inputs_exit_1_then_a_rerun_retries_and_replaces_their_rows(r
     manifest.write_text("\n".join(present + later) + "\n")
     args = ["--checkpoint", small_checkpoint, "--input", str(manifest), "--output", str(tmp_path / "out"),
             "--rows-per-file", "3"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}  # no Ray start per run
 
-    first = start_label(args, env=None)
+    first = start_label(args, env)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 1, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("imgjobs label: error: ")]
@@ -66,7 +68,7 @@ def test_unreadable_inputs_exit_1_then_a_rerun_retries_and_replaces_their_rows(r
     (tmp_path / "later").mkdir()
     for i, path in enumerate(later):
         subprocess.run(["cp", sorted(folder.rglob("*.jpg"))[i], path], check=True)
-    second = start_label(args, env=None)
+    second = start_label(args, env)
     out, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-3000:]
     rows = read_output(tmp_path / "out")
