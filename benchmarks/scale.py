@@ -23,12 +23,10 @@ import json
 import multiprocessing as mp
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,9 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import checkpoint  # noqa: E402
-from pipeline.hardware import cpu_model  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    LocalCluster,
+    benchmark_cluster,
     label_files,
     random_weight_checkpoint,
     start_label,
@@ -192,21 +189,13 @@ def main() -> None:
     parser.add_argument("--resume-only", action="store_true", help="only the kill at half and the rerun, at the "
                         "largest size")
     args = parser.parse_args()
-    print(f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} cores", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped, it still stops its cluster
-    work = Path(tempfile.mkdtemp(prefix="imgjobs-scale-"))
-    cluster = LocalCluster({"num_cpus": os.cpu_count()}, [])
-    try:
-        env = {**os.environ, **cluster.env(), "CUDA_VISIBLE_DEVICES": ""}
+    with benchmark_cluster("scale") as (work, env):
         ckpt = random_weight_checkpoint("mobilenet_v3_small", ["a", "b"], work, input_size=INPUT_SIZE)
         largest = max(args.sizes)
         all_shards = tiny_jpeg_shards(work / "all", largest // PER_SHARD, PER_SHARD)
         if not args.resume_only:
             fresh_runs(work, all_shards, args.sizes, ckpt, env)
         kill_and_resume(work, link_shards(work / "killed", all_shards, PER_SHARD, largest), largest, ckpt, env)
-    finally:
-        cluster.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def fresh_runs(work: Path, all_shards: list[Path], sizes: list[int], ckpt: str, env: dict) -> None:

@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -36,8 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.hardware import cpu_model  # noqa: E402
-from tests.helpers import LocalCluster, tiny_jpeg_shards  # noqa: E402
+from tests.helpers import benchmark_cluster, tiny_jpeg_shards  # noqa: E402
 
 PER_SHARD = 10_000
 CLASSES = ("ants", "bees")
@@ -109,12 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 1_000_000])
     args = parser.parse_args()
-    print(f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} cores", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped, it still stops its cluster
-    work = Path(tempfile.mkdtemp(prefix="imgjobs-train-scale-"))
-    cluster = LocalCluster({"num_cpus": os.cpu_count()}, [])
-    try:
-        env = {**os.environ, **cluster.env(), "CUDA_VISIBLE_DEVICES": ""}
+    with benchmark_cluster("train-scale") as (work, env):
         shards = tiny_jpeg_shards(work / "all", max(args.sizes) // PER_SHARD + 1, PER_SHARD, CLASSES)
         base = {}
         for size in sorted(args.sizes):
@@ -130,9 +119,6 @@ def main() -> None:
                     size0, *((run[k] - run0[k]) / (size - size0) for k in ("driver", "worker")))
                 print(f"{size:>9,} samples, {way}: first step after {run['first_step']:.1f} s; peak RSS driver "
                       f"{run['driver'] / 2**20:.0f} MiB, worker {run['worker'] / 2**20:.0f} MiB{growth}", flush=True)
-    finally:
-        cluster.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

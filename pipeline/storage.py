@@ -61,6 +61,12 @@ def host(uri: str) -> str:
     return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
+def resolve_keyed(path: str) -> tuple[pafs.FileSystem, str, str]:
+    """resolve(), and what goes in front of a path in that filesystem to make its key (uri_prefix)."""
+    fs, fs_path = resolve(path)
+    return fs, fs_path, uri_prefix(split_query(path)[0], fs_path)
+
+
 def uri_prefix(path: str, fs_path: str) -> str:
     """What goes in front of a filesystem path to make its key: nothing for local paths, `s3://`,
     `file://` or `hdfs://host:port` for URIs, so keys stay URIs that any reader can open."""

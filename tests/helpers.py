@@ -11,6 +11,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE
 
 from jobs.cli import main
 from pipeline import checkpoint
+from pipeline.hardware import cpu_model
 from pipeline.models import build_model
 from pipeline.train.config import load_config
 
@@ -435,6 +437,22 @@ class LocalCluster:
         self.process.wait(timeout=120)
         shutil.rmtree(self.token.parent, ignore_errors=True)
 
+
+
+@contextlib.contextmanager
+def benchmark_cluster(name: str):
+    """A scale benchmark's setting: its header line (date, CPU, cores), then a work folder and a local Ray cluster
+    of every core, which jobs join with the environment it yields: (work folder, environment). Both go at the end,
+    a SIGTERM's included."""
+    print(f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} cores", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped, it still stops its cluster
+    work = Path(tempfile.mkdtemp(prefix=f"imgjobs-{name}-"))
+    cluster = LocalCluster({"num_cpus": os.cpu_count()}, [])
+    try:
+        yield work, {**os.environ, **cluster.env(), "CUDA_VISIBLE_DEVICES": ""}
+    finally:
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 class AutoscalingCluster:
     """A head that advertises no CPUs, under Ray's real autoscaler (v2, what `ray up` runs since Ray 2.50) with its

@@ -55,8 +55,7 @@ def scan_shard_folders(root: str, line: Callable[[str], None]) -> TrainingData:
 
 def scan_image_folder(root: str) -> TrainingData:
     """List train/ and val/ and check they form a usable classification dataset."""
-    fs, base = storage.resolve(root)
-    prefix = storage.uri_prefix(storage.split_query(root)[0], base)
+    fs, base, prefix = storage.resolve_keyed(root)
     by_split = {split: _class_dirs(fs, f"{base}/{split}") for split in SPLITS}
     classes = sorted(by_split["train"])
     _check_classes(root, classes, sorted(by_split["val"]), "class folders")

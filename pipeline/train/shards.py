@@ -44,8 +44,8 @@ def shard_folder(split_key: str, shard: str) -> str:
 
 def split_dir(root: str, split: str) -> str:
     """The key of `root`/`split`, which its shards' keys start with."""
-    _, base = storage.resolve(root)
-    return f"{storage.uri_prefix(storage.split_query(root)[0], base)}{base}/{split}"
+    _, base, prefix = storage.resolve_keyed(root)
+    return f"{prefix}{base}/{split}"
 
 
 def has_shards(root: str, split: str = "train") -> bool:
@@ -55,9 +55,8 @@ def has_shards(root: str, split: str = "train") -> bool:
 
 def scan_split(root: str, split: str, line: Callable[[str], None]) -> pa.Table:
     """The index of `root`/`split`'s shards (shard key, size, class, count), brought up to date and saved."""
-    fs, base = storage.resolve(root)
+    fs, base, prefix = storage.resolve_keyed(root)
     folder = f"{base}/{split}"
-    prefix = storage.uri_prefix(storage.split_query(root)[0], base)
     found = list(storage.walk_sizes(fs, folder, archive_kind))  # a shard each: thousands, not millions
     listed = pa.table({"shard": [prefix + path for path, _ in found], "size": [size for _, size in found]},
                       schema=pa.schema([("shard", pa.string()), ("size", pa.int64())]))

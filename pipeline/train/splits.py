@@ -10,6 +10,7 @@ stores them, and each takes its class from its folder (pipeline.train.shards).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,9 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.keys import MEMBER_SEPARATOR, archive_kind
+from pipeline.keys import MEMBER_SEPARATOR, TAR_SUFFIXES, ZIP_SUFFIX, archive_kind
 
 SPLITS = ("train", "val")
+# keys.split_member as a regex: the shortest prefix that names an archive, then the separator
+ARCHIVE_MEMBER = (f"(?i)^(?P<source>.*?(?:{'|'.join(re.escape(s) for s in (*TAR_SUFFIXES, ZIP_SUFFIX))}))"
+                  f"{re.escape(MEMBER_SEPARATOR)}(?P<name>.+)$")
 
 
 @dataclass
@@ -84,13 +88,12 @@ class TrainingData:
     classes: list[str]
     train: Split
     val: Split
-    keys: bool = False  # names are keys' parts (local paths, URIs, archive members) rather than paths in root
 
 
 def split_keys(keys: pa.Array) -> pa.StructArray:
     """(source, name) of each key: ARCHIVE!MEMBER at the first '!' that follows an archive's name, else a
     folder and a file name."""
-    member = pc.extract_regex(keys, r"(?i)^(?P<source>.*?\.(?:tar|tar\.gz|tgz|zip))!(?P<name>.+)$")
+    member = pc.extract_regex(keys, ARCHIVE_MEMBER)
     loose = pc.extract_regex(keys, r"^(?P<source>.*)/(?P<name>[^/]+)$")
     return pc.if_else(pc.is_valid(member), member, loose)
 
