@@ -22,6 +22,7 @@ import time
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import unquote
 
 import psutil
 import pyarrow.fs as pafs
@@ -151,6 +152,13 @@ def listening_sockets(processes) -> list[tuple[str, str, int]]:
 @dataclass
 class S3Server:
     endpoint: str  # host:port
+    log: Path  # the server's log: a line per request
+
+    def listings(self, since: int = 0) -> list[str]:
+        """The prefixes of the recursive listings (ListObjectsV2 without a delimiter) logged after line `since`."""
+        requests = self.log.read_text().splitlines()[since:]
+        return [unquote(line.split("prefix=")[1].split()[0].split("&")[0]) for line in requests
+                if "list-type=2" in line and "delimiter=" not in line]
 
     def uri(self, path: str) -> str:
         """s3://PATH with the endpoint in pyarrow's URI query form, as a MinIO or Ceph user writes it."""
@@ -197,7 +205,7 @@ def s3_api_server(log: Path):
                 if process.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
                 time.sleep(0.2)
-        server = S3Server(f"127.0.0.1:{port}")
+        server = S3Server(f"127.0.0.1:{port}", log)
         for bucket in BUCKETS:
             server.filesystem().create_dir(bucket)
         yield server

@@ -14,6 +14,8 @@ import pytest
 
 from jobs.cli import main
 from pipeline import storage
+from pipeline.train.config import DataConfig
+from pipeline.train.data import scan
 from tests.helpers import make_image_folder, start_label, write_config
 
 
@@ -81,3 +83,24 @@ def test_endpoint_from_the_environment(s3_run, s3_server, ray_local, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     rows = s3_server.labels("labels/from-env")
     assert len(rows) == 16 and not [r for r in rows if r["error"]]
+
+
+def test_an_image_folder_tree_on_s3_is_listed_once_and_told_from_shards_in_class_folders(s3_server, tmp_path):
+    """Telling an image folder tree from shard folders takes no listing of its own: on S3 a million keys take
+    minutes to list, so no key of a tree is listed twice."""
+    tree = make_image_folder(tmp_path / "tree", train_per_class=3, val_per_class=2)
+    for images in tree.glob("*/*/"):  # a shard per class folder, its members in no folder of their own
+        shard = tmp_path / "shards" / images.relative_to(tree) / "000000.tar"
+        shard.parent.mkdir(parents=True)
+        with tarfile.open(shard, "w") as tar:
+            for path in sorted(images.glob("*.jpg")):
+                tar.add(path, path.name)
+    for name, folder in [("tree", tree), ("shards", tmp_path / "shards")]:
+        root = s3_server.upload(folder, f"data/listed-once-{name}")
+        since = len(s3_server.log.read_text().splitlines())
+        data = scan(DataConfig(root=root), line=lambda text: None)
+        assert data.classes == ["blue", "red"] and (len(data.train), len(data.val)) == (6, 4)
+        assert bool(data.train.archives) == (name == "shards")
+        if name == "tree":
+            listed = s3_server.listings(since)
+            assert listed and not [(a, b) for a in listed for b in listed if a is not b and b.startswith(a)], listed

@@ -18,7 +18,8 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.keys import Keys
+from pipeline.images import is_image_name
+from pipeline.keys import Keys, archive_kind
 from pipeline.train import from_labels, shards
 from pipeline.train.splits import SPLITS, Split, TrainingData
 
@@ -34,9 +35,7 @@ def scan(data, line: Callable[[str], None] = print) -> TrainingData:
                 f"data.root: {data.root} has no {split}/ folder; expected {data.root}/{split}/<class>/*.jpg, shards "
                 f"in {data.root}/{split}/, or a labels Parquet"
             )
-    if shards.has_shards(data.root):
-        return scan_shard_folders(data.root, line)
-    return scan_image_folder(data.root)
+    return scan_image_folder(data.root) or scan_shard_folders(data.root, line)
 
 
 def scan_shard_folders(root: str, line: Callable[[str], None]) -> TrainingData:
@@ -53,27 +52,41 @@ def scan_shard_folders(root: str, line: Callable[[str], None]) -> TrainingData:
     return TrainingData(root, classes, *(shards.split_of(indexes[s], classes) for s in SPLITS))
 
 
-def scan_image_folder(root: str) -> TrainingData:
-    """List train/ and val/ and check they form a usable classification dataset."""
+def scan_image_folder(root: str) -> TrainingData | None:
+    """List train/ and val/ and check they form a usable classification dataset; None when train/ holds shards
+    (an archive anywhere in it), told apart in the same listing: on object stores a million keys take minutes to
+    list, and must not be listed twice."""
     fs, base, prefix = storage.resolve_keyed(root)
-    by_split = {split: _class_dirs(fs, f"{base}/{split}") for split in SPLITS}
+    entries = {split: fs.get_file_info(pafs.FileSelector(f"{base}/{split}")) for split in SPLITS}
+    if any(e.type == pafs.FileType.File and archive_kind(e.base_name) for e in entries["train"]):
+        return None
+    by_split = {split: _class_dirs(entries[split]) for split in SPLITS}
     classes = sorted(by_split["train"])
+    train = [_class_images(fs, prefix, by_split["train"][name], archives_too=True) for name in classes]
+    if any(found is None for found in train):
+        return None
     _check_classes(root, classes, sorted(by_split["val"]), "class folders")
+    val = [_class_images(fs, prefix, by_split["val"][name]) for name in classes]
     splits = []
-    for split in SPLITS:
-        keys, targets = [], []
-        for index, name in enumerate(classes):
-            found = Keys()
-            for path in storage.walk_images(fs, by_split[split][name]):
-                found.append(prefix + path)
-            files = found.sorted_unique()
+    for split, found in zip(SPLITS, (train, val)):
+        for name, files in zip(classes, found):
             if not len(files):
                 raise UsageError(f"data.root: class folder {root}/{split}/{name} has no images; add images or "
                                  "remove it")
-            keys.append(files)
-            targets.append(np.full(len(files), index, dtype=np.int16))
-        splits.append(Split.from_keys(pa.chunked_array(keys).combine_chunks(), np.concatenate(targets)))
+        targets = [np.full(len(files), index, dtype=np.int16) for index, files in enumerate(found)]
+        splits.append(Split.from_keys(pa.chunked_array(found).combine_chunks(), np.concatenate(targets)))
     return TrainingData(root, classes, *splits)
+
+
+def _class_images(fs: pafs.FileSystem, prefix: str, folder: str, archives_too: bool = False) -> pa.Array | None:
+    """The sorted keys of the images under `folder`; with `archives_too`, None as soon as it holds an archive."""
+    found = Keys()
+    wanted = (lambda name: is_image_name(name) or archive_kind(name)) if archives_too else is_image_name
+    for path in storage.walk(fs, folder, wanted):
+        if archives_too and archive_kind(path):
+            return None
+        found.append(prefix + path)
+    return found.sorted_unique()
 
 
 def _check_classes(root: str, train: list[str], val: list[str], what: str) -> None:
@@ -84,6 +97,6 @@ def _check_classes(root: str, train: list[str], val: list[str], what: str) -> No
                          f"{what} as train/")
 
 
-def _class_dirs(fs: pafs.FileSystem, split_dir: str) -> dict[str, str]:
-    return {e.base_name: e.path for e in fs.get_file_info(pafs.FileSelector(split_dir))
+def _class_dirs(entries: list[pafs.FileInfo]) -> dict[str, str]:
+    return {e.base_name: e.path for e in entries
             if e.type == pafs.FileType.Directory and not e.base_name.startswith(".")}

@@ -48,11 +48,6 @@ def split_dir(root: str, split: str) -> str:
     return f"{prefix}{base}/{split}"
 
 
-def has_shards(root: str, split: str = "train") -> bool:
-    fs, base = storage.resolve(root)
-    return next(storage.walk(fs, f"{base}/{split}", archive_kind), None) is not None
-
-
 def scan_split(root: str, split: str, line: Callable[[str], None]) -> pa.Table:
     """The index of `root`/`split`'s shards (shard key, size, class, count), brought up to date and saved."""
     fs, base, prefix = storage.resolve_keyed(root)
