@@ -5,7 +5,9 @@ model (ResNet18, random weights) in one process. imgjobs trains on the same imag
 shard folders (.tar of 64 members, streamed). Each side reports its second epoch's images/s (the first warms up
 caches and allocators) over at least 1,000 images: train/ is repeated (as links) until it holds that many. Rounds
 alternate the sides, and each side's median is compared; Ray's start-up is left out of the ratio and reported on its
-own (command start to first training step). The ceiling is training steps of the model alone on ready tensors.
+own (command start to first training step). The ceiling is training steps of the model alone on ready tensors; it is
+measured again beside an idle local Ray holding as many idle actors as a training job's helpers, which shows what
+Ray's own processes take from a small machine before imgjobs does anything.
 
     .venv/bin/python benchmarks/train_throughput.py [--data ../shared/data/hymenoptera] [--cases 4x1,32x1]
 
@@ -40,6 +42,11 @@ from pipeline.hardware import cpu_model, gpu_capability, gpu_half_precision  # n
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train.data import scan_image_folder  # noqa: E402
 from pipeline.train.transforms import train_transform  # noqa: E402
+
+# The processes a 1-worker `imgjobs train` holds besides its worker and Ray's own daemons: Ray Train's controller,
+# placement-group cleaner, synchronization actor, preemption watcher, dataset manager and autoscaling coordinator,
+# the job's line queue, and an idle worker that Ray keeps started.
+RAY_TRAIN_HELPERS = 8
 
 
 class Device:
@@ -122,21 +129,41 @@ def training_copies(data_root: str, work: Path, minimum: int = 1000, per_shard: 
     return str(loose), str(shards)
 
 
-def model_only(batch_size: int, device: Device, steps: int = 5) -> float:
-    """The ceiling: forward, backward and SGD step on ready tensors, no data loading at all."""
+def model_only(batch_size: int, device: Device, seconds: float = 10.0) -> float:
+    """The ceiling: forward, backward and SGD step on ready tensors, no data loading at all, for `seconds`."""
     torch.manual_seed(0)
     model, _ = device.model(2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     scaler = device.scaler()
     images, targets = torch.randn(batch_size, 3, 224, 224), torch.randint(0, 2, (batch_size,))
     model.train()
-    for step in range(steps + 1):
-        if step == 1:  # the first step warms up
-            device.synchronize()
-            start = time.perf_counter()
+    device.step(model, optimizer, scaler, images, targets)  # the first step warms up
+    device.synchronize()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
         device.step(model, optimizer, scaler, images, targets)
+        steps += 1
     device.synchronize()
     return batch_size * steps / (time.perf_counter() - start)
+
+
+def model_only_beside_ray(batch_size: int, device: Device, actors: int = RAY_TRAIN_HELPERS) -> float:
+    """The ceiling again, in a Ray driver beside a local Ray (dashboard included, as training starts it) holding
+    `actors` idle actors: what Ray's own processes cost the training process before it does anything else."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Idle:  # defined here, so Ray ships it by value to workers that cannot import this script
+        def ready(self) -> bool:
+            return True
+
+    ray.init(include_dashboard=True, logging_level="WARNING")
+    try:
+        idle = [Idle.remote() for _ in range(actors)]
+        ray.get([actor.ready.remote() for actor in idle])
+        return model_only(batch_size, device)
+    finally:
+        ray.shutdown()
 
 
 def imgjobs_train(data_root: str, batch_size: int, workers: int, epochs: int, loader_workers: int, gpu: bool,
@@ -194,7 +221,10 @@ def main() -> None:
                     if name != "plain":
                         startups[name].append(result["startup_s"])
             plain = statistics.median(rates["plain"])
-            print(f"batch {batch}, {workers} worker(s): ceiling {model_only(batch, device):.1f} img/s; plain "
+            ceiling = model_only(batch, device)
+            beside = model_only_beside_ray(batch, device)
+            print(f"batch {batch}, {workers} worker(s): ceiling {ceiling:.1f} img/s, {beside:.1f} beside an idle "
+                  f"local Ray with {RAY_TRAIN_HELPERS} idle actors ({beside / ceiling:.2f}x); plain "
                   f"{median_and_range(rates['plain'])} img/s", flush=True)
             for name in list(sides)[1:]:
                 print(f"  {name}: {median_and_range(rates[name])} img/s, {statistics.median(rates[name]) / plain:.2f}x "
