@@ -1,0 +1,142 @@
+"""The demo's accuracy against doing nothing: EfficientNet-Lite0's own ImageNet "ant" and "bee" logits, with no
+training at all, against heads trained on the frozen backbone's features (`model.mode: feature_extraction`, as
+configs/demo.yaml trains), on the downscaled demo copy and on the full-resolution photos.
+
+With the backbone frozen, its pooled features can be computed once per augmented view and only the head trained on
+them: a recipe then costs a second instead of minutes, so recipes and seeds can be compared in one run. Epoch e
+trains on view e (mod --views) of every train image, made by the job's own train transform (RandomResizedCrop and
+flip); val goes through the job's resize and centre crop. The head is trained as the job trains it: SGD with
+momentum 0.9, StepLR, shuffled batches. Also printed: the best any linear head can do on these train images (fitted
+to convergence on their un-augmented features), which bounds every feature-extraction recipe.
+
+    .venv/bin/python benchmarks/demo_recipes.py [--views 10] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.checkpoint import ModelSpec  # noqa: E402
+from pipeline.hardware import cpu_model  # noqa: E402
+from pipeline.images import decode_image  # noqa: E402
+from pipeline.models import LITE0, _timm_model  # noqa: E402
+from pipeline.train.data import scan_image_folder  # noqa: E402
+from pipeline.train.transforms import decode_sizes, eval_transform, train_transform  # noqa: E402
+
+DATA = {"demo copy": REPO / "data" / "hymenoptera", "full resolution": REPO.parent / "shared" / "data" / "hymenoptera"}
+IMAGENET_ROWS = {"ants": 310, "bees": 309}  # ImageNet's "ant" and "bee" classes
+RECIPES = {  # name: head training options (configs/demo.yaml first)
+    "configs/demo.yaml: lr 0.01, 5 epochs": dict(lr=0.01, epochs=5),
+    "lr 0.001, 25 epochs": dict(lr=0.001, epochs=25),
+    "lr 0.01, 10 epochs, label smoothing 0.1": dict(lr=0.01, epochs=10, label_smoothing=0.1),
+    "lr 0.01, 10 epochs, weight decay 0.01": dict(lr=0.01, epochs=10, weight_decay=0.01),
+    "head from ImageNet's ant and bee rows, lr 0.001, 5 epochs": dict(lr=0.001, epochs=5, imagenet_head=True),
+}
+
+
+def features(model: nn.Module, spec: ModelSpec, root: Path, classes: list[str], views: int) -> dict:
+    """Pooled features: `views` augmented views and one plain view of train, one view of val; with targets."""
+    data = scan_image_folder(str(root))
+    out = {}
+    with torch.no_grad():
+        for split, sizes in (("train", decode_sizes(spec)[0]), ("val", decode_sizes(spec)[1])):
+            samples = getattr(data, split)
+            images = [decode_image(Path(key).read_bytes(), sizes) for key in samples.keys()]
+            targets = torch.as_tensor(samples.targets.astype("int64"))
+
+            def pooled(transform):
+                x = torch.stack([transform(image) for image in images])
+                return torch.cat([model.forward_head(model.forward_features(x[i:i + 64]), pre_logits=True)
+                                  for i in range(0, len(x), 64)])
+
+            out[split] = (pooled(eval_transform(spec)), targets)
+            if split == "train":
+                torch.manual_seed(0)
+                out["views"] = torch.stack([pooled(train_transform(spec)) for _ in range(views)])
+    assert data.classes == classes
+    return out
+
+
+def train_head(feats: dict, imagenet: tuple, seed: int, lr: float, epochs: int, batch_size: int = 16,
+               label_smoothing: float = 0.0, weight_decay: float = 0.0, imagenet_head: bool = False) -> float:
+    """The val accuracy after training a new head as the job does (demo's batch 16, StepLR 7/0.1)."""
+    targets = feats["train"][1]
+    torch.manual_seed(seed)
+    head = nn.Linear(feats["views"].shape[-1], len(imagenet[1]))
+    if imagenet_head:
+        with torch.no_grad():
+            head.weight.copy_(imagenet[0]), head.bias.copy_(imagenet[1])
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    for epoch in range(epochs):
+        view = feats["views"][epoch % len(feats["views"])]
+        order = torch.randperm(len(targets))
+        for first in range(0, len(order), batch_size):
+            batch = order[first:first + batch_size]
+            loss = criterion(head(view[batch]), targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    return accuracy(head(feats["val"][0]), feats["val"][1])
+
+
+def best_linear_head(feats: dict) -> float:
+    """A linear head fitted to convergence (L-BFGS) on the un-augmented train features."""
+    (x, y) = feats["train"]
+    head = nn.Linear(x.shape[-1], int(y.max()) + 1)
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=500)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(head(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return accuracy(head(feats["val"][0]), feats["val"][1])
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return (logits.argmax(1) == targets).float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--views", type=int, default=10, help="augmented views of each train image")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {cpu_model()}; {LITE0}, ImageNet weights", flush=True)
+    model, spec = _timm_model(LITE0, pretrained=True)  # with its ImageNet head, for the zero-shot rows
+    model.eval()
+    spec = ModelSpec(arch=LITE0, **spec)
+    classes = list(IMAGENET_ROWS)
+    rows = list(IMAGENET_ROWS.values())
+    imagenet = (model.classifier.weight.detach()[rows], model.classifier.bias.detach()[rows])
+    for name, root in DATA.items():
+        if not root.is_dir():
+            print(f"{name}: {root} is absent; left out", flush=True)
+            continue
+        feats = features(model, spec, root, classes, args.views)
+        zero_shot = accuracy(feats["val"][0] @ imagenet[0].T + imagenet[1], feats["val"][1])
+        print(f"{name} ({len(feats['train'][1])} train, {len(feats['val'][1])} val): no training (ImageNet's "
+              f"logits) {zero_shot:.4f}; the best linear head on these train images {best_linear_head(feats):.4f}",
+              flush=True)
+        for recipe, options in RECIPES.items():
+            accs = [train_head(feats, imagenet, seed, **options) for seed in range(args.seeds)]
+            print(f"  {recipe}: {' '.join(f'{a:.4f}' for a in accs)} (worst {min(accs) - zero_shot:+.4f} against "
+                  "no training)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
