@@ -76,7 +76,8 @@ class TestTwoNodes:
     tests after them."""
 
     @pytest.fixture(scope="class")
-    def cluster(self):
+    @classmethod
+    def cluster(cls):
         cluster = LocalCluster(HEAD, [{"num_cpus": 1}, {"num_cpus": 1}])
         yield cluster
         cluster.stop()
