@@ -46,6 +46,7 @@ RECIPES = {  # name: head training options (configs/demo.yaml first)
 def features(model: nn.Module, spec: ModelSpec, root: Path, classes: list[str], views: int) -> dict:
     """Pooled features: `views` augmented views and one plain view of train, one view of val; with targets."""
     data = scan_image_folder(str(root))
+    assert data.classes == classes, f"{root} holds {data.classes}, not {classes}"
     out = {}
     with torch.no_grad():
         for split, sizes in (("train", decode_sizes(spec)[0]), ("val", decode_sizes(spec)[1])):
@@ -62,7 +63,6 @@ def features(model: nn.Module, spec: ModelSpec, root: Path, classes: list[str], 
             if split == "train":
                 torch.manual_seed(0)
                 out["views"] = torch.stack([pooled(train_transform(spec)) for _ in range(views)])
-    assert data.classes == classes
     return out
 
 
@@ -93,7 +93,7 @@ def train_head(feats: dict, imagenet: tuple, seed: int, lr: float, epochs: int, 
 
 def best_linear_head(feats: dict) -> float:
     """A linear head fitted to convergence (L-BFGS) on the un-augmented train features."""
-    (x, y) = feats["train"]
+    x, y = feats["train"]
     head = nn.Linear(x.shape[-1], int(y.max()) + 1)
     optimizer = torch.optim.LBFGS(head.parameters(), max_iter=500)
 

@@ -446,7 +446,6 @@ class LocalCluster:
         shutil.rmtree(self.token.parent, ignore_errors=True)
 
 
-
 @contextlib.contextmanager
 def benchmark_cluster(name: str):
     """A scale benchmark's setting: its header line (date, CPU, cores), then a work folder and a local Ray cluster
@@ -461,6 +460,7 @@ def benchmark_cluster(name: str):
     finally:
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
+
 
 class AutoscalingCluster:
     """A head that advertises no CPUs, under Ray's real autoscaler (v2, what `ray up` runs since Ray 2.50) with its
