@@ -9,6 +9,7 @@ default for every family: inception_v3 wants 299 pixels, efficientnet_b3 320 and
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 
 import torch
@@ -57,8 +58,11 @@ def known_arch(arch: str) -> bool:
     return arch in TIMM_ARCHS or arch in torchvision_archs()
 
 
-def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.Module, ModelSpec]:
-    """Return (model, spec): the backbone with `weights` loaded, a fresh `num_classes` head, and its spec."""
+def build_model(arch: str, num_classes: int, weights: str = "none",
+                imagenet_rows: dict[int, int] | None = None) -> tuple[nn.Module, ModelSpec]:
+    """Return (model, spec): the backbone with `weights` loaded, a fresh `num_classes` head, and its spec.
+    `imagenet_rows` ({class: ImageNet class}, from head_from_imagenet) starts those classes' outputs from the
+    ImageNet classifier's rows instead of random ones."""
     if not known_arch(arch):
         raise UsageError(
             f"model.arch: unknown architecture {arch!r}; use {LITE0} or a torchvision classification model "
@@ -71,11 +75,34 @@ def build_model(arch: str, num_classes: int, weights: str = "none") -> tuple[nn.
     if weights not in ("imagenet", "none"):
         _load_state_file(model, weights)
     _drop_aux_heads(arch, model)
+    imagenet_head = model.get_submodule(spec["head"])
     if arch in TIMM_ARCHS:
         model.reset_classifier(num_classes)
     else:
         _replace_head(model, spec["head"], num_classes)
+    with torch.no_grad():
+        head = model.get_submodule(spec["head"])
+        for row, imagenet_row in (imagenet_rows or {}).items():
+            head.weight[row] = imagenet_head.weight[imagenet_row]
+            head.bias[row] = imagenet_head.bias[imagenet_row]
     return model, ModelSpec(arch=arch, **spec)
+
+
+def head_from_imagenet(classes: list[str], names: dict[str, str]) -> dict[int, int]:
+    """model.head_from_imagenet ({class: ImageNet class name}) as {class index: ImageNet index}, checked against
+    the data's classes and ImageNet's names (torchvision's, unique, in the order of every ImageNet-1k head)."""
+    categories = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    rows = {}
+    for name, imagenet in names.items():
+        if name not in classes:
+            raise UsageError(f"model.head_from_imagenet: {name!r} is not one of the data's classes "
+                             f"({', '.join(classes)}); use those as its keys")
+        if imagenet not in categories:
+            close = difflib.get_close_matches(imagenet, categories, n=3)
+            hint = f"close ones: {', '.join(close)}" if close else "see torchvision's ImageNet category names"
+            raise UsageError(f"model.head_from_imagenet: {name}: {imagenet!r} is not an ImageNet class name; {hint}")
+        rows[classes.index(name)] = categories.index(imagenet)
+    return rows
 
 
 def _family(arch: str, table: dict):

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 import ray
+from pydantic import BaseModel
 
 from jobs.cli import main
-from pipeline.train.config import load_config
+from pipeline.train.config import Config, load_config
 from tests.helpers import REPO, fresh_env, make_image_folder, write_config
 
 
@@ -40,6 +41,9 @@ def run_cli(capsys, *argv):
         ("train.epochs", "override 'train.epochs' must look like key.sub=value"),
         ("model.weights=missing.pth", "model.weights: file missing.pth not found"),
         ("data.min_score=2", "data.min_score: Input should be less than or equal to 1"),
+        ("model.head_from_imagenet={red: ant}", "model.head_from_imagenet: copies rows of the ImageNet classifier, "
+                                                "so it needs model.weights: imagenet; or set "
+                                                "model.head_from_imagenet=null for a random head (got {'red': 'ant'})"),
         ("tracking.mlflow_ur=x", "unknown key 'tracking.mlflow_ur'; allowed keys here: mlflow_uri, mlflow_experiment"),
     ],
 )
@@ -72,6 +76,13 @@ def test_bad_config_found_once_ray_started_is_one_line_and_exit_2(ray_local, cap
     assert code == 2
     assert expected in err
     assert len(err.splitlines()) == 1 and err.startswith("imgjobs train: error:")
+
+
+def test_head_from_imagenet_for_a_class_the_data_lacks_is_one_line_and_exit_2(ray_local, capsys, config):
+    code, err = run_cli(capsys, "-c", config, "model.weights=imagenet", "model.head_from_imagenet={wasps: wasp}")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "model.head_from_imagenet: 'wasps' is not one of the data's classes (blue, red); use those as its " \
+           "keys" in err
 
 
 @pytest.mark.ray
@@ -143,3 +154,19 @@ def test_shipped_configs_hold_the_seed_recipe():
     demo = load_config(str(REPO / "configs" / "demo.yaml"))
     assert (demo.model.arch, demo.model.weights, demo.model.mode) == ("efficientnet_lite0", "imagenet",
                                                                       "feature_extraction")
+
+
+def test_every_config_key_is_in_the_docs_key_tables():
+    for doc in ("README.md", "docs/training.md"):
+        text = (REPO / doc).read_text()
+        assert [key for key in config_keys() if f"`{key}`" not in text] == [], doc
+
+
+def config_keys(section: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in section.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += config_keys(field.annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys

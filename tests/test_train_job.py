@@ -163,7 +163,9 @@ def assert_tracked(uri: str, run, summary: dict) -> None:
 
 
 def test_demo_recipe_on_full_resolution_ants_and_bees(ray_local, tmp_path, shared_hymenoptera):
-    summary = train(REPO / "configs" / "demo.yaml", "train.epochs=3", f"data.root={shared_hymenoptera}",
+    """The demo's head starts from ImageNet's ant and bee rows, which alone score 0.974 here, and stays above 0.97.
+    A random head trained the same way scores 0.93-0.95 after 2 epochs (benchmarks/demo_recipes.py's way)."""
+    summary = train(REPO / "configs" / "demo.yaml", "train.epochs=2", f"data.root={shared_hymenoptera}",
                     f"storage.path={tmp_path}")
-    assert summary["best_val_acc"] >= 0.93
+    assert summary["best_val_acc"] >= 0.97
     assert summary["skipped_files"] == 0  # the placeholder GIF in train/ants is a valid image

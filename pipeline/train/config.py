@@ -6,7 +6,7 @@ import os
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
 from pipeline.errors import UsageError
 
@@ -39,6 +39,17 @@ class ModelConfig(_Section):
     weights: str = Field("imagenet", description="imagenet, none, or a path to a state_dict file")
     mode: Literal["finetune", "feature_extraction"] = "finetune"
     trainable: Literal["all"] | list[str] = "all"
+    head_from_imagenet: dict[str, str] | None = Field(None, description="{class: ImageNet class name}, e.g. {ants: "
+                                                      "ant}: those classes' outputs start from the ImageNet "
+                                                      "classifier's rows for the names, not random ones")
+
+    @field_validator("head_from_imagenet")
+    @classmethod
+    def _needs_imagenet_weights(cls, value, info: ValidationInfo):
+        if value and info.data.get("weights") != "imagenet":
+            raise ValueError("copies rows of the ImageNet classifier, so it needs model.weights: imagenet; or set "
+                             "model.head_from_imagenet=null for a random head")
+        return value
 
 
 class TrainConfig(_Section):
@@ -48,6 +59,8 @@ class TrainConfig(_Section):
     momentum: LaxFloat = Field(0.9, ge=0, lt=1)
     step_size: int = Field(7, gt=0)
     gamma: LaxFloat = Field(0.1, gt=0, le=1)
+    label_smoothing: LaxFloat = Field(0.0, ge=0, lt=1, description="CrossEntropyLoss's: the share of each target "
+                                      "spread over all classes (train and val loss)")
     seed: int = 0
     num_data_workers: int = Field(2, ge=0, description="DataLoader processes per training worker")
     amp: Literal["off", "auto", "bf16", "fp16"] = Field("off", description="autocast dtype on GPU workers (CPU "
@@ -145,7 +158,7 @@ def _describe(err: dict) -> str:
         return f"config error: unknown key {key!r}; allowed keys here: {allowed}"
     if err["type"] == "missing":
         return f"config error: {key} is required"
-    return f"config error: {key}: {err['msg']} (got {err.get('input')!r})"
+    return f"config error: {key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
 
 
 def _section_for(path: list[str]):

@@ -42,7 +42,7 @@ def train(cfg: Config, dataset: TrainingData, started_at: float, fresh: bool = F
     # The model is built once to check it on a thread while Ray starts on this one (it must: Ray's processes end
     # with the thread that started them). Each takes seconds of imports and start-up, and on 2 CPUs they overlap.
     with ThreadPoolExecutor(1) as pool:
-        checking = pool.submit(check_model, cfg, len(dataset.classes))
+        checking = pool.submit(check_model, cfg, dataset.classes)
         connected = init_ray(training=True)
         try:
             checking.result()
@@ -99,14 +99,12 @@ def start_run(cfg: Config, dataset: TrainingData, run_dir: str, fresh: bool, con
     return config, tracker
 
 
-def check_model(cfg: Config, num_classes: int) -> None:
-    """Build the model once: a bad arch, weights file or trainable list fails here, before anything is written.
-    It runs while Ray starts (train), and so do its imports: the job's heavy ones, fit's included."""
-    from pipeline.models import build_model, configure_trainable
-    from pipeline.train.loop import train_loop_per_worker  # noqa: F401  (fit's: torch, torchvision, Ray Train)
+def check_model(cfg: Config, classes: list[str]) -> None:
+    """Build the model once: a bad arch, weights file, trainable list or head_from_imagenet fails here, before
+    anything is written. It runs while Ray starts (train), and so do its imports: the job's heavy ones, fit's too."""
+    from pipeline.train.loop import new_model  # torch, torchvision and Ray Train: fit's imports
 
-    model, spec = build_model(cfg.model.arch, num_classes, cfg.model.weights)
-    configure_trainable(model, spec.head, cfg.model.mode, cfg.model.trainable)
+    new_model(cfg, classes)
 
 
 def fit(cfg: Config, job: TrainingJob, storage_path: str, use_gpu: bool) -> ray.train.Result:

@@ -26,7 +26,7 @@ from pipeline import checkpoint
 from pipeline.checkpoint import ModelSpec
 from pipeline.console import timestamp
 from pipeline.hardware import gpu_half_precision
-from pipeline.models import build_model, configure_trainable, set_train_mode
+from pipeline.models import build_model, configure_trainable, head_from_imagenet, set_train_mode
 from pipeline.train import distributed, shards, shared_storage
 from pipeline.train.config import Config
 from pipeline.train.dataset import EpochSampler, ImageDataset, ShardStream, collate_skipping
@@ -152,6 +152,14 @@ class RunState:
     noticed: bool = False  # a preemption notice came since the run last resumed
 
 
+def new_model(cfg: Config, classes: list[str]) -> tuple[nn.Module, ModelSpec]:
+    """The model a run trains: the backbone, a new head for `classes`, and which parts of it train."""
+    rows = head_from_imagenet(classes, cfg.model.head_from_imagenet) if cfg.model.head_from_imagenet else None
+    model, spec = build_model(cfg.model.arch, len(classes), cfg.model.weights, rows)
+    configure_trainable(model, spec.head, cfg.model.mode, cfg.model.trainable)
+    return model, spec
+
+
 def train_loop_per_worker(config: dict) -> None:
     job: TrainingJob = config["job"]
     cfg = Config.model_validate(job.config)
@@ -159,8 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
     worker = Worker.current(cfg)
     data: TrainingData = ray.get(job.data)  # Arrow and NumPy, shared with the node's object store
     torch.manual_seed(cfg.train.seed)  # the same new head on every worker
-    model, spec = build_model(cfg.model.arch, len(data.classes), cfg.model.weights)
-    configure_trainable(model, spec.head, cfg.model.mode, cfg.model.trainable)
+    model, spec = new_model(cfg, data.classes)
     if worker.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
@@ -168,7 +175,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.train.step_size, gamma=cfg.train.gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=worker.amp_dtype is torch.float16)
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+    criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=cfg.train.label_smoothing)
     reporter = Reporter(job.events, worker.rank, worker.world, cfg.train.epochs)
     if worker.amp_line:
         reporter.line(worker.amp_line)
