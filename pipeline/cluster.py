@@ -25,7 +25,9 @@ def init_ray(training: bool = False) -> bool:
     `ray start --head` gives one, and imgjobs then joins it. Likewise the job's runtime env: training's workers
     need setup_worker, and a joined cluster's workers the storage variables, while the workers of a Ray that this
     process starts inherit its environment. Labeling there runs without one: any runtime env makes Ray start new
-    workers for the job rather than use the ones it prestarts."""
+    workers for the job rather than use the ones it prestarts. Training's own Ray starts its workers at nice 0, not
+    Ray's 15: there the training worker is the job, and at 15 it and its loader processes yield the CPU to the
+    driver and Ray's daemons whenever those wake (benchmarks/RESULTS.md#train_throughput)."""
     if ray.is_initialized():
         return False
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
@@ -34,6 +36,8 @@ def init_ray(training: bool = False) -> bool:
     ray_internals.quiet_token_notice()
     if address is None:  # a new local Ray: on loopback only
         ray_internals.bind_to_loopback()
+        if training:
+            os.environ.setdefault("RAY_worker_niceness", "0")
     elif ray_internals.runs_on_this_machine(address):
         if ray_internals.runs_token_auth(address):
             ray_internals.present_token_if_any()

@@ -69,19 +69,21 @@ def test_a_typo_fails_validation(cluster_yaml, path, typo):
 
 
 @pytest.mark.ray
-def test_local_ray_from_init_ray_listens_on_loopback_only():
-    """issue 5: a Ray that imgjobs starts itself (no RAY_ADDRESS, no `ray start` cluster) binds to 127.0.0.1."""
-    script = ("import ray, sys\nfrom pipeline.cluster import init_ray\ninit_ray()\n"
-              "ray.get(ray.remote(lambda: 1).remote())\nprint('ready', flush=True)\nsys.stdin.read()\n")
+def test_local_ray_from_init_ray_listens_on_loopback_only_and_runs_workers_at_nice_0():
+    """issue 5: a Ray that imgjobs starts itself (no RAY_ADDRESS, no `ray start` cluster) binds to 127.0.0.1, its
+    dashboard (training's) included. Its workers run at nice 0, where Ray's default is 15."""
+    script = ("import os, ray, sys\nfrom pipeline.cluster import init_ray\ninit_ray(training=True)\n"
+              "print('ready', ray.get(ray.remote(lambda: os.nice(0)).remote()), flush=True)\nsys.stdin.read()\n")
     # Its own Ray temp dir (short: socket paths), so it cannot find and join a `ray start` cluster of this machine.
     tmp = tempfile.mkdtemp(prefix="imgjobs-ray-")
     # Nor may it inherit the loopback setting from this process: init_ray has to make it.
-    env = {**{k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", *LOCAL_ONLY_ENV}}, "RAY_TMPDIR": tmp}
+    env = {**{k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "RAY_worker_niceness", *LOCAL_ONLY_ENV}},
+           "RAY_TMPDIR": tmp}
     try:
         with subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) as driver:
             try:
-                assert driver.stdout.readline().strip() == "ready"
+                assert driver.stdout.readline().split() == ["ready", "0"]
                 root = psutil.Process(driver.pid)
                 sockets = listening_sockets([root, *root.children(recursive=True)])
             finally:
