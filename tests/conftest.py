@@ -101,7 +101,7 @@ def demo_run(ray_local, tmp_path_factory) -> dict:
     Ray of its own, beside the session's. Its summary (a real pretrained checkpoint for labeling tests), with what it
     printed under `stdout` and `stderr`."""
     storage = tmp_path_factory.mktemp("demo-runs")
-    result = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", "configs/demo.yaml", "train.epochs=1",
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "-c", "configs/demo.yaml", "train.epochs=2",
                              f"data.root={DEMO_DATA}", f"storage.path={storage}"], cwd=REPO, env=fresh_env(),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

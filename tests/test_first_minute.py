@@ -28,9 +28,9 @@ def test_demo_training_prints_only_its_own_lines(demo_run):
     assert not NOISE.findall(out), [line for line in out.splitlines() if NOISE.search(line)][:5]
     lines = demo_run["stdout"].strip().splitlines()
     assert lines[0].startswith("demo: 245 train / 153 val images")
-    assert re.search(r"^epoch 1/1  step \d+/16  [\d.]+ img/s  ETA \d+:\d\d epoch, \d+:\d\d run$", demo_run["stdout"],
+    assert re.search(r"^epoch 1/2  step \d+/16  [\d.]+ img/s  ETA \d+:\d\d epoch, \d+:\d\d run$", demo_run["stdout"],
                      re.M)
-    assert re.search(r"^epoch 1/1  train loss [\d.]+ acc [\d.]+  val loss", demo_run["stdout"], re.M)
+    assert re.search(r"^epoch 2/2  train loss [\d.]+ acc [\d.]+  val loss", demo_run["stdout"], re.M)
     run_dir = demo_run["run_dir"]
     assert lines[-1] == f"run in {run_dir}; label with it: imgjobs label --checkpoint {run_dir} --input IMAGES " \
                         f"--output {run_dir}/labels"
