@@ -7,6 +7,7 @@ import importlib
 import sys
 import time
 
+from pipeline.console import printable
 from pipeline.errors import UsageError
 
 COMMANDS = {
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.run(args)
     except UsageError as e:
-        print(f"imgjobs {args.command}: error: {e}", file=sys.stderr)
+        print(f"imgjobs {args.command}: error: {printable(str(e))}", file=sys.stderr)  # paths in it are data
         return 2
     except KeyboardInterrupt:
         print(f"imgjobs {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -14,7 +14,7 @@ import sys
 from ray.exceptions import AuthenticationError
 
 from jobs.cli import COMMANDS
-from pipeline import submit
+from pipeline import storage, submit
 from pipeline.errors import UsageError
 from pipeline.train.config import load_config
 
@@ -73,11 +73,15 @@ def run(args) -> int:
 
 def check_job(job_argv: list[str]) -> None:
     """Catch argument and config mistakes here, before anything is uploaded: the job's own parser reads its
-    arguments, and a config file must be one that travels with the job."""
+    arguments, a config file must be one that travels with the job, and no URI may carry credentials nor any link
+    a file from outside (check_links)."""
     runnable = [name for name in COMMANDS if name != "submit"]
     if not job_argv or job_argv[0] not in runnable:
         raise UsageError(f"{USAGE}; jobs: {', '.join(runnable)}")
     name, *rest = job_argv
+    for argument in rest:  # they become the job's entrypoint and metadata, which anyone with the dashboard reads
+        storage.refuse_credentials(argument, "argument")
+    submit.check_links()
     parser = argparse.ArgumentParser(prog=f"imgjobs submit -- {name}")
     importlib.import_module(f"jobs.{name}").add_arguments(parser)
     parsed = parser.parse_args(rest)

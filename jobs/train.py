@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.console import printable
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("-c", "--config", required=True, help="YAML config, e.g. configs/train.yaml")
@@ -30,6 +32,6 @@ def run(args) -> int:
     try:
         train(cfg, dataset, started_at=args.started_at, fresh=args.fresh)
     except TrainingFailed as e:
-        print(f"imgjobs train: error: training failed: {e}", file=sys.stderr)
+        print(f"imgjobs train: error: training failed: {printable(str(e))}", file=sys.stderr)
         return 1
     return 0

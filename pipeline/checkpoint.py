@@ -35,6 +35,25 @@ class ModelSpec:
     input_size: int
     interpolation: str = "bilinear"  # checkpoints of imgjobs 0.1 have none: they resized bilinearly
 
+
+# What a checkpoint may ask of the machines that label with it: a tensor of input_size² pixels per image, each image
+# resized to resize_size² first, a score per class. Past these bounds it is damaged, or made to exhaust them.
+INPUT_SIZES = (8, 4096)
+RESIZE_SIZES = (8, 8192)
+CLASS_COUNTS = (2, 100_000)
+
+
+def check_ranges(state: dict, path: str) -> None:
+    spec, classes = state["model"], state.get("classes")
+    for name, value, (low, high) in (("model.input_size", spec.input_size, INPUT_SIZES),
+                                     ("model.resize_size", spec.resize_size, RESIZE_SIZES),
+                                     ("classes", len(classes) if isinstance(classes, list) else None, CLASS_COUNTS)):
+        if type(value) is not int or not low <= value <= high:  # not a bool either, which is an int
+            shown = value if isinstance(value, int) else type(value).__name__
+            raise UsageError(f"checkpoint {path} has {name} {shown}, outside {low}..{high}; pass a checkpoint "
+                             "written by imgjobs train")
+
+
 # torch loads in seconds, so it is imported where a checkpoint is read or written: `find` answers a wrong path
 # before that.
 
@@ -50,9 +69,22 @@ def find(path: str) -> str:
         if fs.get_file_info(f"{base}/{FILENAME}").type == pafs.FileType.File:
             return storage.join(path, FILENAME)
         if fs.get_file_info(f"{base}/summary.json").type == pafs.FileType.File:
-            return json.loads(storage.read_bytes(fs, f"{base}/summary.json"))["best_checkpoint"]
+            return best_checkpoint(path, json.loads(storage.read_bytes(fs, f"{base}/summary.json")))
     raise UsageError(f"checkpoint {path} not found; pass a training run's folder or the best_checkpoint path from "
                      "its summary.json")
+
+
+def best_checkpoint(run: str, summary: dict) -> str:
+    """The best checkpoint of the run folder `run`: the summary's best_checkpoint, relative to the summary's run_dir,
+    inside `run`. A summary.json is data (anyone's bucket may hold one), so it cannot point a job at a file elsewhere,
+    nor at another endpoint; and a run folder that was moved or copied still finds its own checkpoint."""
+    recorded, run_dir = (storage.split_query(str(summary.get(key) or ""))[0] for key in ("best_checkpoint", "run_dir"))
+    prefix = run_dir.rstrip("/") + "/"
+    parts = recorded[len(prefix):].split("/")
+    if not run_dir or not recorded.startswith(prefix) or any(part in ("", ".", "..") for part in parts):
+        raise UsageError(f"checkpoint {run}: its summary.json names a best_checkpoint outside the run's folder; pass "
+                         "a checkpoint.pt itself, or a run folder that imgjobs train wrote")
+    return storage.join(storage.absolute(run), *parts)
 
 
 def save(state: dict, directory: str) -> str:
@@ -88,6 +120,7 @@ def load(path: str) -> dict:
     except TypeError as e:
         raise UsageError(f"checkpoint {path} has a model entry this imgjobs cannot read ({e}); pass a checkpoint "
                          "written by imgjobs train") from None
+    check_ranges(state, path)
     arch = state["model"].arch
     if not known_arch(arch):
         raise UsageError(f"checkpoint {path} has unknown model.arch {arch!r}; this imgjobs cannot build it")

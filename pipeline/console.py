@@ -21,6 +21,10 @@ LOG_EVERY_S = 5.0  # progress lines in logs; a terminal redraws on every update
 # predictor actor); the line stays in Ray's log files, and off the job's terminal.
 RESTARTABLE_ACTOR_NOTICE = re.compile(
     r"core_worker\.cc.*has constructor arguments in the object store and max_restarts")
+# What a terminal acts on, or cannot show, in a file name: C0 and C1 controls (ESC starts colour and cursor
+# commands; CR and LF rewrite or fake lines), DEL, the line and paragraph separators, bidirectional overrides, and
+# lone surrogates (names that are not UTF-8, which also fail to encode).
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 class Console:
@@ -35,7 +39,7 @@ class Console:
         with self._lock:
             if self._status is not None:
                 self._status.clear()
-            self.stream.write(text + "\n")
+            self.stream.write(printable(text) + "\n")
             self.stream.flush()
             if self._status is not None:
                 self._status.refresh()
@@ -47,7 +51,7 @@ class Console:
                     # The terminal's size, and 80x24 where it says 0x0 (a bare pty): tqdm hides its line in 0 rows.
                     size = shutil.get_terminal_size()
                     self._status = tqdm(file=self.stream, bar_format="{desc}", ncols=size.columns, nrows=size.lines)
-                self._status.set_description_str(text)
+                self._status.set_description_str(printable(text))
         elif time.monotonic() - self._last_logged >= LOG_EVERY_S:
             self._last_logged = time.monotonic()
             self.line(text)
@@ -58,6 +62,13 @@ class Console:
             if self._status is not None:
                 self._status.close()
                 self._status = None
+
+
+def printable(text: str) -> str:
+    """`text` with UNPRINTABLE characters written as Python escapes (\\x1b, \\r, \\u202e, \\udcff): a path on
+    the console cannot recolour the terminal, move its cursor, rewrite a line or add one. Every line Console prints,
+    and every error line, passes through it."""
+    return UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
 def timestamp(seconds: float) -> str:

@@ -13,6 +13,8 @@ from typing import TypeVar
 import pyarrow.fs as pafs
 import tenacity
 
+from pipeline.console import printable
+from pipeline.errors import UsageError
 from pipeline.images import is_hidden, is_image_name
 
 T = TypeVar("T")
@@ -59,6 +61,31 @@ def host(uri: str) -> str:
     """scheme://bucket (or scheme://host:port): the part of a URI that one filesystem object serves."""
     scheme, rest = split_query(uri)[0].split("://", 1)
     return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def refuse_credentials(uri: str, where: str) -> None:
+    """A URI that carries credentials (`s3://KEY:SECRET@bucket/...`) raises a UsageError that shows it masked
+    (`s3://***@bucket/...`). A URI travels into keys, Parquet files, summaries, console lines and Ray job metadata,
+    so its secret would too. `where` names it for the user: `--input`, `manifest M line 3:`..."""
+    path, query = split_query(uri)
+    if "://" not in path:
+        return
+    scheme, rest = path.split("://", 1)
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        userinfo = authority.rpartition("@")[0]
+    elif ":" in authority and "@" in rest and not authority.rpartition(":")[2].isdigit():
+        # Not a port: a secret holding an unescaped "/" (AWS secrets can) ended the authority early.
+        userinfo = rest.rpartition("@")[0]
+    else:
+        return
+    # A user name alone is a login (hdfs://user@namenode), except on S3, where pyarrow takes it as an access key.
+    if ":" in userinfo or scheme.lower() == "s3":
+        shown = f"{scheme}://***@{rest[len(userinfo) + 1:]}{query}"
+        raise UsageError(f"{where} {shown} carries credentials, which would be copied into outputs, logs and job "
+                         "metadata; remove them and give credentials by environment (AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS) or a credentials file "
+                         "(~/.aws/credentials)")
 
 
 def resolve_keyed(path: str) -> tuple[pafs.FileSystem, str, str]:
@@ -172,7 +199,7 @@ def _walk_local(root: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str,
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:  # an unreadable folder must not stop the listing, but it must not be silent
-            print(f"warning: cannot list {folder}: {e.strerror or e}", file=sys.stderr)
+            print(printable(f"warning: cannot list {folder}: {e.strerror or e}"), file=sys.stderr)
             continue
         subdirs = []
         for entry in entries:

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,6 +15,7 @@ from ray.job_submission import JobInfo, JobStatus, JobSubmissionClient
 
 from pipeline import ray_internals
 from pipeline.cluster import storage_environment
+from pipeline.errors import UsageError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a job carries to the cluster: the code and the configs, nothing else (no data, runs, labels, checkpoints,
@@ -36,6 +38,35 @@ def package_files() -> list[str]:
         files += [p.relative_to(PROJECT_ROOT).as_posix() for p in candidates
                   if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")]
     return files
+
+
+def check_links(root: Path = PROJECT_ROOT) -> None:
+    """Refuse a symlink among the job's files that points outside them: Ray packs the working_dir following links,
+    so it would upload what the link points at (a key, ~/.aws/credentials, a dataset) under the link's name."""
+    root = root.resolve()
+    carried = [root / entry for entry in PACKAGE_CONTENT]
+    for link in _links(carried):
+        target = link.resolve()
+        inside = any(target.is_relative_to(base) and not any(map(_left_out, target.relative_to(base).parts))
+                     for base in carried)
+        if link.exists() and not inside:  # a broken link uploads nothing
+            raise UsageError(f"{link.relative_to(root)} links to {target}, outside the files a job carries "
+                             f"({', '.join(PACKAGE_CONTENT)}), and imgjobs submit would upload it: copy what the job "
+                             "needs into the project, or remove the link")
+
+
+def _links(paths) -> Iterator[Path]:
+    """The symlinks among `paths` and in the folders below them, as Ray's packing meets them."""
+    for path in paths:
+        if path.is_symlink():
+            yield path
+        elif path.is_dir():
+            yield from _links(p for p in path.iterdir() if not _left_out(p.name))
+
+
+def _left_out(name: str) -> bool:
+    """Names that runtime_env's excludes leave out wherever they are."""
+    return name == "__pycache__" or name.startswith(".")
 
 
 def runtime_env() -> dict:

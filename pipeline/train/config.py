@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
 
+from pipeline import storage
 from pipeline.errors import UsageError
 
 
@@ -32,6 +33,13 @@ class DataConfig(_Section):
                                 "shuffle the members it streams (WebDataset's buffer); 0 or 1: stored order")
     exact_decode: bool = Field(False, description="decode every JPEG at full size; by default a big one decodes at "
                                                   "a reduced scale that still gives every crop its full pixels")
+
+    @field_validator("root")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        # A UsageError, which pydantic passes on as it is: a ValidationError's line would quote the secret.
+        storage.refuse_credentials(value, "config error: data.root")
+        return value
 
 
 class ModelConfig(_Section):
@@ -84,6 +92,12 @@ class ScalingConfig(_Section):
 
 class StorageConfig(_Section):
     path: str = Field("runs", description="local folder or pyarrow URI (s3://, gs://, ...)")
+
+    @field_validator("path")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        storage.refuse_credentials(value, "config error: storage.path")  # as data.root's
+        return value
 
 
 class TrackingConfig(_Section):

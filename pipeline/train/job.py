@@ -75,7 +75,8 @@ def train(cfg: Config, dataset: TrainingData, started_at: float, fresh: bool = F
         tracker.finish(summary)
     from pipeline.train.reports import epoch_table  # matplotlib, which the failure paths never need
 
-    console.line(epoch_table(summary["epochs"]))
+    for row in epoch_table(summary["epochs"]).splitlines():  # a line each: line() escapes a newline
+        console.line(row)
     console.line(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}; "
                  f"{summary['skipped_files']} unreadable file(s) skipped")
     console.line(f"run in {run_dir}; label with it: imgjobs label --checkpoint {shlex.quote(run_dir)} --input IMAGES "
