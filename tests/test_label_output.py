@@ -1,75 +1,27 @@
-"""The label output: one writer at a time, on local disk and on a real S3 API server; files committed by size and
-by time; archive members over the cap; bookkeeping by unit, with nothing kept per image."""
+"""The label output: files committed by size and by time; archive members over the cap; bookkeeping by unit, with
+nothing kept per image. Its lock: tests/test_output_lock.py."""
 
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import os
 import tarfile
-import time
 import tracemalloc
-import uuid
 import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from jobs import label as label_command
-from pipeline import storage
+from pipeline.archives import Limits
 from pipeline.keys import Reader
-from pipeline.label import lock, units
-from pipeline.label.lock import OutputBusy, OutputLock
+from pipeline.label import units
 from pipeline.label.output import LABEL_DEFINING, LabelWriter
 from pipeline.label.sources import list_inputs
 from pipeline.label.units import UNIT, UNIT_TOTAL
 from pipeline.labels_file import OUTPUT_SCHEMA, UNITS_KEY
 from tests.helpers import Clock, label_files
-
-
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    """(filesystem, path in it, the output as a user names it): a fresh output folder on each storage."""
-    if request.param == "local":
-        uri = str(tmp_path / "out")
-    else:
-        server = request.getfixturevalue("s3_server")
-        server.filesystem().create_dir("locks")  # the bucket
-        uri = server.uri(f"locks/{uuid.uuid4().hex[:8]}")
-    fs, base = storage.resolve(uri)
-    fs.create_dir(base, recursive=True)
-    return fs, base, uri
-
-
-def test_a_second_writer_is_refused_naming_the_holder_and_a_taken_over_holder_stops(output, monkeypatch):
-    monkeypatch.setattr(lock, "HEARTBEAT_S", 0.2)
-    fs, base, uri = output
-    first = OutputLock(fs, base, "run-a", uri)
-    assert first.acquire() is None
-    with pytest.raises(OutputBusy, match=rf"being written by label run run-a \(host .+, pid {os.getpid()}\), last "
-                                         r"heartbeat \d+s ago; wait for it to finish, or use another --output"):
-        OutputLock(fs, base, "run-b", uri).acquire()
-    time.sleep(0.5)
-    beat = json.loads(storage.read_bytes(fs, f"{base}/{lock.LOCK}"))["heartbeat"]
-    assert time.time() - beat < 0.5  # the holder's heartbeat goes on
-
-    # Its heartbeat stopped long ago (a holder on a lost node): the next job takes over, and the old holder,
-    # should it come back, stops before its next commit.
-    first._stop.set()
-    first._beating.join()
-    stale = {"run_id": "run-a", "host": "lost-node", "pid": 1, "heartbeat": time.time() - lock.STALE_AFTER_S - 5}
-    storage.write_bytes(fs, f"{base}/{lock.LOCK}", json.dumps(stale).encode())
-    second = OutputLock(fs, base, "run-b", uri)
-    assert second.acquire() == ("label: taking over the lock of label run run-a (host lost-node, pid 1): "
-                                "no heartbeat for 185s")
-    first._stop.clear()
-    first._beat_once()
-    with pytest.raises(OutputBusy, match="was taken over by label run run-b"):
-        first.check()
-    second.release()
-    assert fs.get_file_info(f"{base}/{lock.LOCK}").type.name == "NotFound"
 
 
 def test_archive_members_over_the_cap_get_an_error_row_without_being_inflated(tmp_path):
@@ -80,7 +32,7 @@ def test_archive_members_over_the_cap_get_an_error_row_without_being_inflated(tm
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    members = Reader(max_member_bytes=2**20).archive_members(str(tar_path), set())
+    members = Reader(limits=Limits(member_bytes=2**20)).archive_members(str(tar_path), set())
     rows = {key.split("!")[1]: rest for key, *rest in members}
     assert rows["small.jpg"] == [small, None, None]
     assert rows["big.jpg"] == [None, "archive member of 2 MiB is over the 1 MiB cap (--max-member-mb)", "too_large"]

@@ -15,8 +15,9 @@ merge is a second commit of the same rows, so a kill between writing the merged 
 would leave duplicates, and one file a minute (1,440 a day) is well within what Parquet readers handle.
 
 Each file's schema metadata (key `imgjobs`) records where its labels came from (`provenance`). A run resumes
-into an output only when everything that changes labels is the same; `--overwrite` starts over. One job
-writes into an output at a time (lock.OutputLock).
+into an output only when everything that changes labels is the same; `--overwrite` starts over, deleting only
+files that carry that provenance: a Parquet file someone else put in the folder is refused, never deleted. One job
+writes into an output at a time (lock.OutputLock), and checks its lock before every commit.
 """
 
 from __future__ import annotations
@@ -66,10 +67,8 @@ class LabelWriter:
         self.fs, self.base = check_writable(out_dir)
         self.out_dir = out_dir
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        self.lock = OutputLock(self.fs, self.base, self.run_id, out_dir)
-        took_over = self.lock.acquire()  # before touching anything: temporaries may be another job's
-        if took_over:
-            log(took_over)
+        self.lock = OutputLock(self.fs, self.base, self.run_id, out_dir, log)
+        self.lock.acquire()  # before touching anything: temporaries may be another job's
         try:
             self._open(provenance, overwrite)
         except BaseException:
@@ -85,16 +84,28 @@ class LabelWriter:
     def _open(self, provenance: dict, overwrite: bool) -> None:
         """Check the files there against `provenance`, clean up, and read what they record of their units."""
         self.provenance = provenance  # the job adds to it what it learns once Ray is up (compute_precision)
-        parts = []
+        parts, summary = [], []
         for entry in self.fs.get_file_info(pafs.FileSelector(self.base)):
-            if (entry.base_name.startswith(TEMP_PREFIX) or entry.base_name == LEGACY_REPORT
-                    or overwrite and (is_part(entry) or entry.base_name == SUMMARY)):
-                self.fs.delete_file(entry.path)  # a killed run's unfinished file, an old page, or --overwrite
+            if entry.base_name.startswith(TEMP_PREFIX) or entry.base_name == LEGACY_REPORT:
+                self.fs.delete_file(entry.path)  # a killed run's unfinished file, or an old page
             elif is_part(entry):
                 parts.append(entry.path)
+            elif entry.base_name == SUMMARY:
+                summary.append(entry.path)
         # Footers only, many at once: on object stores each is a request or two.
         with ThreadPoolExecutor(16) as pool:
-            schemas = list(pool.map(lambda path: pq.read_schema(path, filesystem=self.fs), parts))
+            schemas = list(pool.map(self._footer, parts))
+        # Only files that carry imgjobs' provenance are ours to read, resume or delete: anything else is refused
+        # before any file changes, --overwrite included.
+        for path, schema in zip(parts, schemas, strict=True):
+            if schema is None or PROVENANCE_KEY not in (schema.metadata or {}):
+                raise UsageError(f"output {self.out_dir} holds {path.rsplit('/', 1)[-1]}, which carries no imgjobs "
+                                 "provenance; imgjobs never deletes such a file, --overwrite included: move it out of "
+                                 "the folder, or use another --output")
+        if overwrite:
+            for path in parts + summary:
+                self.fs.delete_file(path)
+            parts, schemas = [], []
         records = [units_record(schema, path) for schema, path in zip(schemas, parts, strict=True)]
         for path, schema in zip(parts, schemas, strict=True):  # every check before any committed file changes
             check_same_labels(provenance_of(schema, path), provenance, path, self.out_dir)
@@ -116,7 +127,7 @@ class LabelWriter:
                 rows = rows.slice(self.rows_per_file)
             self._pending, self._pending_rows = [rows], rows.num_rows
         if self._pending_rows and self.clock() - self._last_commit >= self.commit_every:
-            self._commit_pending()
+            self.flush()
         return table
 
     def _retry_io_errors(self, path: str, record: dict) -> bool:
@@ -133,12 +144,22 @@ class LabelWriter:
         self.fs.delete_file(path)
         return False
 
-    def close(self) -> None:
-        """Commit the last, partly filled file, and give the output's lock back."""
-        self._commit_pending()
-        self.lock.release()
+    def _footer(self, path: str) -> pa.Schema | None:
+        """The schema of the Parquet file `path`; None where it is no Parquet file, though named one."""
+        try:
+            return pq.read_schema(path, filesystem=self.fs)
+        except pa.ArrowInvalid:
+            return None
 
-    def _commit_pending(self) -> None:
+    def close(self) -> None:
+        """Commit the last, partly filled file, and give the output's lock back, even when that commit fails."""
+        try:
+            self.flush()
+        finally:
+            self.lock.release()
+
+    def flush(self) -> None:
+        """Commit the last, partly filled file."""
         if self._pending_rows:
             self._commit(pa.concat_tables(self._pending))
         self._pending, self._pending_rows = [], 0
