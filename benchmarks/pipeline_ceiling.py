@@ -36,8 +36,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from label_throughput import imgjobs_cpu_model, label_job, rows_per_s  # noqa: E402
 
 from pipeline import checkpoint  # noqa: E402
+from pipeline.archives import Limits  # noqa: E402
 from pipeline.checkpoint import ModelSpec  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
+from pipeline.images import MAX_PIXELS  # noqa: E402
 from pipeline.label import units  # noqa: E402
 from pipeline.label.output import LabelWriter  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, MAX_THREADS  # noqa: E402
@@ -59,7 +61,7 @@ def tiny_images(folder: Path, count: int) -> None:
         os.link(distinct[i % len(distinct)], folder / f"{i:06d}.jpg")
 
 
-def time_read(files: pa.Array, spec: ModelSpec) -> float:
+def time_read(files: pa.Array, spec: ModelSpec, output: Path) -> float:
     """Rows/s of the read tasks alone, over the units the job plans."""
     import ray
 
@@ -75,8 +77,8 @@ def time_read(files: pa.Array, spec: ModelSpec) -> float:
     rows = 0
     dataset = ray.data.from_items(work.units, override_num_blocks=len(work.units)).map_batches(
         read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors.read_cpus,
-        fn_kwargs={"spec": spec, "exact_decode": False, "options": {}, "max_member_bytes": 2**28,
-                   "files_ref": [ray.put(files)], "output": ""})
+        fn_kwargs={"spec": spec, "exact_decode": False, "options": {}, "limits": Limits(), "max_pixels": MAX_PIXELS,
+                   "files_ref": [ray.put(files)], "output": str(output)})
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         rows += batch.num_rows
     seconds = time.perf_counter() - start
@@ -136,7 +138,7 @@ def main() -> None:
         files = list_inputs([str(images)]).files
         print(f"  listing  {len(files) / (time.perf_counter() - start):9.0f} files/s ({len(files)} files)")
         spec = ModelSpec(arch="none", head="none", mean=[0.5] * 3, std=[0.5] * 3, resize_size=36, input_size=32)
-        print(f"  read     {time_read(files, spec):9.0f} rows/s (read tasks alone)")
+        print(f"  read     {time_read(files, spec, tmp / 'read'):9.0f} rows/s (read tasks alone)")
         for batch in (CPU_BATCH, args.batch_size):
             print(f"  model    {time_model(ckpt, batch):9.0f} rows/s (the model alone at batch {batch})")
         print(f"  commit   {time_commit(tmp / 'commit', args.images):9.0f} rows/s (driver: Parquet, lock)")

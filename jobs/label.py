@@ -1,7 +1,7 @@
 """`imgjobs label --checkpoint CKPT --input PATH [PATH ...] --output DIR`: label an image collection into Parquet.
 
-Inputs are directories, .tar/.tar.gz/.tgz/.zip archives and .txt manifests, local or URIs. Rerunning the
-same command after an interruption labels only what DIR does not hold yet; a rerun with another checkpoint or
+Inputs are directories, tar (plain, gzip, bzip2, xz) and zip archives and .txt manifests, local or URIs. Rerunning
+the same command after an interruption labels only what DIR does not hold yet; a rerun with another checkpoint or
 label options is refused (--overwrite starts over), and so is a second job into a DIR that one is writing.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.console import printable
+from pipeline.keys import ARCHIVE_NAMES
 from pipeline.label.options import LabelOptions, default
 
 
@@ -17,7 +19,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint.pt from imgjobs train, or a training run's folder (its best_checkpoint)")
     parser.add_argument("--input", nargs="+", required=True, dest="inputs", metavar="PATH",
-                        help="directories, archives (.tar .tar.gz .tgz .zip), manifests (.txt), images; local or URI")
+                        help=f"directories, archives {ARCHIVE_NAMES}, manifests (.txt), images; local or URI")
     parser.add_argument("--output", required=True, help="folder (or URI) for the Parquet files and _summary.json")
     parser.add_argument("--top-k", type=int, help="length of topk_labels/topk_scores (default: min(5, classes))")
     parser.add_argument("--min-confidence", type=float, default=default("min_confidence"), metavar="P",
@@ -34,8 +36,16 @@ def add_arguments(parser) -> None:
                         help="commit a file at least this often, so a kill loses at most about that much "
                              "(default %(default)s)")
     parser.add_argument("--max-member-mb", type=float, default=default("max_member_mb"), metavar="MB",
-                        help="archive members larger than this get an error row without being read "
+                        help="files and archive members larger than this get a too_large row, read no further "
                              "(default %(default)s)")
+    parser.add_argument("--max-archive-gb", type=float, default=default("max_archive_gb"), metavar="GB",
+                        help="most bytes inflated from one archive; the rest of it gets an error row "
+                             "(default %(default)s)")
+    parser.add_argument("--max-archive-members", type=int, default=default("max_archive_members"), metavar="N",
+                        help="most members read from one archive (default %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=default("max_pixels"), metavar="N",
+                        help="images of more pixels get a too_large row without being decoded "
+                             "(default %(default)s, PIL's own limit)")
     parser.add_argument("--batch-size", type=int, help="images per model call (default 8 on CPU, 256 on GPU)")
     parser.add_argument("--max-actors", type=int, metavar="N",
                         help="most predictor actors; the pool grows to N as nodes join (default: what fits the "
@@ -57,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = label(opts, started_at=getattr(args, "started_at", None))
     except ReadFailures as e:
-        print(f"imgjobs label: error: {e}", file=sys.stderr)
+        print(f"imgjobs label: error: {printable(str(e))}", file=sys.stderr)
         return 1
     if summary.get("accuracy") is not None:
         classes = summary["classes"]

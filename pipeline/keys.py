@@ -2,26 +2,46 @@
 
 An input image's key is the `path` labeling writes and training reads back: an absolute local path, a URI, or
 `ARCHIVE!MEMBER` for a member of a .tar or .zip archive.
+
+Keys are UTF-8 text, so a name that is not valid UTF-8 (a Latin-1 `café.jpg` on disk, in an S3 key or in a tar) gets
+an escaped key: each byte that is not part of valid UTF-8 is written `\\xNN` (`caf\\xe9.jpg`), the way Python's
+`backslashreplace` and `ls -b` write it. Names that are valid UTF-8 keep their key unchanged, byte for byte. A local
+key is read by its literal name first and by its unescaped name only when no such file exists. Zip names without
+the UTF-8 flag decode as cp437, as the zip format says (zipfile's rule), so they are never escaped.
 """
 
 from __future__ import annotations
 
-import tarfile
-import zipfile
-from collections.abc import Iterator
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator, Set
+from typing import BinaryIO, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline import storage
+from pipeline import archives, storage
+from pipeline.archives import Limits, Refused, StorageFailed, TooLarge, Unsupported
 from pipeline.images import image_error, is_hidden, is_image_name
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 ZIP_SUFFIX = ".zip"
+ARCHIVE_NAMES = "(.tar .tar.gz .tgz .tar.bz2 .tar.xz .zip)"  # for messages
 MEMBER_SEPARATOR = "!"
-MAX_MEMBER_BYTES = 256 * 2**20  # no photo comes near; a member this large is a mistake or a bomb
-Item = tuple  # (key, bytes or None, error or None, error kind or None): what reading yields per input
+ESCAPE = "\\x"
+FILE_URI = "file://"  # keys of file:// inputs: the path follows, as listing wrote it
+MAX_MEMBER_BYTES = Limits.member_bytes
+
+
+class Item(NamedTuple):
+    """What reading yields per input: its bytes, or why not and the error_kind of that."""
+
+    key: str
+    data: bytes | None
+    error: str | None = None
+    kind: str | None = None
 
 
 def archive_kind(name: str) -> str | None:
@@ -29,6 +49,23 @@ def archive_kind(name: str) -> str | None:
     if lower.endswith(ZIP_SUFFIX):
         return "zip"
     return "tar" if lower.endswith(TAR_SUFFIXES) else None
+
+
+def escape(name: str) -> str:
+    """The key text of a name as Python's file APIs give it (undecodable bytes as surrogates, PEP 383)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_ESCAPED = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def unescape(key: str) -> str:
+    """The name an escaped key stands for, with its bytes as surrogates again (what open() and tarfile take)."""
+    return _ESCAPED.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
 
 
 class Keys:
@@ -41,7 +78,7 @@ class Keys:
         self.buffer: list[str] = []
 
     def append(self, key: str) -> None:
-        self.buffer.append(key)
+        self.buffer.append(escape(key))
         if len(self.buffer) == self.CHUNK:
             self._flush()
 
@@ -58,61 +95,95 @@ class Keys:
 
 
 class Reader:
-    """Reads keys' bytes; one filesystem object per URI host, because creating one can cost a network call.
-    `options` are the hosts' query strings (Listing.options). Archive members over `max_member_bytes` get an
-    error row without being read into memory."""
+    """Reads keys' bytes within `limits` (pipeline.archives.Limits); one filesystem object per URI host, because
+    creating one can cost a network call. `options` are the hosts' query strings (Listing.options). Only regular
+    files are read: a FIFO, a device or a link to one is refused without being opened in a way that can block."""
 
-    def __init__(self, options: dict[str, str] | None = None, max_member_bytes: int = MAX_MEMBER_BYTES):
+    def __init__(self, options: dict[str, str] | None = None, limits: Limits = Limits()):
         self.options = options or {}
-        self.max_member_bytes = max_member_bytes
+        self.limits = limits
         self._filesystems: dict[str, tuple[pafs.FileSystem, int]] = {}
         self.retrying = storage.Retrying()  # this reader's failures in a row decide how hard it retries
-        self._archives: dict[str, object] = {}  # archive key -> member name -> bytes (read_key)
+        self._archives: dict[str, Callable[[str], bytes]] = {}  # archive key -> read a member by name (read_key)
 
     @classmethod
-    def for_root(cls, root: str) -> Reader:
+    def for_root(cls, root: str, limits: Limits = Limits()) -> Reader:
         """A reader of the keys under `root`, a path or a URI whose query string (an S3 endpoint) they lack."""
         path, query = storage.split_query(root)
-        return cls({storage.host(path): query} if query else {})
+        return cls({storage.host(path): query} if query else {}, limits)
 
-    def open(self, key: str):
-        if not storage.is_uri(key):
-            return open(key, "rb")
-        fs, fs_path = self._resolve(key)
-        return fs.open_input_file(fs_path)
+    def open(self, key: str) -> BinaryIO:
+        """The regular file `key` names, open for reading; a local key may be escaped (unescape)."""
+        if key.startswith(FILE_URI):  # local too: checked as a local path is, not opened by pyarrow
+            key = key[len(FILE_URI):]
+        elif storage.is_uri(key):
+            fs, fs_path = self._resolve(key)
+            return fs.open_input_file(fs_path)
+        path = key if os.path.lexists(key) or ESCAPE not in key else unescape(key)
+        mode = os.stat(path).st_mode  # follows links: a link to /dev/zero is a device
+        if not stat.S_ISREG(mode):
+            raise Unsupported(f"not a regular file but {_file_type(mode)}")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # swapped for a FIFO since: still no block
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise Unsupported("not a regular file")
+        return os.fdopen(fd, "rb")
 
     def read(self, key: str) -> bytes:
-        """The key's bytes, under the storage's retry policy (storage.Retrying)."""
+        """The file's bytes, up to the member cap, under the storage's retry policy (storage.Retrying)."""
         def read_all() -> bytes:
             with self.open(key) as f:
-                return f.read()
+                data = f.read(self.limits.member_bytes + 1)  # a size that grew since, or a lying one, is caught too
+            if len(data) > self.limits.member_bytes:
+                raise TooLarge(archives.over_cap(len(data), self.limits, "file"))
+            return data
 
         return self.retrying(read_all)
 
     def read_key(self, key: str) -> bytes:
-        """The bytes of any key: a file, a URI, or a member of an archive (ARCHIVE!MEMBER), read by itself. A .zip
-        or a .tar is opened once and indexed; a compressed tar cannot be read member by member, so it is streamed up
-        to the member, which suits a few reads (a grid of val images), not a training set (pipeline.train.shards)."""
-        archive, member = split_member(key)
+        """The bytes of any key: a file, a URI, or a member of an archive (ARCHIVE!MEMBER), read by itself. A zip or
+        an uncompressed tar is opened once and indexed (the first member of a name wins, as in archive_members); a
+        compressed tar cannot be read member by member, so it is streamed up to the member, which suits a few reads
+        (a grid of val images), not a training set (pipeline.train.shards)."""
+        archive, member = self.split(key)
         if archive is None:
             return self.read(key)
-        if archive_kind(archive) == "tar" and not archive.lower().endswith(".tar"):
-            found = next((data for name, data, _, _ in self.archive_members(archive, set()) if name == key), None)
-            if found is None:
-                raise FileNotFoundError(f"{member} is not in {archive}")
-            return found
         if archive not in self._archives:
-            f = self.retrying(lambda: self.open(archive))
-            if archive_kind(archive) == "zip":
-                self._archives[archive] = zipfile.ZipFile(f).read
-            else:
-                tar = tarfile.open(fileobj=f, mode="r:")  # random access: uncompressed tars only
-                members = {m.name: m for m in tar.getmembers()}
-                self._archives[archive] = lambda name: tar.extractfile(members[name]).read()
-        try:
-            return self._archives[archive](member)
-        except KeyError:
-            raise FileNotFoundError(f"{member} is not in {archive}") from None
+            self._archives[archive] = self._member_reader(archive)
+        return self._archives[archive](member)
+
+    def split(self, key: str) -> tuple[str | None, str]:
+        """split_member, where a local key's archive part must be a file: a folder named `x.zip!old` holds files."""
+        if storage.is_uri(key):
+            return split_member(key)
+        for archive, member in _splits(key):
+            if os.path.isfile(archive if os.path.lexists(archive) else unescape(archive)):
+                return archive, member
+        return None, key
+
+    def _member_reader(self, archive: str) -> Callable[[str], bytes]:
+        f = self.retrying(lambda: self.open(archive))  # held open while the archive's members are read
+        index = archives.index(f, archive, self.limits)
+        if index is None:
+            f.close()
+            return lambda member: self._streamed(archive, member)
+        index = {escape(name): read for name, read in index.items()}
+
+        def read_member(member: str) -> bytes:
+            if member not in index:
+                raise FileNotFoundError(f"{member} is not in {archive}")
+            return index[member]()
+
+        return read_member
+
+    def _streamed(self, archive: str, member: str) -> bytes:
+        key = f"{archive}{MEMBER_SEPARATOR}{member}"
+        for item in self.archive_members(archive):
+            if item.key == key:
+                if item.error:
+                    raise Refused(item.error)
+                return item.data
+        raise FileNotFoundError(f"{member} is not in {archive}")
 
     def _resolve(self, key: str) -> tuple[pafs.FileSystem, str]:
         host = storage.host(key)
@@ -122,67 +193,75 @@ class Reader:
         fs, prefix = self._filesystems[host]
         return fs, key[prefix:]
 
-    def archive_members(self, key: str, done: set[str]) -> Iterator[Item]:
-        """(member key, bytes, None, None) for each image member not in `done`, streamed without extracting to
-        disk. A member that cannot be read gives (key, None, reason, kind); a broken archive ends with (archive
-        key, None, reason, kind). Member names are only labels, so `../` or absolute names cannot write anywhere."""
+    def archive_members(self, key: str, done: Set[str] = frozenset()) -> Iterator[Item]:
+        """An Item for each image member not in `done`, streamed within the limits. A member that cannot be read
+        gets its own error; an archive that breaks, or passes its budgets, ends with an Item of the archive's own
+        key. Storage failures are `io` (a rerun retries them); bad bytes are `decode` or `too_large`."""
         try:
-            with self.retrying(lambda: self.open(key)) as f:
-                if archive_kind(key) == "zip":
-                    yield from self._zip_members(key, f, done)
-                else:
-                    yield from self._tar_members(key, f, done)
+            f = self.retrying(lambda: self.open(key))
         except Exception as e:
             if key not in done:
-                yield key, None, f"unreadable archive: {image_error(e)}", error_kind(e)
+                yield Item(key, None, f"unreadable archive: {reason(e)}", error_kind(e))
+            return
+        with f:
+            try:
+                for name, read in archives.members(f, key, self.limits):
+                    member_key = f"{key}{MEMBER_SEPARATOR}{escape(name)}"
+                    if _image_member(name) and member_key not in done:
+                        yield _read_item(member_key, read)
+            except Exception as e:
+                if key not in done:
+                    yield Item(key, None, f"unreadable archive: {reason(e)}", _content_kind(e))
 
-    def _tar_members(self, key: str, f, done: set[str]):
-        with tarfile.open(fileobj=f, mode="r|*") as tar:  # stream mode: one pass, no seeking, works on URIs
-            for member in tar:
-                member_key = f"{key}{MEMBER_SEPARATOR}{member.name}"
-                if not member.isfile() or not _image_member(member.name) or member_key in done:
-                    continue
-                done.add(member_key)  # a tar may hold the same name twice; label it once
-                if member.size > self.max_member_bytes:
-                    yield self._too_large(member_key, member.size)
-                else:
-                    yield member_key, tar.extractfile(member).read(), None, None
 
-    def _zip_members(self, key: str, f, done: set[str]):
-        with zipfile.ZipFile(f) as archive:  # zip needs seeks: pyarrow's input files and local files have them
-            for info in archive.infolist():
-                member_key = f"{key}{MEMBER_SEPARATOR}{info.filename}"
-                if info.is_dir() or not _image_member(info.filename) or member_key in done:
-                    continue
-                done.add(member_key)
-                if info.file_size > self.max_member_bytes:  # as declared: zipfile never inflates past that
-                    yield self._too_large(member_key, info.file_size)
-                    continue
-                try:
-                    data = archive.read(info)
-                except Exception as e:  # a bad member (CRC, encryption) does not spoil the others
-                    yield member_key, None, image_error(e), error_kind(e)
-                else:
-                    yield member_key, data, None, None
+def _read_item(key: str, read: Callable[[], bytes]) -> Item:
+    try:
+        return Item(key, read(), None, None)
+    except StorageFailed:
+        raise  # the archive's stream is gone: its own row says so, and a rerun retries it
+    except Exception as e:  # a bad member (a CRC, encryption, a cap) does not spoil the others
+        return Item(key, None, reason(e), _content_kind(e))
 
-    def _too_large(self, member_key: str, size: int) -> Item:
-        return (member_key, None, f"archive member of {size / 2**20:.0f} MiB is over the "
-                f"{self.max_member_bytes / 2**20:g} MiB cap (--max-member-mb)", "too_large")
+
+def _content_kind(error: BaseException) -> str:
+    """error_kind inside an opened archive: only StorageFailed is the storage's; the decompressors raise OSError
+    for bad bytes."""
+    return "io" if isinstance(error, StorageFailed) else getattr(error, "kind", "decode")
 
 
 def split_member(key: str) -> tuple[str | None, str]:
-    """(archive, member) for an ARCHIVE!MEMBER key, (None, key) for others; either part may contain a '!'."""
-    cut = key.find(MEMBER_SEPARATOR)
-    while cut >= 0:
-        if archive_kind(key[:cut]):
-            return key[:cut], key[cut + 1:]
-        cut = key.find(MEMBER_SEPARATOR, cut + 1)
-    return None, key
+    """(archive, member) for an ARCHIVE!MEMBER key, (None, key) for others; either part may contain a '!'. By the
+    key's text alone: Reader.split also asks the disk."""
+    return next(_splits(key), (None, key))
+
+
+def reason(error: BaseException) -> str:
+    """The one-line error of a row: a refusal says it in its own words."""
+    return str(error) if isinstance(error, Refused) else image_error(error)
 
 
 def error_kind(error: BaseException) -> str:
-    """`io` when the storage failed (a rerun tries again), `decode` when the bytes themselves are bad."""
+    """The error's own kind where it has one (archives.Refused, images.ImageTooLarge), else `io` when the storage
+    failed (a rerun tries again), `decode` when the bytes themselves are bad."""
+    kind = getattr(error, "kind", None)
+    if isinstance(kind, str):
+        return kind
     return "io" if isinstance(error, OSError) else "decode"
+
+
+def _splits(key: str) -> Iterator[tuple[str, str]]:
+    """Each (archive, member) that split_member could make of `key`, shortest archive first."""
+    cut = key.find(MEMBER_SEPARATOR)
+    while cut >= 0:
+        if archive_kind(key[:cut]):
+            yield key[:cut], key[cut + 1:]
+        cut = key.find(MEMBER_SEPARATOR, cut + 1)
+
+
+def _file_type(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def _image_member(name: str) -> bool:

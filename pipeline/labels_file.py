@@ -22,8 +22,9 @@ OUTPUT_SCHEMA = pa.schema([
     ("topk_scores", pa.list_(pa.float32())),
     ("uncertain", pa.bool_()),
     ("error", pa.string()),
-    # "decode": the file is bad; "too_large": an archive member over the cap; "io": it could not be read, and a
-    # rerun retries it.
+    # "decode": the bytes are bad; "too_large": over a cap (keys.Limits, --max-pixels); "unsupported": not a file
+    # imgjobs reads (a FIFO, a device, a manifest line that is no image); "empty": an archive of no image members;
+    # "io": the storage failed, and a rerun retries it.
     ("error_kind", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),

@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -318,40 +319,6 @@ def read_output(out: Path) -> list[dict]:
     return pq.read_table(files).to_pylist() if files else []
 
 
-class HeldImage:
-    """An image file that holds back whichever job reads it until the test lets it go: a named pipe, whose open()
-    waits for a writer. A job that must outlast an event (a kill, a second job, a node joining) then outlasts it on
-    any machine, fast or slow, however few its other images."""
-
-    def __init__(self, path: Path, data: bytes):
-        os.mkfifo(path)
-        self.path, self.data = path, data
-        self._stop = threading.Event()
-        self._feeder = threading.Thread(target=self._feed, daemon=True)
-
-    def release(self) -> None:
-        """From now on every reader gets the image's bytes (readers of killed jobs may take some too)."""
-        self._feeder.start()
-
-    def _feed(self) -> None:
-        while not self._stop.is_set():
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # no reader yet
-                time.sleep(0.05)
-                continue
-            try:
-                os.write(fd, self.data)  # smaller than a pipe's buffer: never blocks
-            finally:
-                os.close(fd)
-            self._stop.wait(1.0)  # one copy per reader: it reads to the end meanwhile
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._feeder.is_alive():
-            self._feeder.join()
-
-
 CLUSTER_SCRIPT = """
 import json, sys
 from ray.cluster_utils import Cluster
@@ -545,34 +512,30 @@ class AutoscalingCluster:
         shutil.rmtree(self.token.parent, ignore_errors=True)
 
 
-class FlakyProxy:
-    """An HTTP proxy in front of the S3 server that goes down for `down_for` seconds at the first GET of a .jpg
-    (it drops every connection without a reply, as a restarting server or a network blip does), and otherwise
-    forwards everything: listing works, then reading meets the outage."""
+class S3Proxy:
+    """An HTTP proxy in front of the S3 server that forwards every request, and records it. A subclass may drop a
+    request without a reply (`drops`), or trickle a reply's body a byte a second until `released` is set (`holds`)."""
 
-    def __init__(self, target: str, down_for: float):
+    def __init__(self, target: str):
         import http.client
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.up_at = None  # when the outage ends, once it has started
-        self.dropped = 0
         self.requests: list[tuple[str, str]] = []  # (method, path and query) of every request
+        self.released = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             def forward(self):
                 proxy.requests.append((self.command, self.path))
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy.up_at is None and self.command == "GET" and self.path.split("?")[0].endswith(".jpg"):
-                    proxy.up_at = time.monotonic() + down_for
-                if proxy.up_at is not None and time.monotonic() < proxy.up_at:
-                    proxy.dropped += 1
+                if proxy.drops(self.command, self.path):
                     self.close_connection = True
                     return
                 upstream = http.client.HTTPConnection(target, timeout=60)
                 upstream.request(self.command, self.path, body, dict(self.headers))
                 response = upstream.getresponse()
                 data = response.read()
+                upstream.close()
                 self.send_response(response.status)
                 for name, value in response.getheaders():
                     if name.lower() not in ("content-length", "transfer-encoding", "connection"):
@@ -581,8 +544,12 @@ class FlakyProxy:
                 self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD"
                                  else str(len(data)))
                 self.end_headers()
+                if proxy.holds(self.command, self.path):  # a byte a second keeps the client waiting, not failing
+                    while len(data) > 1 and not proxy.released.wait(1.0):
+                        self.wfile.write(data[:1])
+                        self.wfile.flush()
+                        data = data[1:]
                 self.wfile.write(data)
-                upstream.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
 
@@ -593,6 +560,53 @@ class FlakyProxy:
         self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def drops(self, method: str, path: str) -> bool:
+        return False
+
+    def holds(self, method: str, path: str) -> bool:
+        return False
+
     def stop(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+class FlakyProxy(S3Proxy):
+    """Goes down for `down_for` seconds at the first GET of a .jpg (it drops every connection without a reply, as a
+    restarting server or a network blip does): listing works, then reading meets the outage."""
+
+    def __init__(self, target: str, down_for: float):
+        super().__init__(target)
+        self.down_for, self.up_at, self.dropped = down_for, None, 0
+
+    def drops(self, method: str, path: str) -> bool:
+        if self.up_at is None and method == "GET" and path.split("?")[0].endswith(".jpg"):
+            self.up_at = time.monotonic() + self.down_for
+        if self.up_at is not None and time.monotonic() < self.up_at:
+            self.dropped += 1
+            return True
+        return False
+
+
+class HeldImage(S3Proxy):
+    """An image on the S3 server that holds back whichever job reads it until the test lets it go: its bytes come a
+    byte a second until release() (a JPEG of a thousand bytes or more holds for that many seconds). Given as an
+    input (`uri`), its key (`key`) sorts after every local path: a unit of its own, listed last. A job that must
+    outlast an event (a kill, a second job, a node joining) then outlasts it on any machine, however fast."""
+
+    def __init__(self, s3: S3Server, data: bytes):
+        super().__init__(s3.endpoint)
+        path = f"data/held-{uuid.uuid4().hex[:8]}/held.jpg"
+        with s3.filesystem().open_output_stream(path) as f:
+            f.write(data)
+        self.key, self.uri = f"s3://{path}", f"s3://{path}?endpoint_override={self.endpoint}&scheme=http"
+
+    def holds(self, method: str, path: str) -> bool:
+        return method == "GET" and path.split("?")[0].endswith(self.key[len("s3:/"):])
+
+    def release(self) -> None:
+        """From now on every reader gets the image's bytes (readers of killed jobs may take some too)."""
+        self.released.set()
+
+    close = S3Proxy.stop

@@ -106,7 +106,8 @@ def test_a_truncated_archive_yields_its_members_then_one_error_row(tmp_path):
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(data[: len(data) * 2 // 3])
     rows = list(Reader().archive_members(str(cut), set()))
-    assert 1 <= len(rows) - 1 < 5 and all(err is None for _, _, err, _ in rows[:-1])
+    whole = [row for row in rows[:-1] if row.error is None]
+    assert 1 <= len(whole) < 5 and len(rows) - 1 - len(whole) <= 1  # the member the cut falls in gets its own row
     assert rows[-1][0] == str(cut) and rows[-1][1] is None and rows[-1][2].startswith("unreadable archive:")
     assert rows[-1][3] == "decode"  # the bytes are bad: a rerun would read the same
 

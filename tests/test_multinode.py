@@ -153,7 +153,7 @@ def autoscaling():
     cluster.stop()
 
 
-def test_labeling_from_zero_workers_waits_then_runs_on_a_node_the_autoscaler_adds(autoscaling, tmp_path):
+def test_labeling_from_zero_workers_waits_then_runs_on_a_node_the_autoscaler_adds(autoscaling, s3_server, tmp_path):
     """The job says what it waits for and does not crash; the autoscaler adds a node for its first actor, and the
     job labels every image once. An image held back keeps the job going until that node is up, however fast it is.
     The pool's growth to a second node is not asserted: since reads go by unit (12 folders here), it came in only
@@ -162,9 +162,8 @@ def test_labeling_from_zero_workers_waits_then_runs_on_a_node_the_autoscaler_add
     model = random_weight_checkpoint("resnet18", ["blue", "red"], tmp_path)
     folders = tuple(f"f{i:02d}" for i in range(12))
     images = make_image_folder(tmp_path / "imgs", classes=folders, train_per_class=50, val_per_class=0) / "train"
-    (images / "zz").mkdir()  # listed last, a unit of its own
-    held = HeldImage(images / "zz" / "held.jpg", (images / "f00" / "f00_000.jpg").read_bytes())
-    proc = start_label(["--checkpoint", model, "--input", str(images), "--output", str(tmp_path / "out"),
+    held = HeldImage(s3_server, (images / "f00" / "f00_000.jpg").read_bytes())  # listed last, a unit of its own
+    proc = start_label(["--checkpoint", model, "--input", str(images), held.uri, "--output", str(tmp_path / "out"),
                         "--batch-size", "4", "--max-actors", "2"], autoscaling.env(), stderr=subprocess.STDOUT)
     try:
         first = job_lines(proc, 2)
@@ -260,16 +259,16 @@ def test_training_survives_losing_a_worker_node(lossy, tmp_path):
 
 
 @pytest.mark.parametrize("notice", [False, True], ids=["lost", "drained-then-lost"])
-def test_labeling_survives_losing_a_node_each_input_once(lossy, small_checkpoint, tmp_path, notice):
+def test_labeling_survives_losing_a_node_each_input_once(lossy, small_checkpoint, s3_server, tmp_path, notice):
     """A node running a predictor actor dies hard mid-job, with or without first being drained for preemption
     (Ray then places nothing new on it): Ray Data restarts its actor and re-runs its tasks on the nodes left,
     the writer drops rows it already holds, and the job ends by itself, every input once."""
     proc = held = None
     try:
         images = make_image_folder(tmp_path / "imgs", train_per_class=500, val_per_class=0) / "train"
-        (images / "zz").mkdir()  # listed last, a unit of its own: the job outlasts the node on any machine
-        held = HeldImage(images / "zz" / "held.jpg", (images / "red" / "red_000.jpg").read_bytes())
-        proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), "--output",
+        # listed last, a unit of its own: the job outlasts the node on any machine
+        held = HeldImage(s3_server, (images / "red" / "red_000.jpg").read_bytes())
+        proc = start_label(["--checkpoint", small_checkpoint, "--input", str(images), held.uri, "--output",
                             str(tmp_path / "out"), "--batch-size", "8", "--max-actors", "2", "--rows-per-file", "100"],
                            lossy.env(), stderr=subprocess.STDOUT)
         read_until(proc, "first labeled batch")
@@ -282,7 +281,7 @@ def test_labeling_survives_losing_a_node_each_input_once(lossy, small_checkpoint
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out[-3000:]
         rows = read_output(tmp_path / "out")
-        assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images.rglob("*.jpg"))
+        assert sorted(r["path"] for r in rows) == sorted([*map(str, images.rglob("*.jpg")), held.key])
         assert not [r for r in rows if r["error"]]
     finally:
         if proc and proc.poll() is None:  # whatever failed, the job this test started stops with it

@@ -18,7 +18,7 @@ import pipeline
 from pipeline import checkpoint, storage
 from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr, timestamp
 from pipeline.errors import UsageError
-from pipeline.label import units
+from pipeline.label import isolation, units
 from pipeline.label.evaluate import check_class_folders, evaluate
 from pipeline.label.options import LabelOptions
 from pipeline.label.output import SUMMARY, LabelWriter, read_runs
@@ -77,6 +77,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     # Fails first if it cannot write there, another job holds the output, or the output holds other labels.
     writer = LabelWriter(opts.output, provenance, opts.rows_per_file, opts.commit_every, opts.overwrite, console.line)
     try:
+        isolation.clear(opts.output)  # under the lock: the read tasks count this run's attempts at each unit
         work = units.plan(listing.archives.to_pylist(), listing.files, writer.records)
         skipped = writer.records.existing
         console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
@@ -86,21 +87,26 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         if work.units:
             progress.cpu_decoded = run(opts, model, actors, work, listing, provenance,
                                        lambda table: progress.add(writer.add(table), started), console)
-    finally:
+    except BaseException:
         writer.close()  # what was labeled is committed, and the lock given back, whatever stopped the run
-    console.close()
-    summary = {"run_id": writer.run_id, "started": timestamp(started), "ended": timestamp(time.time())}
-    summary |= progress.summary(skipped) | provenance | {"inputs": opts.inputs,
-                                                              "files_written": writer.files_written}
-    done = progress.labeled + progress.errors
-    if actors.gpu and done and progress.cpu_decoded > CPU_SHARE_NOTICE * done:
-        console.line(f"label: GPU actors decoded {progress.cpu_decoded} of {done} files on their CPUs (other formats, "
-                     "CMYK, damaged JPEGs, files nvjpeg rejected): those CPUs may have bounded the rate")
-    if opts.evaluate:
-        summary.update(evaluate(writer.tables(["path", "label_index"]), listing.roots, state["classes"]))
-    append_run(writer, summary)
-    if opts.report:
-        write_report(opts.output, console.line)
+        raise
+    try:
+        writer.flush()
+        console.close()
+        summary = {"run_id": writer.run_id, "started": timestamp(started), "ended": timestamp(time.time())}
+        summary |= progress.summary(skipped) | provenance | {"inputs": opts.inputs,
+                                                                  "files_written": writer.files_written}
+        done = progress.labeled + progress.errors
+        if actors.gpu and done and progress.cpu_decoded > CPU_SHARE_NOTICE * done:
+            console.line(f"label: GPU actors decoded {progress.cpu_decoded} of {done} files on their CPUs (other "
+                         "formats, CMYK, damaged JPEGs, files nvjpeg rejected): those CPUs may have bounded the rate")
+        if opts.evaluate:
+            summary.update(evaluate(writer.tables(["path", "label_index"]), listing.roots, state["classes"]))
+        append_run(writer, summary)
+        if opts.report:
+            write_report(opts.output, console.line)
+    finally:
+        writer.lock.release()  # only now: the next job into this output finds the summary and the page complete
     if done and progress.io_errors > MAX_IO_ERRORS * done:
         raise ReadFailures(f"{progress.io_errors} of {done} inputs could not be read (first: "
                            f"{progress.first_io_error}); check the input's storage and credentials, then run the same "
@@ -150,6 +156,7 @@ def embedding_size(model, state: dict) -> int:
 
 def append_run(writer: LabelWriter, summary: dict) -> None:
     """Add this run's entry to OUTPUT/_summary.json, which keeps one per run."""
+    writer.lock.check()  # a commit like any other: not by a run that may have lost its lock
     path = f"{writer.base}/{SUMMARY}"
     runs = read_runs(writer.fs, writer.base)
     storage.write_bytes(writer.fs, path, json.dumps({"runs": [*runs, summary]}, indent=2).encode())
@@ -175,7 +182,7 @@ def run(opts: LabelOptions, model: Model, actors: ActorPlan, work: units.Work, l
                                      log=console.line)
     dataset = plan.dataset(work, listing.files, opts.output, listing.options, actors, payload,
                            exact_decode=opts.exact_decode,
-                           max_member_bytes=opts.max_member_bytes, top_k=model.top_k,
+                           limits=opts.limits, max_pixels=opts.max_pixels, top_k=model.top_k,
                            min_confidence=opts.min_confidence)
     cpu_decoded = 0
     with filtered_stderr(RESTARTABLE_ACTOR_NOTICE):

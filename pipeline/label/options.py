@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from pipeline import storage
+from pipeline.archives import Limits
 from pipeline.errors import UsageError
-from pipeline.keys import MAX_MEMBER_BYTES
+from pipeline.images import MAX_PIXELS
 
 
 class LabelOptions(BaseModel):
@@ -23,7 +25,10 @@ class LabelOptions(BaseModel):
     exact_decode: bool = False
     rows_per_file: int = Field(100_000, ge=1)
     commit_every: float = Field(60.0, gt=0)
-    max_member_mb: float = Field(MAX_MEMBER_BYTES / 2**20, gt=0)
+    max_member_mb: float = Field(Limits.member_bytes / 2**20, gt=0)
+    max_archive_gb: float = Field(Limits.archive_bytes / 2**30, gt=0)
+    max_archive_members: int = Field(Limits.archive_members, ge=1)
+    max_pixels: int = Field(MAX_PIXELS, ge=1)
     batch_size: int | None = Field(None, ge=1)
     max_actors: int | None = Field(None, ge=1)
     overwrite: bool = False
@@ -31,9 +36,18 @@ class LabelOptions(BaseModel):
     embeddings: bool = False
     report: bool = False
 
+    @field_validator("checkpoint", "inputs", "output")
+    @classmethod
+    def _no_credentials(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        option = "--input" if info.field_name == "inputs" else f"--{info.field_name}"
+        for uri in value if isinstance(value, list) else [value]:
+            storage.refuse_credentials(uri, option)  # a UsageError: pydantic passes it on as it is
+        return value
+
     @property
-    def max_member_bytes(self) -> int:
-        return int(self.max_member_mb * 2**20)
+    def limits(self) -> Limits:
+        return Limits(member_bytes=int(self.max_member_mb * 2**20), archive_bytes=int(self.max_archive_gb * 2**30),
+                      archive_members=self.max_archive_members)
 
     @classmethod
     def checked(cls, **values) -> LabelOptions:

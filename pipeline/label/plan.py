@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from pipeline.archives import Limits
 from pipeline.hardware import gpu_capability, gpu_half_precision, native_bf16
 from pipeline.label.predictor import CPU_DECODED, DTYPES, Predictor, example_batch, torchscript_model
 from pipeline.label.reading import BLOCK_BYTES, read_units
@@ -68,7 +69,8 @@ def actor_plan(batch_size: int | None, max_actors: int | None) -> ActorPlan:
 
 
 def dataset(work: Work, files: pa.Array, output: str, options: dict[str, str], actors: ActorPlan, payload: dict,
-            exact_decode: bool, max_member_bytes: int, top_k: int, min_confidence: float) -> ray.data.Dataset:
+            exact_decode: bool, limits: Limits, max_pixels: int, top_k: int, min_confidence: float
+            ) -> ray.data.Dataset:
     """Units (a read task each) → read-and-decode tasks → predictor actors. `files` are the sorted loose-file keys
     that loose units index: they go to the object store once. GPU predictors decode JPEGs themselves, on the GPU:
     their read tasks only read (device_decoding), and they decode at full size, whatever `exact_decode` says."""
@@ -82,7 +84,7 @@ def dataset(work: Work, files: pa.Array, output: str, options: dict[str, str], a
         ray.data.from_items(work.units, override_num_blocks=len(work.units))
         .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors.read_cpus,
                      fn_kwargs={"spec": payload["model"], "exact_decode": exact_decode, "options": options,
-                                "max_member_bytes": max_member_bytes, "files_ref": [ray.put(files)],
+                                "limits": limits, "max_pixels": max_pixels, "files_ref": [ray.put(files)],
                                 "output": output, "encoded": gpu})
         .map_batches(
             Predictor,

@@ -19,9 +19,11 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
+from pipeline.archives import Limits
 from pipeline.checkpoint import ModelSpec
-from pipeline.images import decode_with_size, image_error, jpeg_header, resize_center_crop
-from pipeline.keys import MEMBER_SEPARATOR, Item, Reader, error_kind
+from pipeline.images import MAX_PIXELS, decode_with_size, is_image_name, jpeg_header, resize_center_crop
+from pipeline.keys import MEMBER_SEPARATOR, Item, Reader, error_kind, reason
+from pipeline.label.isolation import Attempts, in_child
 from pipeline.label.units import UNIT, UNIT_TOTAL
 
 # Ray Data gathers a read task's output until it exceeds DataContext.target_max_block_size (128 MiB by default)
@@ -35,8 +37,8 @@ ENCODED_ROWS_PER_BLOCK = 32
 
 
 class Preprocess:
-    def __init__(self, spec: ModelSpec, exact_decode: bool = False):
-        self.resize_size, self.input_size = spec.resize_size, spec.input_size
+    def __init__(self, spec: ModelSpec, exact_decode: bool = False, max_pixels: int = MAX_PIXELS):
+        self.resize_size, self.input_size, self.max_pixels = spec.resize_size, spec.input_size, max_pixels
         self.interpolation = spec.interpolation
         # A JPEG at least twice the resize size decodes at a reduced DCT scale (1/2 to 1/8) that keeps at least
         # resize_size pixels on the short side, so Resize still downsamples; only its anti-aliasing source differs.
@@ -44,20 +46,21 @@ class Preprocess:
 
     def __call__(self, data: bytes) -> tuple[np.ndarray, int, int]:
         """(3×S×S uint8, width, height) where width and height are the upright image's full size."""
-        img, width, height = decode_with_size(data, draft_size=self.draft_size)
+        img, width, height = decode_with_size(data, draft_size=self.draft_size, max_pixels=self.max_pixels)
         crop = resize_center_crop(img, self.resize_size, self.input_size, self.interpolation)
         return np.asarray(crop).transpose(2, 0, 1), width, height
 
-    def rows(self, items: Iterator[Item]) -> Iterator[dict]:
-        """Blocks of decoded rows from (key, bytes, read error, its kind) items."""
+    def rows(self, items: Iterator[Item], careful: bool = False) -> Iterator[dict]:
+        """Blocks of decoded rows from (key, bytes, read error, its kind) items; `careful` decodes each in a forked
+        child (isolation), for a unit whose earlier attempts crashed."""
         block, size = [], -(-BLOCK_ROWS_BYTES // (3 * self.input_size**2))  # rows of a little over BLOCK_BYTES
         for key, data, error, kind in items:
             pixels, width, height = None, 0, 0
             if error is None:
                 try:
-                    pixels, width, height = self(data)
+                    pixels, width, height = in_child(self, data) if careful else self(data)
                 except Exception as e:  # any bad file becomes an error row; the job goes on
-                    error, kind = image_error(e), "decode"
+                    error, kind = reason(e), getattr(e, "kind", "decode")
             block.append((key, pixels, width, height, error or "", kind or ""))
             if len(block) == size:
                 yield self._block(block)
@@ -77,10 +80,11 @@ class Preprocess:
         }
 
 
-def encoded_rows(items: Iterator[Item]) -> Iterator[dict]:
+def encoded_rows(items: Iterator[Item], careful: bool = False) -> Iterator[dict]:
     """Blocks of undecoded rows, for predictors that decode on their GPU (pipeline.label.device_decoding): the
     bytes, and for JPEGs the GPU takes, the upright size and EXIF orientation from the header; orientation 0
-    marks the files the predictor decodes on its CPU instead."""
+    marks the files the predictor decodes on its CPU instead. Nothing is decoded here, so `careful` changes
+    nothing."""
     while True:
         rows = list(itertools.islice(items, ENCODED_ROWS_PER_BLOCK))
         if not rows:
@@ -97,16 +101,18 @@ def encoded_rows(items: Iterator[Item]) -> Iterator[dict]:
         }
 
 
-def read_units(batch, spec: ModelSpec, exact_decode: bool, options: dict[str, str], max_member_bytes: int,
+def read_units(batch, spec: ModelSpec, exact_decode: bool, options: dict[str, str], limits: Limits, max_pixels: int,
                files_ref: list, output: str, encoded: bool = False) -> Iterator[dict]:
     """Ray Data map_batches function over units (units.plan): a generator, so an archive's members stream out
     block by block. `spec` is the checkpoint's model spec (sizes and interpolation), `options` the inputs'
     filesystem options, `files_ref` [the object ref of the sorted loose-file keys] that loose units index, and
     `output` the labels folder, where a unit in progress finds its done keys. With `encoded`, rows carry the files'
     bytes instead of decoded crops (encoded_rows). Every row carries its unit, and a unit's last row its total."""
-    rows = encoded_rows if encoded else Preprocess(spec, exact_decode).rows
-    reader = Reader(options, max_member_bytes)
+    rows = encoded_rows if encoded else Preprocess(spec, exact_decode, max_pixels).rows
+    reader = Reader(options, limits)
     for unit in batch.to_pylist():
+        attempts = Attempts(output, unit["unit"])
+        careful = attempts.start()
         files = None if unit["archive"] else ray.get(files_ref[0])[unit["start"] : unit["end"]]
         done = done_keys(output, json.loads(unit["parts"]), unit["archive"], files)
         if unit["archive"]:
@@ -114,11 +120,12 @@ def read_units(batch, spec: ModelSpec, exact_decode: bool, options: dict[str, st
         else:
             items = _read_files(reader, [key for key in files.to_pylist() if key not in done])
         held = AllButLast(items)
-        yield from _with_unit(rows(held), unit["unit"])
+        yield from _with_unit(rows(held, careful), unit["unit"])
         if held.last is None and unit["archive"] and not unit["prior"]:
-            held.last = unit["archive"], None, "no image members in it", "empty"  # its unit's total needs a row
+            held.last = Item(unit["archive"], None, "no image members in it", "empty")  # its unit's total needs a row
         if held.last is not None:  # the unit's last row, in a block of its own: the unit's end rides on it
-            yield from _with_unit(rows(iter([held.last])), unit["unit"], total=unit["prior"] + held.count + 1)
+            yield from _with_unit(rows(iter([held.last]), careful), unit["unit"], total=unit["prior"] + held.count + 1)
+        attempts.finish()
 
 
 def done_keys(output: str, parts: list[str], archive: str, files: pa.Array | None) -> set[str]:
@@ -164,9 +171,10 @@ def _with_unit(blocks: Iterator[dict], unit: str, total: int = -1) -> Iterator[d
 
 def _read_files(reader: Reader, keys: list[str]) -> Iterator[Item]:
     for key in keys:
+        if not is_image_name(key):  # a manifest's line that names neither an image nor an archive: never opened
+            yield Item(key, None, "not an image or archive name (.jpg .png ... .tar .zip)", "unsupported")
+            continue
         try:
-            data = reader.read(key)
-        except Exception as e:  # missing (manifest lines), unreadable, a folder named like an image
-            yield key, None, image_error(e), error_kind(e)
-        else:
-            yield key, data, None, None
+            yield Item(key, reader.read(key))
+        except Exception as e:  # missing (manifest lines), unreadable, not a regular file, over the cap
+            yield Item(key, None, reason(e), error_kind(e))

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -15,7 +16,7 @@ import pyarrow.fs as pafs
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.images import IMAGE_EXTENSIONS, is_image_name
-from pipeline.keys import Keys, archive_kind
+from pipeline.keys import ARCHIVE_NAMES, Keys, archive_kind
 
 MANIFEST_SUFFIX = ".txt"
 
@@ -40,7 +41,7 @@ def list_inputs(paths: list[str]) -> Listing:
             if not checked:  # a pattern's: by its name alone, without a request each
                 if not (is_image_name(name) or archive_kind(name)):
                     raise UsageError(f"input {pattern} names {name}, which is not an image or an archive "
-                                     "(.tar .tar.gz .tgz .zip)")
+                                     f"{ARCHIVE_NAMES}")
                 inputs.append((storage.absolute(name), query, None, None, pafs.FileType.File))
                 continue
             fs, fs_path = _resolve(path)
@@ -50,35 +51,73 @@ def list_inputs(paths: list[str]) -> Listing:
             if kind == pafs.FileType.File and not (
                 is_image_name(name) or archive_kind(name) or name.lower().endswith(MANIFEST_SUFFIX)
             ):
-                raise UsageError(f"input {path} is not an image, archive (.tar .tar.gz .tgz .zip), manifest (.txt) "
+                raise UsageError(f"input {path} is not an image, archive {ARCHIVE_NAMES}, manifest (.txt) "
                                  "or directory")
             inputs.append((storage.uri_prefix(name, fs_path) + fs_path, query, fs, fs_path, kind))
-    files, archives, roots, options = Keys(), Keys(), [], {}
+    files, archives, roots, options = Keys(), Keys(), [], Options()
 
     def add(key: str) -> None:
         (archives if archive_kind(key) else files).append(key)
 
+    for key, query, *_ in inputs:  # the command line's options first: no manifest line can change them
+        options.use(key, query, f"input {key}")
     for key, query, fs, fs_path, kind in inputs:
-        if query:
-            options[storage.host(key)] = query
         if kind == pafs.FileType.Directory:
             roots.append(key + query)
             prefix = key[:len(key) - len(fs_path)]
             for found in storage.walk(fs, fs_path, lambda name: is_image_name(name) or archive_kind(name)):
                 add(prefix + found)
         elif key.lower().endswith(MANIFEST_SUFFIX):
-            for line in _manifest_entries(fs, fs_path, key):
+            same_host = "\0"  # the prefix of keys on the host of the line before
+            for number, line in _manifest_entries(fs, fs_path, key):
                 entry, query = storage.split_query(line)
-                if query:
-                    options[storage.host(entry)] = query
+                if query or not entry.startswith(same_host):  # so a line costs no host() on a 10⁸-line manifest
+                    same_host = options.use(entry, query, f"manifest {key} line {number}")
                 add(entry)
         else:
             add(key)
-    listing = Listing(files.sorted_unique(), archives.sorted_unique(), roots, options)  # inputs may overlap
+    listing = Listing(files.sorted_unique(), archives.sorted_unique(), roots, options.queries)  # inputs may overlap
     if not len(listing.files) and not len(listing.archives):
         raise UsageError(f"nothing to label in {' '.join(paths)}: no image ({' '.join(sorted(IMAGE_EXTENSIONS))}) "
-                         "or archive (.tar .tar.gz .tgz .zip) there")
+                         f"or archive {ARCHIVE_NAMES} there")
     return listing
+
+
+class Options:
+    """The hosts' options (query strings), one set per host, since keys carry none: the first input to name a host
+    sets them, with or without a query string. A later line may repeat them or leave its query out; one that would
+    change them is refused, or it would redirect every key of that host (the command line's own images included) to
+    another endpoint."""
+
+    def __init__(self):
+        self.queries: dict[str, str] = {}  # host -> query string, for the hosts that have one
+        self.given_by: dict[str, str] = {}  # host -> the input or manifest line that set its options
+
+    def use(self, key: str, query: str, where: str) -> str:
+        """Check `key`'s query string against its host's options; return the prefix that keys on the same host
+        start with ("/" for local paths, which have no options)."""
+        if not storage.is_uri(key):
+            return "/"
+        host = storage.host(key)
+        if host not in self.given_by:
+            self.given_by[host] = where
+            if query:
+                self.queries[host] = query
+        elif query and _pairs(query) != _pairs(self.queries.get(host, "")):
+            # Option names only: a value is no business of the console's.
+            raise UsageError(f"{where} sets options ({_names(query)}) for {host} that differ from those "
+                             f"{self.given_by[host]} set ({_names(self.queries.get(host, '')) or 'none'}): every key "
+                             "of one bucket is read with the same options; leave out the query string or repeat "
+                             "those")
+        return host + "/"
+
+
+def _pairs(query: str) -> list[tuple[str, str]]:
+    return sorted(parse_qsl(query.lstrip("?"), keep_blank_values=True))
+
+
+def _names(query: str) -> str:
+    return ", ".join(name for name, _ in _pairs(query))
 
 
 def expand(path: str) -> list[tuple[str, bool]]:
@@ -94,7 +133,7 @@ def expand(path: str) -> list[tuple[str, bool]]:
     if "*" in name:
         matches = [match for match in _glob(name, query) if is_image_name(match) or archive_kind(match)]
         if not matches:
-            raise UsageError(f"input {path} matches no image or archive (.tar .tar.gz .tgz .zip)")
+            raise UsageError(f"input {path} matches no image or archive {ARCHIVE_NAMES}")
         return [(match + query, False) for match in matches]
     return [(path, True)]
 
@@ -133,21 +172,24 @@ def _glob(name: str, query: str) -> list[str]:
                   if info.type == pafs.FileType.File and regex.match(info.path[start:]))
 
 
-def _manifest_entries(fs: pafs.FileSystem, fs_path: str, key: str) -> Iterator[str]:
-    """Keys listed in a manifest; relative lines are relative to the manifest's folder. Lines are not checked
-    for existence (a million stat calls on object storage would stall): a missing file gets an error row."""
+def _manifest_entries(fs: pafs.FileSystem, fs_path: str, key: str) -> Iterator[tuple[int, str]]:
+    """(line number, key) of the keys listed in a manifest; relative lines are relative to the manifest's folder.
+    Lines are not checked for existence (a million stat calls on object storage would stall): a missing file gets an
+    error row. A URI with credentials stops the listing."""
     base = key.rsplit("/", 1)[0]
     with fs.open_input_stream(fs_path) as stream:  # line by line: a manifest may list 10⁸ images
-        for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
+        for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape"), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             if storage.is_uri(line):
-                yield line
+                if "@" in line:  # a URI without one carries no credentials: most lines cost no more
+                    storage.refuse_credentials(line, f"manifest {key} line {number}:")
+                yield number, line
             elif storage.is_uri(base):
-                yield f"{base}/{line}"
+                yield number, f"{base}/{line}"
             else:
-                yield os.path.normpath(os.path.join(base, os.path.expanduser(line)))
+                yield number, os.path.normpath(os.path.join(base, os.path.expanduser(line)))
 
 
 def _resolve(path: str) -> tuple[pafs.FileSystem, str]:

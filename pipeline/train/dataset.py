@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from pipeline.images import decode_image, image_error
-from pipeline.keys import Reader
+from pipeline.images import decode_image
+from pipeline.keys import Reader, reason
 from pipeline.train.shards import member_class, shard_folder
 from pipeline.train.splits import Split
 
@@ -44,7 +44,7 @@ class Samples:
         try:
             image = decode_image(data, self.draft_size)
         except Exception as e:  # one bad file must never stop training
-            return None, key, image_error(e)
+            return None, key, reason(e)
         return self.transform(image), target, key
 
 
@@ -59,7 +59,7 @@ class ImageDataset(Samples, Dataset):
         try:
             data = self.reader.read_key(key)
         except Exception as e:
-            return self.sample(key, -1, None, image_error(e))
+            return self.sample(key, -1, None, reason(e))
         return self.sample(key, self.split.target(index), data)
 
 

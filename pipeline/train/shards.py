@@ -1,6 +1,6 @@
-"""Shard folders as training data: data.root/train/ and data.root/val/ hold .tar, .tar.gz, .tgz or .zip shards, as
-img2dataset and WebDataset write them, whose image members sit in class folders (`ants/0001.jpg`). A member with
-no folder takes its class from the shard's own folder (`train/ants/shard-0001.tar`).
+"""Shard folders as training data: data.root/train/ and data.root/val/ hold .tar (plain, gzip, bzip2 or xz) or .zip
+shards, as img2dataset and WebDataset write them, whose image members sit in class folders (`ants/0001.jpg`). A member
+with no folder takes its class from the shard's own folder (`train/ants/shard-0001.tar`).
 
 Workers stream whole shards (pipeline.train.dataset.ShardStream) and need only each shard's sample count to give
 every rank the same steps. The counts come from a small index beside the shards, `_imgjobs_shards.parquet` (its
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.keys import Reader, archive_kind, split_member
+from pipeline.keys import ARCHIVE_NAMES, Reader, archive_kind, split_member
 from pipeline.train.splits import Split
 
 INDEX = "_imgjobs_shards.parquet"
@@ -56,7 +56,7 @@ def scan_split(root: str, split: str, line: Callable[[str], None]) -> pa.Table:
     listed = pa.table({"shard": [prefix + path for path, _ in found], "size": [size for _, size in found]},
                       schema=pa.schema([("shard", pa.string()), ("size", pa.int64())]))
     if not len(listed):
-        raise UsageError(f"data.root: {root}/{split} holds no shards (.tar .tar.gz .tgz .zip); put the {split} "
+        raise UsageError(f"data.root: {root}/{split} holds no shards {ARCHIVE_NAMES}; put the {split} "
                          f"shards there, or use an image folder tree ({split}/<class>/*.jpg) throughout")
     index_path = f"{folder}/{INDEX}"
     known = _read_index(fs, index_path)
