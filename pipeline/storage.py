@@ -15,7 +15,7 @@ import tenacity
 
 from pipeline.console import printable
 from pipeline.errors import UsageError
-from pipeline.images import is_hidden, is_image_name
+from pipeline.images import is_hidden
 
 T = TypeVar("T")
 READ_TRIES = 4  # around pyarrow's own S3 retries (about 6 s), with waits of 0.5, 1 and 2 s: outages of 20 s or so
@@ -157,11 +157,6 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
-
-
-def walk_images(fs: pafs.FileSystem, root: str) -> Iterator[str]:
-    """Image files under `root` in sorted order, hidden names skipped."""
-    return walk(fs, root, is_image_name)
 
 
 def walk(fs: pafs.FileSystem, root: str, wanted: Callable[[str], bool]) -> Iterator[str]:
