@@ -87,6 +87,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         if work.units:
             progress.cpu_decoded = run(opts, model, actors, work, listing, provenance,
                                        lambda table: progress.add(writer.add(table), started), console)
+        isolation.clear(opts.output)  # every unit finished: no count is left, and the folder holds only outputs
     except BaseException:
         writer.close()  # what was labeled is committed, and the lock given back, whatever stopped the run
         raise
