@@ -32,7 +32,6 @@ ARCHIVE_NAMES = "(.tar .tar.gz .tgz .tar.bz2 .tar.xz .zip)"  # for messages
 MEMBER_SEPARATOR = "!"
 ESCAPE = "\\x"
 FILE_URI = "file://"  # keys of file:// inputs: the path follows, as listing wrote it
-MAX_MEMBER_BYTES = Limits.member_bytes
 
 
 class Item(NamedTuple):
@@ -211,7 +210,7 @@ class Reader:
                         yield _read_item(member_key, read)
             except Exception as e:
                 if key not in done:
-                    yield Item(key, None, f"unreadable archive: {reason(e)}", _content_kind(e))
+                    yield Item(key, None, f"unreadable archive: {reason(e)}", content_kind(e))
 
 
 def _read_item(key: str, read: Callable[[], bytes]) -> Item:
@@ -220,12 +219,12 @@ def _read_item(key: str, read: Callable[[], bytes]) -> Item:
     except StorageFailed:
         raise  # the archive's stream is gone: its own row says so, and a rerun retries it
     except Exception as e:  # a bad member (a CRC, encryption, a cap) does not spoil the others
-        return Item(key, None, reason(e), _content_kind(e))
+        return Item(key, None, reason(e), content_kind(e))
 
 
-def _content_kind(error: BaseException) -> str:
-    """error_kind inside an opened archive: only StorageFailed is the storage's; the decompressors raise OSError
-    for bad bytes."""
+def content_kind(error: BaseException) -> str:
+    """error_kind of a failure while decoding bytes or streaming an opened archive: only StorageFailed is the
+    storage's; the decompressors and decoders raise OSError for bad bytes."""
     return "io" if isinstance(error, StorageFailed) else getattr(error, "kind", "decode")
 
 

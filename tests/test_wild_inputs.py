@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
+from pipeline import storage
 from pipeline.archives import Limits
 from pipeline.keys import Reader, escape, unescape
 from pipeline.label import isolation
@@ -291,7 +292,7 @@ def test_a_native_crash_costs_its_file_one_row_once_the_unit_crashed_twice(tmp_p
 
     output, shard = tmp_path / "out", tmp_path / "s.tar"
     shard.write_bytes(tar_bytes([("a.jpg", jpeg()), ("b.jpg", b"not an image")]))
-    attempts = Attempts(str(output), str(shard))
+    attempts = Attempts(*storage.resolve(str(output)), str(shard))
     assert [attempts.start(), attempts.start()] == [False, False]  # two attempts that never finished: crashes
     rows = read_unit(shard, output)  # the third is careful: each file decoded in a child of its own
     assert [(row["path"].rpartition("!")[2], row["error_kind"]) for row in rows] == [("a.jpg", ""),

@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline.checkpoint import ModelSpec
 from pipeline.errors import UsageError
-from pipeline.keys import reason
+from pipeline.keys import content_kind, reason
 from pipeline.label.reading import Preprocess
 
 # Device memory that the decoder's own tensors may take at once. The images of one chunk take DECODED_BYTES a
@@ -114,7 +114,7 @@ class DeviceDecoder:
             try:
                 pixels, batch["width"][i], batch["height"][i] = self.cpu(batch["data"][i])
             except Exception as e:  # the error row a read task would have made
-                batch["error"][i], batch["error_kind"][i] = reason(e), getattr(e, "kind", "decode")
+                batch["error"][i], batch["error_kind"][i] = reason(e), content_kind(e)
             else:
                 crops[i] = torch.tensor(pixels, device=self.device)
         cpu = np.zeros(n, dtype=bool)

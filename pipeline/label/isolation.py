@@ -32,10 +32,10 @@ class Crashed(Refused):
 
 
 class Attempts:
-    """The count of started, unfinished attempts at one unit of the output `output`."""
+    """The count of started, unfinished attempts at one unit of the output folder `base` in `fs`."""
 
-    def __init__(self, output: str, unit: str):
-        self.fs, base = storage.resolve(output)
+    def __init__(self, fs: pafs.FileSystem, base: str, unit: str):
+        self.fs = fs
         self.path = f"{base}/{ATTEMPTS}/{hashlib.blake2b(unit.encode(), digest_size=16).hexdigest()}"
 
     def start(self) -> bool:

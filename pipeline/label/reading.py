@@ -8,6 +8,7 @@ exactly what `eval_transform` would give it. A file that cannot be read or decod
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from pipeline import storage
 from pipeline.archives import Limits
 from pipeline.checkpoint import ModelSpec
 from pipeline.images import MAX_PIXELS, decode_with_size, is_image_name, jpeg_header, resize_center_crop
-from pipeline.keys import MEMBER_SEPARATOR, Item, Reader, error_kind, reason
+from pipeline.keys import MEMBER_SEPARATOR, Item, Reader, content_kind, error_kind, reason
 from pipeline.label.isolation import Attempts, in_child
 from pipeline.label.units import UNIT, UNIT_TOTAL
 
@@ -60,7 +61,7 @@ class Preprocess:
                 try:
                     pixels, width, height = in_child(self, data) if careful else self(data)
                 except Exception as e:  # any bad file becomes an error row; the job goes on
-                    error, kind = reason(e), getattr(e, "kind", "decode")
+                    error, kind = reason(e), content_kind(e)
             block.append((key, pixels, width, height, error or "", kind or ""))
             if len(block) == size:
                 yield self._block(block)
@@ -80,11 +81,10 @@ class Preprocess:
         }
 
 
-def encoded_rows(items: Iterator[Item], careful: bool = False) -> Iterator[dict]:
+def encoded_rows(items: Iterator[Item]) -> Iterator[dict]:
     """Blocks of undecoded rows, for predictors that decode on their GPU (pipeline.label.device_decoding): the
     bytes, and for JPEGs the GPU takes, the upright size and EXIF orientation from the header; orientation 0
-    marks the files the predictor decodes on its CPU instead. Nothing is decoded here, so `careful` changes
-    nothing."""
+    marks the files the predictor decodes on its CPU instead."""
     while True:
         rows = list(itertools.islice(items, ENCODED_ROWS_PER_BLOCK))
         if not rows:
@@ -108,11 +108,13 @@ def read_units(batch, spec: ModelSpec, exact_decode: bool, options: dict[str, st
     filesystem options, `files_ref` [the object ref of the sorted loose-file keys] that loose units index, and
     `output` the labels folder, where a unit in progress finds its done keys. With `encoded`, rows carry the files'
     bytes instead of decoded crops (encoded_rows). Every row carries its unit, and a unit's last row its total."""
-    rows = encoded_rows if encoded else Preprocess(spec, exact_decode, max_pixels).rows
+    preprocess = Preprocess(spec, exact_decode, max_pixels)
+    attempts_fs, attempts_dir = storage.resolve(output)  # once per task: a filesystem can cost a request
     reader = Reader(options, limits)
     for unit in batch.to_pylist():
-        attempts = Attempts(output, unit["unit"])
+        attempts = Attempts(attempts_fs, attempts_dir, unit["unit"])
         careful = attempts.start()
+        rows = encoded_rows if encoded else functools.partial(preprocess.rows, careful=careful)
         files = None if unit["archive"] else ray.get(files_ref[0])[unit["start"] : unit["end"]]
         done = done_keys(output, json.loads(unit["parts"]), unit["archive"], files)
         if unit["archive"]:
@@ -120,11 +122,11 @@ def read_units(batch, spec: ModelSpec, exact_decode: bool, options: dict[str, st
         else:
             items = _read_files(reader, [key for key in files.to_pylist() if key not in done])
         held = AllButLast(items)
-        yield from _with_unit(rows(held, careful), unit["unit"])
+        yield from _with_unit(rows(held), unit["unit"])
         if held.last is None and unit["archive"] and not unit["prior"]:
             held.last = Item(unit["archive"], None, "no image members in it", "empty")  # its unit's total needs a row
         if held.last is not None:  # the unit's last row, in a block of its own: the unit's end rides on it
-            yield from _with_unit(rows(iter([held.last]), careful), unit["unit"], total=unit["prior"] + held.count + 1)
+            yield from _with_unit(rows(iter([held.last])), unit["unit"], total=unit["prior"] + held.count + 1)
         attempts.finish()
 
 
