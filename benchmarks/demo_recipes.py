@@ -28,7 +28,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.checkpoint import ModelSpec  # noqa: E402
+from pipeline.formats.model_spec import ModelSpec  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
 from pipeline.images import decode_image  # noqa: E402
 from pipeline.models import build_model, head_from_imagenet  # noqa: E402

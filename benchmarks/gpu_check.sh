@@ -221,7 +221,7 @@ step decode-rate 60 "$PY" - "$WORK/photos" <<'EOF'
 import sys, time
 from pathlib import Path
 import numpy as np, torch
-from pipeline.checkpoint import ModelSpec
+from pipeline.formats.model_spec import ModelSpec
 from pipeline.label.device_decoding import DeviceDecoder
 from pipeline.label.reading import encoded_rows
 

@@ -37,11 +37,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import checkpoint  # noqa: E402
+from pipeline.formats import checkpoint  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
 from pipeline.images import decode_image, is_image_name  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, model_payload  # noqa: E402
 from pipeline.label.predictor import torchscript_model  # noqa: E402
+from pipeline.models import from_checkpoint  # noqa: E402
 from pipeline.train.transforms import eval_transform  # noqa: E402
 from tests.helpers import fresh_env, peak_memory, random_weight_checkpoint, start_label  # noqa: E402
 
@@ -81,7 +82,7 @@ def plain_pytorch(ckpt: str, paths: list[str], workers: int, out: Path) -> tuple
     Returns (images/s end to end, labels, scores)."""
     start = time.perf_counter()
     state = checkpoint.load(ckpt)
-    model = checkpoint.build_from(state)
+    model = from_checkpoint(state)
     spec = state["model"]
     loader = torch.utils.data.DataLoader(
         Files(paths, eval_transform(spec)),
@@ -108,7 +109,7 @@ def ceilings(ckpt: str) -> dict:
     xcl = x.contiguous(memory_format=torch.channels_last)
 
     def channels_last():
-        return checkpoint.build_from(state).to(memory_format=torch.channels_last)
+        return from_checkpoint(state).to(memory_format=torch.channels_last)
 
     def autocast_bf16():
         model = channels_last()
@@ -119,10 +120,10 @@ def ceilings(ckpt: str) -> dict:
         return forward
 
     variants = {
-        "eager fp32": (lambda: checkpoint.build_from(state), x),
+        "eager fp32": (lambda: from_checkpoint(state), x),
         "channels_last fp32": (channels_last, xcl),
         "torch.jit.optimize_for_inference": (
-            lambda: torch.jit.optimize_for_inference(torch.jit.trace(checkpoint.build_from(state), x[:1])), x),
+            lambda: torch.jit.optimize_for_inference(torch.jit.trace(from_checkpoint(state), x[:1])), x),
         "channels_last + bf16 autocast": (autocast_bf16, xcl),
         f"imgjobs fp32 model, batch {CPU_BATCH}": (lambda: imgjobs_cpu_model(state, "fp32", CPU_BATCH),
                                                    xcl[:CPU_BATCH]),
@@ -134,7 +135,7 @@ def ceilings(ckpt: str) -> dict:
 
 def imgjobs_cpu_model(state: dict, precision: str, batch_size: int):
     """The TorchScript model that imgjobs' CPU predictor actors run for this checkpoint."""
-    return torchscript_model(model_payload(state, checkpoint.build_from(state), precision, gpu=False), batch_size)
+    return torchscript_model(model_payload(state, from_checkpoint(state), precision, gpu=False), batch_size)
 
 
 def rows_per_s(forward, batch: torch.Tensor, seconds: float) -> float:

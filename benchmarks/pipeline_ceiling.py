@@ -35,9 +35,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from label_throughput import imgjobs_cpu_model, label_job, rows_per_s  # noqa: E402
 
-from pipeline import checkpoint  # noqa: E402
-from pipeline.archives import Limits  # noqa: E402
-from pipeline.checkpoint import ModelSpec  # noqa: E402
+from pipeline.formats import checkpoint  # noqa: E402
+from pipeline.formats.archives import Limits  # noqa: E402
+from pipeline.formats.labels_file import OUTPUT_SCHEMA  # noqa: E402
+from pipeline.formats.model_spec import ModelSpec  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
 from pipeline.images import MAX_PIXELS  # noqa: E402
 from pipeline.label import units  # noqa: E402
@@ -45,7 +46,6 @@ from pipeline.label.output import LabelWriter  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, MAX_THREADS  # noqa: E402
 from pipeline.label.predictor import example_batch  # noqa: E402
 from pipeline.label.sources import list_inputs  # noqa: E402
-from pipeline.labels_file import OUTPUT_SCHEMA  # noqa: E402
 from tests.helpers import random_weight_checkpoint  # noqa: E402
 
 

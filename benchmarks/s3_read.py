@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.keys import Reader  # noqa: E402
+from pipeline.formats.keys import Reader  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train.data import scan_image_folder  # noqa: E402
 from pipeline.train.dataset import ImageDataset, collate_skipping  # noqa: E402

@@ -40,7 +40,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import checkpoint  # noqa: E402
+from pipeline.formats import checkpoint  # noqa: E402
+from pipeline.models import from_checkpoint  # noqa: E402
 from tests.helpers import (  # noqa: E402
     benchmark_cluster,
     label_files,
@@ -156,7 +157,7 @@ def decode(data: bytes) -> torch.Tensor:
 
 def plain_pytorch(shards: list[Path], ckpt: str) -> float:
     """Images/s of a DataLoader over the shards (two workers) into the same model, eager, fp32."""
-    model = checkpoint.build_from(checkpoint.load(ckpt)).eval()
+    model = from_checkpoint(checkpoint.load(ckpt)).eval()
     loader = torch.utils.data.DataLoader(shard_samples(shards), batch_size=64, num_workers=2)
     start, count = time.perf_counter(), 0
     with torch.inference_mode():

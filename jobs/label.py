@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from pipeline.console import printable
-from pipeline.keys import ARCHIVE_NAMES
+from pipeline.formats.keys import ARCHIVE_NAMES
 from pipeline.label.options import LabelOptions, default
 
 

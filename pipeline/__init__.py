@@ -1,6 +1,6 @@
-"""imgjobs library. train/ and label/ hold the two jobs; the modules here are what both use: storage, keys and
-archives (reading any input within limits), images, checkpoint and models, cluster (connecting to Ray), submit (the
-Ray Jobs API) and errors."""
+"""imgjobs library. train/ and label/ hold the two jobs; formats/ what they read and write (keys, archives, the
+labels file, the checkpoint); the modules here are what both use: storage, images, models, cluster (connecting to
+Ray), submit (the Ray Jobs API), console and errors."""
 
 from importlib.metadata import PackageNotFoundError, version
 

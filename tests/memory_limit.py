@@ -3,7 +3,7 @@ the machine (or CI) down.
 
     rows = bounded_json('''
         print(json.dumps(len(list(Reader().archive_members(path, set())))))
-    ''', extra_bytes=768 * 2**20, setup=["import json\nfrom pipeline.keys import Reader", "path = make_bomb()"])
+    ''', extra_bytes=768 * 2**20, setup=["import json\nfrom pipeline.formats.keys import Reader", "path = make_bomb()"])
     assert rows == 15
 
 `setup` (imports, building inputs; a string or a list of snippets) runs first, unlimited. Then the process caps its

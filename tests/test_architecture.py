@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,7 @@ def test_the_two_jobs_never_import_each_other(job, other):
 
 
 def test_the_shared_level_imports_neither_job():
-    shared = sorted(PIPELINE.glob("*.py"))
+    shared = sorted(PIPELINE.glob("*.py")) + sorted((PIPELINE / "formats").glob("*.py"))
     assert len(shared) > 5  # the glob found the modules
     offenders = {str(p.relative_to(REPO)): sorted(m for m in imports_of(p)
                                                   if within(m, "pipeline.label") or within(m, "pipeline.train"))
@@ -66,3 +68,49 @@ def test_every_benchmark_imports(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.__doc__  # each says what it measures
+
+
+def test_the_formats_layer_imports_no_torch_or_ray():
+    """Read workers and the driver's checks import it; torch and Ray take seconds and hundreds of MiB."""
+    modules = [f"pipeline.formats.{p.stem}" for p in sorted((PIPELINE / "formats").glob("*.py"))]
+    assert len(modules) > 4
+    script = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
+              "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'torchvision', 'ray', 'timm'}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """pipeline's modules and the pipeline modules each imports (at its top or inside functions)."""
+    paths = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in PIPELINE.rglob("*.py")}
+    return {name: {m for m in imports_of(path) if m in paths and m != name} for name, path in paths.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles among the modules (a depth-first search; packages count as the modules they name)."""
+    found, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_pipeline_has_no_import_cycle():
+    graph = module_graph()
+    assert "pipeline.formats.checkpoint" in graph and "pipeline.models" in graph["pipeline.label.job"]
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]

@@ -11,7 +11,7 @@ import pytest
 from jobs.cli import main
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.keys import Reader
+from pipeline.formats.keys import Reader
 from pipeline.label.sources import list_inputs
 from tests.helpers import FlakyProxy, make_image_folder, write_config
 

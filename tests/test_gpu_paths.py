@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import checkpoint
-from pipeline.checkpoint import ModelSpec
 from pipeline.errors import UsageError
+from pipeline.formats.labels_file import output_schema
+from pipeline.formats.model_spec import ModelSpec
 from pipeline.hardware import gpu_half_precision
 from pipeline.images import decode_with_size, jpeg_header
 from pipeline.label import predictor
@@ -24,7 +24,7 @@ from pipeline.label.device_decoding import CROP_BYTES, DECODED_BYTES, DeviceDeco
 from pipeline.label.plan import model_payload, split_cpu_decoded
 from pipeline.label.predictor import CPU_DECODED, Predictor
 from pipeline.label.reading import Preprocess, encoded_rows
-from pipeline.labels_file import output_schema
+from pipeline.models import from_checkpoint
 from pipeline.train.loop import choose_amp, load_scaler
 from tests.helpers import DEMO_DATA, random_weight_state
 
@@ -269,7 +269,7 @@ def test_a_decoder_that_cannot_decode_at_all_stops_at_start_with_one_line(monkey
 @pytest.fixture(scope="module")
 def payload() -> dict:
     state = random_weight_state("mobilenet_v3_small", ["blue", "red"], input_size=64)
-    return model_payload(state, checkpoint.build_from(state), "fp32", gpu=False)
+    return model_payload(state, from_checkpoint(state), "fp32", gpu=False)
 
 
 class OutOfMemoryOnce:

@@ -15,10 +15,11 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from pipeline import checkpoint, submit
-from pipeline.checkpoint import ModelSpec
+from pipeline import submit
 from pipeline.console import Console, printable
 from pipeline.errors import UsageError
+from pipeline.formats import checkpoint
+from pipeline.formats.model_spec import ModelSpec
 from tests.helpers import REPO
 
 # A file name that sets the terminal's title, clears it, fakes a line of its own, and hides its extension behind a C1
@@ -162,7 +163,7 @@ def test_submit_checks_links_before_it_contacts_the_cluster(project):
 @pytest.mark.parametrize("path, ignored", [
     (".env", True), ("configs/.env.production", True), (".env.example", False), ("deploy/server.pem", True),
     ("tls.key", True), ("credentials", True), (".aws/config", True), ("service-account-prod.json", True),
-    ("configs/demo.yaml", False), ("pipeline/keys.py", False),
+    ("configs/demo.yaml", False), ("pipeline/formats/keys.py", False),
 ])
 def test_gitignore_keeps_secrets_out(path, ignored):
     result = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=REPO, timeout=30)

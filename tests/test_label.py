@@ -23,12 +23,12 @@ from torchvision import transforms as T
 
 import pipeline
 from jobs.cli import main
-from pipeline import checkpoint
+from pipeline.formats import checkpoint
 from pipeline.hardware import native_bf16
 from pipeline.images import decode_image, resize_center_crop
 from pipeline.label.plan import model_payload
 from pipeline.label.predictor import torchscript_model
-from pipeline.models import build_model
+from pipeline.models import build_model, from_checkpoint
 from pipeline.train.transforms import eval_transform
 from tests.corpus import make_corpus
 from tests.helpers import REPO, HeldImage, label_files, make_image_folder, random_weight_state, read_output, start_label
@@ -43,7 +43,7 @@ def reference_probs(ckpt: str, paths: list) -> np.ndarray:
     tf = eval_transform(spec)
     x = torch.stack([tf(decode_image(Path(p).read_bytes())) for p in paths])
     with torch.inference_mode():
-        return checkpoint.build_from(state)(x).softmax(1).numpy()
+        return from_checkpoint(state)(x).softmax(1).numpy()
 
 
 def test_mixed_inputs_broken_files_and_labels_equal_plain_pytorch(ray_local, small_checkpoint, tmp_path, capsys):
@@ -250,15 +250,15 @@ def test_cpu_and_gpu_payloads_hold_the_checkpoints_model(precision, tolerance):
     predictor.eager_model does (here on the CPU: CI has no GPU). Both must compute the checkpoint's logits.
     ResNet18: its random-weight logits depend on the input (MobileNetV3's collapse to one value)."""
     state = random_weight_state("resnet18", CLASSES, input_size=64)
-    gpu_payload = model_payload(state, checkpoint.build_from(state), precision, gpu=True)
+    gpu_payload = model_payload(state, from_checkpoint(state), precision, gpu=True)
     assert gpu_payload["device"] == "cuda" and "torchscript" not in gpu_payload
     x = torch.rand(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     try:
-        cpu_payload = model_payload(state, checkpoint.build_from(state), precision, gpu=False)
+        cpu_payload = model_payload(state, from_checkpoint(state), precision, gpu=False)
         scripted = torchscript_model(cpu_payload, batch_size=4)
         with torch.inference_mode():
-            expected = checkpoint.build_from(state)(x)
-            got = {"cpu": scripted(x).float(), "gpu": checkpoint.build_from(gpu_payload)(x)}
+            expected = from_checkpoint(state)(x)
+            got = {"cpu": scripted(x).float(), "gpu": from_checkpoint(gpu_payload)(x)}
     finally:
         torch.jit.enable_onednn_fusion(False)  # torchscript_model turns it on for the whole process
     for name, logits in got.items():

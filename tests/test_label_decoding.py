@@ -13,14 +13,15 @@ import ray
 import torch
 from PIL import Image
 
-from pipeline import checkpoint
-from pipeline.checkpoint import ModelSpec
+from pipeline.formats import checkpoint
+from pipeline.formats.keys import Reader
+from pipeline.formats.model_spec import ModelSpec
 from pipeline.images import ORIENTATION, decode_image
-from pipeline.keys import Reader
 from pipeline.label.device_decoding import orient
 from pipeline.label.plan import model_payload
 from pipeline.label.predictor import Predictor
 from pipeline.label.reading import Preprocess, encoded_rows
+from pipeline.models import from_checkpoint
 from tests.corpus import make_corpus, sample_image
 
 CLASSES = ["ants", "bees"]
@@ -41,7 +42,7 @@ def labels(model, spec: ModelSpec, paths: list, exact: bool) -> np.ndarray:
 @pytest.mark.ray
 def test_reduced_size_decoding_agrees_with_full_decoding(demo_run, shared_hymenoptera, tmp_path):
     state = checkpoint.load(demo_run["best_checkpoint"])
-    model = checkpoint.build_from(state)
+    model = from_checkpoint(state)
     spec = state["model"]
     photos = sorted((shared_hymenoptera / "val").rglob("*.jpg"))
     big = []  # 12 MP, as phones take them: every third val photo, upscaled
@@ -122,7 +123,7 @@ def test_predictors_decoding_on_their_device_label_as_read_tasks_do(ray_local, d
 
     state = checkpoint.load(demo_run["best_checkpoint"])
     spec = state["model"]
-    payload = model_payload(state, checkpoint.build_from(state), "fp32", gpu=device == "cuda")
+    payload = model_payload(state, from_checkpoint(state), "fp32", gpu=device == "cuda")
     on_cpu = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=8)
     on_device = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=8,
                           device_decode=True)

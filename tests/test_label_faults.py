@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from jobs.cli import main
-from pipeline import checkpoint
-from pipeline.labels_file import UNITS_KEY
+from pipeline.formats import checkpoint
+from pipeline.formats.labels_file import UNITS_KEY
 from tests.helpers import DEMO_DATA, label_files, make_image_folder, read_output, start_label, tiny_jpeg_shards
 
 

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import label as label_command
-from pipeline.archives import Limits
-from pipeline.keys import Reader
+from pipeline.formats.archives import Limits
+from pipeline.formats.keys import Reader
+from pipeline.formats.labels_file import OUTPUT_SCHEMA, UNITS_KEY
 from pipeline.label import units
 from pipeline.label.output import LABEL_DEFINING, LabelWriter
 from pipeline.label.sources import list_inputs
 from pipeline.label.units import UNIT, UNIT_TOTAL
-from pipeline.labels_file import OUTPUT_SCHEMA, UNITS_KEY
 from tests.helpers import Clock, label_files
 
 

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from pipeline.errors import UsageError
-from pipeline.keys import Reader
+from pipeline.formats.keys import Reader
 from pipeline.label.evaluate import true_classes
 from pipeline.label.sources import list_inputs
 from tests.helpers import FlakyProxy

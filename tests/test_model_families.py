@@ -12,11 +12,11 @@ import torch
 import torchvision
 
 from jobs.cli import main
-from pipeline import checkpoint
 from pipeline.errors import UsageError
+from pipeline.formats import checkpoint
 from pipeline.label.plan import model_payload
 from pipeline.label.predictor import Predictor
-from pipeline.models import TORCHVISION_HEADS, WithEmbedding, _family, build_model, torchvision_archs
+from pipeline.models import TORCHVISION_HEADS, WithEmbedding, _family, build_model, from_checkpoint, torchvision_archs
 from tests.helpers import make_image_folder, random_weight_state, write_config
 
 CLASSES = ["a", "b", "c"]
@@ -81,8 +81,8 @@ def test_family_trains_a_step_and_labels(arch, ray_local):
 
     # Labeling: the predictor actor's code, with the payload the driver builds, gives the eager model's labels.
     state = random_weight_state(arch, CLASSES, input_size=size)
-    eager = checkpoint.build_from(state)
-    payload = model_payload(state, checkpoint.build_from(state), "fp32", gpu=False)
+    eager = from_checkpoint(state)
+    payload = model_payload(state, from_checkpoint(state), "fp32", gpu=False)
     predictor = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=4)
     pixels = np.random.default_rng(0).integers(0, 256, (4, 3, size, size), dtype=np.uint8)
     batch = {"path": np.array([f"{i}.jpg" for i in range(4)], dtype=object), "pixels": pixels,
@@ -96,7 +96,7 @@ def test_family_trains_a_step_and_labels(arch, ray_local):
     np.testing.assert_allclose(table.column("score").to_numpy(), expected.max(1).values.numpy(), atol=1e-3)
 
     # --embeddings: the head's input, the same labels; a row that failed to decode has none.
-    payload = model_payload(state, checkpoint.build_from(state), "fp32", gpu=False, embeddings=True)
+    payload = model_payload(state, from_checkpoint(state), "fp32", gpu=False, embeddings=True)
     predictor = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=4)
     batch["error"][2] = "broken"
     table = predictor(batch)
@@ -115,7 +115,7 @@ def test_embeddings_need_a_head_that_takes_a_feature_vector():
     """SqueezeNet classifies with a 1x1 convolution over a feature map: there is no pooled vector to give."""
     state = random_weight_state("squeezenet1_1", CLASSES, input_size=64)
     with pytest.raises(UsageError, match=r"--embeddings: this model's head \(classifier.1, Conv2d\) takes no pooled"):
-        model_payload(state, checkpoint.build_from(state), "fp32", gpu=False, embeddings=True)
+        model_payload(state, from_checkpoint(state), "fp32", gpu=False, embeddings=True)
 
 
 def test_a_family_with_auxiliary_heads_trains_end_to_end(ray_local, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline.formats import checkpoint
 from tests.helpers import (
     REPO,
     AutoscalingCluster,

@@ -24,9 +24,9 @@ import pytest
 from jobs.cli import main
 from pipeline import storage
 from pipeline.errors import UsageError
+from pipeline.formats.labels_file import part_paths, read_table
 from pipeline.label.lock import LEASE_ENV, LOCK, OutputBusy, OutputLock, ReadBackStore, identity
 from pipeline.label.output import LABEL_DEFINING, SUMMARY, TEMP_PREFIX, LabelWriter
-from pipeline.labels_file import part_paths, read_table
 from tests.helpers import REPO, Clock
 from tests.test_label_output import rows
 
@@ -40,7 +40,7 @@ import pyarrow as pa
 from pipeline.errors import UsageError
 from pipeline.label.output import LABEL_DEFINING, LabelWriter
 from pipeline.label.units import UNIT, UNIT_TOTAL
-from pipeline.labels_file import OUTPUT_SCHEMA
+from pipeline.formats.labels_file import OUTPUT_SCHEMA
 
 
 def row(name):  # one input, a unit of its own

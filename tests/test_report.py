@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
+from pipeline.formats.labels_file import OUTPUT_SCHEMA, PROVENANCE_KEY
 from pipeline.label.report import CLASS_THUMBNAILS, MISTAKES_SHOWN, PER_CLASS, UNCERTAIN_SHOWN, write_report
-from pipeline.labels_file import OUTPUT_SCHEMA, PROVENANCE_KEY
 from tests.helpers import REPO, read_output
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -20,7 +20,8 @@ import pytest
 import requests
 
 from jobs.cli import main
-from pipeline import checkpoint, submit
+from pipeline import submit
+from pipeline.formats import checkpoint
 from pipeline.ray_internals import LOCAL_ONLY_ENV
 from tests.helpers import DEMO_DATA, LOOPBACK, REPO, free_port, listening_sockets
 

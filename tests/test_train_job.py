@@ -12,7 +12,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import pipeline
 from jobs.cli import main
-from pipeline import checkpoint
+from pipeline.formats import checkpoint
+from pipeline.formats.model_spec import ModelSpec
+from pipeline.models import from_checkpoint
 from pipeline.train.data import scan_image_folder
 from pipeline.train.dataset import ImageDataset, collate_skipping
 from pipeline.train.transforms import eval_transform
@@ -21,7 +23,7 @@ from tests.helpers import REPO, make_image_folder, train, write_config
 
 def single_process_accuracy(ckpt_path: str, data_root) -> float:
     state = checkpoint.load(ckpt_path)
-    model = checkpoint.build_from(state)
+    model = from_checkpoint(state)
     folder = scan_image_folder(str(data_root))
     dataset = ImageDataset(str(data_root), folder.val, eval_transform(state["model"]))
     correct = 0
@@ -79,7 +81,7 @@ def test_checkpoint_is_self_describing(ray_local, tmp_path, tiny_folder):
     state = checkpoint.load(summary["best_checkpoint"])
     assert state["classes"] == ["blue", "red"] and state["epoch"] == 1
     assert state["best_val_acc"] == summary["best_val_acc"]
-    assert state["model"] == checkpoint.ModelSpec(
+    assert state["model"] == ModelSpec(
         arch="mobilenet_v3_small", head="classifier.3", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
         resize_size=256, input_size=224, interpolation="bilinear",
     )
@@ -90,7 +92,7 @@ def test_checkpoint_is_self_describing(ray_local, tmp_path, tiny_folder):
                                    "python": platform.python_version(), "git_commit": commit or None}
     assert summary["started"] < summary["ended"] and summary["ended"].endswith("+00:00")
     # A round trip through the file gives the same model.
-    model = checkpoint.build_from(state)
+    model = from_checkpoint(state)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state["model_state"][name].cpu())
 

@@ -13,7 +13,7 @@ import pytest
 
 from jobs.cli import main
 from pipeline.errors import UsageError
-from pipeline.keys import Reader
+from pipeline.formats.keys import Reader
 from pipeline.train.config import DataConfig
 from pipeline.train.data import scan
 from pipeline.train.from_labels import scan_labels

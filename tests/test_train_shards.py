@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from jobs.cli import main
-from pipeline.keys import Reader
+from pipeline.formats.keys import Reader
 from pipeline.train import shards
 from pipeline.train.config import DataConfig
 from pipeline.train.data import scan

@@ -23,8 +23,8 @@ from PIL import Image
 
 from jobs.cli import main
 from pipeline import storage
-from pipeline.archives import Limits
-from pipeline.keys import Reader, escape, unescape
+from pipeline.formats.archives import Limits
+from pipeline.formats.keys import Reader, escape, unescape
 from pipeline.label import isolation
 from pipeline.label.isolation import Attempts, Crashed, in_child
 from pipeline.label.reading import read_units
@@ -137,7 +137,7 @@ def test_a_zip_member_that_declares_100_bytes_costs_no_more_than_the_cap(tmp_pat
     rows = bounded_json(f"""
         reader = Reader(limits=Limits(member_bytes=2**20))
         print(json.dumps([[i.key.rpartition("!")[2], i.error, i.kind] for i in reader.archive_members({str(bomb)!r})]))
-    """, extra_bytes=64 * MiB, timeout=60, setup="import json\nfrom pipeline.keys import Reader, Limits")
+    """, extra_bytes=64 * MiB, timeout=60, setup="import json\nfrom pipeline.formats.keys import Reader, Limits")
     assert rows == [["bomb.jpg", "archive member inflates past the 1 MiB cap (--max-member-mb)", "too_large"],
                     ["small.jpg", None, None]]
 
@@ -161,7 +161,7 @@ def test_a_tar_that_is_really_bzip2_streams_and_skips_a_big_member_in_linear_tim
         reader = Reader(limits=Limits(member_bytes=2**20))
         print(json.dumps({{i.key.rpartition("!")[2]: [i.error, i.kind, len(i.data or b"")]
                           for i in reader.archive_members({str(shard)!r})}}))
-    """, extra_bytes=64 * MiB, timeout=60, setup="import json\nfrom pipeline.keys import Reader, Limits")
+    """, extra_bytes=64 * MiB, timeout=60, setup="import json\nfrom pipeline.formats.keys import Reader, Limits")
     assert rows == {"big.jpg": ["archive member of 128 MiB is over the 1 MiB cap (--max-member-mb)", "too_large", 0],
                     "small.jpg": [None, None, len(jpeg())]}
     # read_key opens it by its bytes too (it once took any .tar for an uncompressed one)
@@ -235,7 +235,7 @@ def test_only_regular_files_are_read_and_the_size_cap_applies_to_loose_files(tmp
         keys = {listing.files.to_pylist()!r}
         print(json.dumps({{os.path.relpath(i.key, {str(tmp_path)!r}): [i.error, i.kind]
                           for i in _read_files(Reader(limits=Limits(member_bytes=2**20)), keys)}}))
-    """, extra_bytes=64 * MiB, timeout=60, setup="import json, os\nfrom pipeline.keys import Reader, Limits")
+    """, extra_bytes=64 * MiB, timeout=60, setup="import json, os\nfrom pipeline.formats.keys import Reader, Limits")
     assert found == {
         "imgs/ok.jpg": [None, None], "imgs/dir.jpg/inner.jpg": [None, None],
         "imgs/held.jpg": ["not a regular file but a FIFO", "unsupported"],

@@ -23,9 +23,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.checkpoint import ModelSpec
 from pipeline.errors import UsageError
-from pipeline.keys import content_kind, reason
+from pipeline.formats.keys import content_kind, reason
+from pipeline.formats.model_spec import ModelSpec
 from pipeline.label.reading import Preprocess
 
 # Device memory that the decoder's own tensors may take at once. The images of one chunk take DECODED_BYTES a

@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.keys import split_member
+from pipeline.formats.keys import split_member
 
 
 def check_class_folders(roots: list[str], classes: list[str]) -> None:

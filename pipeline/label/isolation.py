@@ -20,7 +20,7 @@ from typing import TypeVar
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.archives import Refused
+from pipeline.formats.archives import Refused
 
 ATTEMPTS = "_attempts"
 CAREFUL_AFTER = 2  # crashed attempts before the third is careful

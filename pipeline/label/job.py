@@ -15,16 +15,17 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.compute as pc
 
 import pipeline
-from pipeline import checkpoint, storage
+from pipeline import storage
 from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr, timestamp
 from pipeline.errors import UsageError
+from pipeline.formats import checkpoint
+from pipeline.formats.labels_file import io_errors
 from pipeline.label import isolation, units
 from pipeline.label.evaluate import check_class_folders, evaluate
 from pipeline.label.options import LabelOptions
 from pipeline.label.output import SUMMARY, LabelWriter, read_runs
 from pipeline.label.report import write_report
 from pipeline.label.sources import Listing, list_inputs
-from pipeline.labels_file import io_errors
 
 if TYPE_CHECKING:
     from pipeline.label.plan import ActorPlan
@@ -133,8 +134,10 @@ def load_model(opts: LabelOptions, roots: list[str], new_local_ray: bool, log) -
     start covers."""
     import torch  # on the loading thread: its seconds of imports overlap Ray's start
 
+    from pipeline.models import from_checkpoint  # torchvision, as torch above
+
     state = checkpoint.load(opts.checkpoint)
-    model = checkpoint.build_from(state)
+    model = from_checkpoint(state)
     top_k = check_top_k(opts.top_k, state["classes"])
     if opts.evaluate:
         check_class_folders(roots, state["classes"])

@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline import storage
-from pipeline.archives import Limits
 from pipeline.errors import UsageError
+from pipeline.formats.archives import Limits
 from pipeline.images import MAX_PIXELS
 
 

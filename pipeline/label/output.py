@@ -35,9 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.label.lock import OutputLock
-from pipeline.label.units import UNIT, UNIT_TOTAL, Ledger, Records
-from pipeline.labels_file import (
+from pipeline.formats.labels_file import (
     PROVENANCE_KEY,
     UNITS_KEY,
     io_errors,
@@ -48,6 +46,8 @@ from pipeline.labels_file import (
     read_table,
     units_record,
 )
+from pipeline.label.lock import OutputLock
+from pipeline.label.units import UNIT, UNIT_TOTAL, Ledger, Records
 
 SUMMARY = "_summary.json"
 TEMP_PREFIX = ".writing-"

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
-from pipeline.archives import Limits
+from pipeline.formats.archives import Limits
 from pipeline.hardware import gpu_capability, gpu_half_precision, native_bf16
 from pipeline.label.predictor import CPU_DECODED, DTYPES, Predictor, example_batch, torchscript_model
 from pipeline.label.reading import BLOCK_BYTES, read_units

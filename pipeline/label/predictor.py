@@ -13,8 +13,8 @@ import pyarrow as pa
 import ray
 import torch
 
+from pipeline.formats.labels_file import output_schema
 from pipeline.label.units import BOOKKEEPING
-from pipeline.labels_file import output_schema
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: GPUs before sm_80
 # GPU actors' output has one more column than the labels file: whether the actor's CPU decoded the row's file,
@@ -181,11 +181,13 @@ def torchscript_model(payload: dict, batch_size: int):
 def eager_model(payload: dict):
     """The eager model in channels_last (cuDNN's and oneDNN's fastest layout), under autocast for bf16 and fp16:
     what GPU actors run, and CPU actors for a model that TorchScript cannot freeze faithfully."""
-    from pipeline import checkpoint  # here, not at the top: most CPU actors never import torchvision or timm
+    from pipeline.models import (
+        from_checkpoint,  # here, not at the top: most CPU actors never import torchvision or timm
+    )
 
     device = torch.device(payload["device"])
     dtype = DTYPES[payload["precision"]]
-    model = checkpoint.build_from(payload)
+    model = from_checkpoint(payload)
     if payload["embedding_size"]:
         from pipeline.models import WithEmbedding  # torchvision, as above
 

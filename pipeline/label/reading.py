@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
-from pipeline.archives import Limits
-from pipeline.checkpoint import ModelSpec
+from pipeline.formats.archives import Limits
+from pipeline.formats.keys import MEMBER_SEPARATOR, Item, Reader, content_kind, error_kind, reason
+from pipeline.formats.model_spec import ModelSpec
 from pipeline.images import MAX_PIXELS, decode_with_size, is_image_name, jpeg_header, resize_center_crop
-from pipeline.keys import MEMBER_SEPARATOR, Item, Reader, content_kind, error_kind, reason
 from pipeline.label.isolation import Attempts, in_child
 from pipeline.label.units import UNIT, UNIT_TOTAL
 

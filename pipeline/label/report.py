@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.console import timestamp
 from pipeline.errors import UsageError
+from pipeline.formats.keys import Reader
+from pipeline.formats.labels_file import part_paths, provenance_of, read_table
 from pipeline.images import decode_image
-from pipeline.keys import Reader
 from pipeline.label.evaluate import truth_and_prediction
 from pipeline.label.output import LEGACY_REPORT, read_runs
-from pipeline.labels_file import part_paths, provenance_of, read_table
 
 REPORT = "_report.html"
 COLUMNS = ["path", "label", "label_index", "score", "topk_labels", "topk_scores", "uncertain", "error", "error_kind"]

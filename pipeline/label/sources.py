@@ -1,5 +1,5 @@
 """What `imgjobs label` reads: image files found in directories, archives and manifests, local or by URI, each
-named by its key (pipeline.keys)."""
+named by its key (pipeline.formats.keys)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
+from pipeline.formats.keys import ARCHIVE_NAMES, Keys, archive_kind
 from pipeline.images import IMAGE_EXTENSIONS, is_image_name
-from pipeline.keys import ARCHIVE_NAMES, Keys, archive_kind
 
 MANIFEST_SUFFIX = ".txt"
 

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.labels_file import io_errors
+from pipeline.formats.labels_file import io_errors
 
 LOOSE_UNIT_FILES = 1024
 LOOSE = "files:"  # loose units' names start so; an archive's unit is named by its key

@@ -18,8 +18,8 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
+from pipeline.formats.keys import Keys, archive_kind
 from pipeline.images import is_image_name
-from pipeline.keys import Keys, archive_kind
 from pipeline.train import from_labels, shards
 from pipeline.train.splits import SPLITS, Split, TrainingData
 

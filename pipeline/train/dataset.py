@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
+from pipeline.formats.keys import Reader, reason
 from pipeline.images import decode_image
-from pipeline.keys import Reader, reason
 from pipeline.train.shards import member_class, shard_folder
 from pipeline.train.splits import Split
 

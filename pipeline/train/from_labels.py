@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.keys import archive_kind
-from pipeline.labels_file import PROVENANCE_KEY, is_part
+from pipeline.formats.keys import archive_kind
+from pipeline.formats.labels_file import PROVENANCE_KEY, is_part
 from pipeline.train.splits import Split, TrainingData, sort_by_source, split_keys
 
 REQUIRED = ("path", "label")

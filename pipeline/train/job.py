@@ -16,10 +16,11 @@ from dataclasses import replace
 import ray
 
 import pipeline
-from pipeline import checkpoint, storage
+from pipeline import storage
 from pipeline.cluster import gpu_choice, init_ray
 from pipeline.console import Console, timestamp
 from pipeline.errors import UsageError
+from pipeline.formats import checkpoint
 from pipeline.train import rerun, shared_storage
 from pipeline.train.config import Config
 from pipeline.train.description import TrainingJob

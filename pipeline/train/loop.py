@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline import checkpoint
-from pipeline.checkpoint import ModelSpec
 from pipeline.console import timestamp
+from pipeline.formats import checkpoint
+from pipeline.formats.model_spec import ModelSpec
 from pipeline.hardware import gpu_half_precision
 from pipeline.models import build_model, configure_trainable, head_from_imagenet, set_train_mode
 from pipeline.train import distributed, shards, shared_storage
@@ -358,7 +358,7 @@ def epoch_metrics(epoch: int, train: list[float], val: list[float], lr: float, t
 
 def checkpoint_state(job: TrainingJob, classes: list[str], spec: ModelSpec, model, optimizer, scheduler, scaler,
                      progress: RunState, val: dict | None) -> dict:
-    """Everything needed to resume the run or to label with the model (see pipeline.checkpoint). `val`: the
+    """Everything needed to resume the run or to label with the model (see pipeline.formats.checkpoint). `val`: the
     epoch's val confusion matrix and grid examples (none in a mid-epoch checkpoint); nothing that grows with the
     data."""
     return {

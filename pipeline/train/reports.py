@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 
 from pipeline import storage  # noqa: E402
+from pipeline.formats.keys import Reader  # noqa: E402
 from pipeline.images import decode_image, resize_center_crop  # noqa: E402
-from pipeline.keys import Reader  # noqa: E402
 from pipeline.train.splits import TrainingData  # noqa: E402
 
 TENSORBOARD = "tensorboard"

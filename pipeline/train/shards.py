@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.keys import ARCHIVE_NAMES, Reader, archive_kind, split_member
+from pipeline.formats.keys import ARCHIVE_NAMES, Reader, archive_kind, split_member
 from pipeline.train.splits import Split
 
 INDEX = "_imgjobs_shards.parquet"

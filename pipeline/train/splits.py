@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.keys import MEMBER_SEPARATOR, TAR_SUFFIXES, ZIP_SUFFIX, archive_kind
+from pipeline.formats.keys import MEMBER_SEPARATOR, TAR_SUFFIXES, ZIP_SUFFIX, archive_kind
 
 SPLITS = ("train", "val")
 # keys.split_member as a regex: the shortest prefix that names an archive, then the separator
@@ -48,7 +48,7 @@ class Split:
         return int(np.searchsorted(self.offsets, index, side="right")) - 1
 
     def key(self, index: int) -> str:
-        """Sample `index`'s key (pipeline.keys): FOLDER/NAME, or ARCHIVE!MEMBER."""
+        """Sample `index`'s key (pipeline.formats.keys): FOLDER/NAME, or ARCHIVE!MEMBER."""
         source = self.sources[self.source_of(index)].as_py()
         separator = MEMBER_SEPARATOR if archive_kind(source) else "/"
         return f"{source}{separator}{self.names[index].as_py()}"

@@ -6,7 +6,7 @@ import math
 
 from torchvision import transforms as T
 
-from pipeline.checkpoint import ModelSpec
+from pipeline.formats.model_spec import ModelSpec
 
 # RandomResizedCrop's defaults, named: its smallest crop covers 8 % of the image, at aspect ratio 3/4.
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)

@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline import archives, storage
-from pipeline.archives import Limits, Refused, StorageFailed, TooLarge, Unsupported
+from pipeline import storage
+from pipeline.formats import archives
+from pipeline.formats.archives import Limits, Refused, StorageFailed, TooLarge, Unsupported
 from pipeline.images import image_error, is_hidden, is_image_name
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -94,7 +95,7 @@ class Keys:
 
 
 class Reader:
-    """Reads keys' bytes within `limits` (pipeline.archives.Limits); one filesystem object per URI host, because
+    """Reads keys' bytes within `limits` (pipeline.formats.archives.Limits); one filesystem object per URI host, because
     creating one can cost a network call. `options` are the hosts' query strings (Listing.options). Only regular
     files are read: a FIFO, a device or a link to one is refused without being opened in a way that can block."""
 

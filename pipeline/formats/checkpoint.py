@@ -10,48 +10,16 @@ import hashlib
 import io
 import json
 import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
+from pipeline.formats.model_spec import ModelSpec, check_ranges
 
 FILENAME = "checkpoint.pt"
 FORMAT = "imgjobs.checkpoint/1"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What labeling needs to rebuild and feed a model: the `model` entry of every checkpoint (a plain dict in the
-    file). The sizes and statistics come from the library that ships the weights (pipeline.models). Here, not in
-    models.py: read workers unpickle it, and they never import torch."""
-
-    arch: str
-    head: str  # the classifier module that the new head replaced
-    mean: list[float]
-    std: list[float]
-    resize_size: int
-    input_size: int
-    interpolation: str = "bilinear"  # checkpoints of imgjobs 0.1 have none: they resized bilinearly
-
-
-# What a checkpoint may ask of the machines that label with it: a tensor of input_size² pixels per image, each image
-# resized to resize_size² first, a score per class. Past these bounds it is damaged, or made to exhaust them.
-INPUT_SIZES = (8, 4096)
-RESIZE_SIZES = (8, 8192)
-CLASS_COUNTS = (2, 100_000)
-
-
-def check_ranges(state: dict, path: str) -> None:
-    spec, classes = state["model"], state.get("classes")
-    for name, value, (low, high) in (("model.input_size", spec.input_size, INPUT_SIZES),
-                                     ("model.resize_size", spec.resize_size, RESIZE_SIZES),
-                                     ("classes", len(classes) if isinstance(classes, list) else None, CLASS_COUNTS)):
-        if type(value) is not int or not low <= value <= high:  # not a bool either, which is an int
-            shown = value if isinstance(value, int) else type(value).__name__
-            raise UsageError(f"checkpoint {path} has {name} {shown}, outside {low}..{high}; pass a checkpoint "
-                             "written by imgjobs train")
 
 
 # torch loads in seconds, so it is imported where a checkpoint is read or written: `find` answers a wrong path
@@ -99,8 +67,6 @@ def load(path: str) -> dict:
     """Load the checkpoint `path` names (see find)."""
     import torch
 
-    from pipeline.models import known_arch
-
     fs, fs_path = storage.resolve(find(path))
     try:
         data = storage.read_bytes(fs, fs_path)
@@ -121,21 +87,4 @@ def load(path: str) -> dict:
         raise UsageError(f"checkpoint {path} has a model entry this imgjobs cannot read ({e}); pass a checkpoint "
                          "written by imgjobs train") from None
     check_ranges(state, path)
-    arch = state["model"].arch
-    if not known_arch(arch):
-        raise UsageError(f"checkpoint {path} has unknown model.arch {arch!r}; this imgjobs cannot build it")
     return state
-
-
-def build_from(state: dict):
-    """The trained model of a checkpoint, in eval mode on the CPU."""
-    from pipeline.models import build_model
-
-    spec = state["model"]
-    model, _ = build_model(spec.arch, len(state["classes"]), weights="none")
-    try:
-        model.load_state_dict(state["model_state"])
-    except RuntimeError as e:
-        raise UsageError(f"checkpoint weights do not fit model.arch {spec.arch!r} "
-                         f"({str(e).splitlines()[0]}); pass a checkpoint written by imgjobs train") from None
-    return model.eval()
