@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Re-install only when the dependency list changes, so `make setup` is quick once done.
-$(STAMP): pyproject.toml
+# Re-install only when the dependency ranges or the tested versions change, so `make setup` is quick once done.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # Train the offline demo from scratch (an earlier demo run is moved aside), then label the val folder with its
