@@ -36,13 +36,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from label_throughput import imgjobs_cpu_model, label_job, rows_per_s  # noqa: E402
 
 from pipeline.formats import checkpoint  # noqa: E402
-from pipeline.formats.archives import Limits  # noqa: E402
-from pipeline.formats.labels_file import OUTPUT_SCHEMA  # noqa: E402
+from pipeline.formats.labels_file import OUTPUT_SCHEMA, Decoding, Provenance  # noqa: E402
 from pipeline.formats.model_spec import ModelSpec  # noqa: E402
 from pipeline.hardware import cpu_model  # noqa: E402
-from pipeline.images import MAX_PIXELS  # noqa: E402
 from pipeline.label import units  # noqa: E402
-from pipeline.label.output import LabelWriter  # noqa: E402
+from pipeline.label.output import CommitPolicy, LabelWriter  # noqa: E402
 from pipeline.label.plan import CPU_BATCH, MAX_THREADS  # noqa: E402
 from pipeline.label.predictor import example_batch  # noqa: E402
 from pipeline.label.sources import list_inputs  # noqa: E402
@@ -67,7 +65,7 @@ def time_read(files: pa.Array, spec: ModelSpec, output: Path) -> float:
 
     from pipeline.cluster import init_ray
     from pipeline.label import plan
-    from pipeline.label.reading import read_units
+    from pipeline.label.reading import ReadSettings, read_units
 
     init_ray()
     plan.configure_ray_data()
@@ -75,10 +73,10 @@ def time_read(files: pa.Array, spec: ModelSpec, output: Path) -> float:
     work = units.plan([], files, units.Records())
     start = time.perf_counter()
     rows = 0
-    dataset = ray.data.from_items(work.units, override_num_blocks=len(work.units)).map_batches(
-        read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors.read_cpus,
-        fn_kwargs={"spec": spec, "exact_decode": False, "options": {}, "limits": Limits(), "max_pixels": MAX_PIXELS,
-                   "files_ref": [ray.put(files)], "output": str(output)})
+    dataset = ray.data.from_items([unit.row() for unit in work.units], override_num_blocks=len(work.units))
+    dataset = dataset.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors.read_cpus,
+                                  fn_kwargs={"reading": ReadSettings(spec, str(output)),
+                                             "files_ref": [ray.put(work.keys)]})
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         rows += batch.num_rows
     seconds = time.perf_counter() - start
@@ -112,8 +110,11 @@ def time_commit(out: Path, rows: int) -> float:
     blocks = [block.set_column(0, "path", pa.array([f"/data/{b:06d}-{i:02d}.jpg" for i in range(n)]))
               .set_column(len(OUTPUT_SCHEMA), units.UNIT, pa.array([f"unit{b}"] * n)) for b in range(rows // n)]
     start = time.perf_counter()
-    writer = LabelWriter(str(out), {"classes": ["a", "b"]}, rows_per_file=100_000, commit_every=60.0,
-                         overwrite=False, log=lambda line: None)
+    provenance = Provenance(imgjobs_version="bench", checkpoint="none", weights_sha256="0" * 64, arch="none",
+                            classes=["a", "b"], precision="fp32", decode=Decoding(exact=False), top_k=2,
+                            min_confidence=0.0, embeddings=None, compute_precision="fp32", decode_device="cpu")
+    writer = LabelWriter(str(out), provenance, CommitPolicy(rows_per_file=100_000, every_s=60.0), overwrite=False,
+                         log=lambda line: None)
     for table in blocks:
         writer.add(table)
     writer.close()

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import ray_internals  # noqa: E402
+from pipeline import ray_output  # noqa: E402
 from pipeline.hardware import cpu_model, gpu_capability, gpu_half_precision  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train.data import scan_image_folder  # noqa: E402
@@ -158,7 +158,7 @@ def model_only_beside_ray(batch_size: int, device: Device, actors: int = RAY_TRA
         def ready(self) -> bool:
             return True
 
-    ray_internals.quiet_token_notice()
+    ray_output.quiet_driver()
     ray.init(include_dashboard=True, logging_level="WARNING")
     try:
         idle = [Idle.remote() for _ in range(actors)]

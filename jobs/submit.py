@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
 from ray.exceptions import AuthenticationError
 
 from jobs.cli import COMMANDS
-from pipeline import storage, submit
+from pipeline import ray_output, storage, submit
 from pipeline.errors import UsageError
 from pipeline.train.config import load_config
 
@@ -28,11 +27,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # not every upload and closed socket
-    # Packing the working_dir: notes on files our excludes already leave out, and "now ignored by default".
-    for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    ray_output.quiet_driver()
     job_argv = args.job[1:] if args.job[:1] == ["--"] else args.job
     check_job(job_argv)
     address = submit.resolve_address(args.address)

@@ -9,8 +9,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from pipeline import ray_internals
-from pipeline.console import RESTARTABLE_ACTOR_NOTICE
+from pipeline import ray_internals, ray_output
 
 STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the autoscaler's config on the head
@@ -33,7 +32,7 @@ def init_ray(training: bool = False) -> bool:
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = ray_internals.existing_cluster_address()
-    ray_internals.quiet_token_notice()
+    ray_output.quiet_driver()
     if address is None:  # a new local Ray: on loopback only
         ray_internals.bind_to_loopback()
         if training:
@@ -47,7 +46,7 @@ def init_ray(training: bool = False) -> bool:
     ray.init(logging_level=logging.WARNING, log_to_driver=True,
              include_dashboard=training if address is None else None,
              runtime_env=runtime_env if address is not None or training else None)
-    ray_internals.drop_forwarded_lines(RESTARTABLE_ACTOR_NOTICE)
+    ray_output.drop_forwarded_notices()
     return True
 
 
@@ -62,10 +61,9 @@ def storage_environment() -> dict[str, str]:
 def setup_worker() -> None:
     """Runs in every worker process of a training job, and of any job on a joined cluster. Ray Train's helper
     actors query the state API with no address, which fails when a second Ray runs on the machine: RAY_ADDRESS
-    tells them which one is theirs. Ray Train's INFO line per report (the job prints its own) stays in Ray's log
-    files."""
+    tells them which one is theirs."""
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    ray_internals.train_report_logger().setLevel(logging.WARNING)
+    ray_output.quiet_worker()
 
 
 def gpu_choice() -> tuple[bool, str]:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
 import sys
@@ -15,12 +13,6 @@ from datetime import datetime, timezone
 from tqdm import tqdm
 
 LOG_EVERY_S = 5.0  # progress lines in logs; a terminal redraws on every update
-# A line of Ray's C++ core, which no logger or option routes: it warns at every restartable actor whose arguments
-# live in the object store, as the actors of Ray Data's pools and Ray Train's preemption watcher do. Their
-# arguments live as long as the job that made them, so a restart finds them (tests/test_label_faults.py kills a
-# predictor actor); the line stays in Ray's log files, and off the job's terminal.
-RESTARTABLE_ACTOR_NOTICE = re.compile(
-    r"core_worker\.cc.*has constructor arguments in the object store and max_restarts")
 # What a terminal acts on, or cannot show, in a file name: C0 and C1 controls (ESC starts colour and cursor
 # commands; CR and LF rewrite or fake lines), DEL, the line and paragraph separators, bidirectional overrides, and
 # lone surrogates (names that are not UTF-8, which also fail to encode).
@@ -82,30 +74,3 @@ def duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
-
-@contextlib.contextmanager
-def filtered_stderr(pattern: re.Pattern):
-    """Within the block, lines written to this process's standard error (file descriptor 2, so C++ libraries'
-    lines too) that match `pattern` are dropped; the rest pass on. Enter it after any child process that should
-    keep the real standard error has started: children started inside inherit the filter."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-
-    def forward():
-        with os.fdopen(read_end, "rb") as lines, os.fdopen(os.dup(saved), "wb", buffering=0) as out:
-            for line in lines:
-                if not pattern.search(line.decode(errors="replace")):
-                    out.write(line)
-
-    thread = threading.Thread(target=forward, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to the end and stops
-        os.close(saved)
-        thread.join(timeout=10)

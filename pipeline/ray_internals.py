@@ -18,6 +18,7 @@ from ray._raylet import AuthenticationTokenLoader, Config
 # option for it (_node_ip_address="127.0.0.1" still binds the machine's address). For `ray start`, pass it in
 # the environment together with --node-ip-address=127.0.0.1.
 LOCAL_ONLY_ENV = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
+TOKEN_SETUP_LOGGER = authentication_token_setup.__name__  # it announces token auth on every start or join
 
 
 def bind_to_loopback() -> None:
@@ -63,11 +64,6 @@ def present_token_if_any() -> None:
     """Ray presents the token by itself only to a cluster it finds without RAY_ADDRESS; this makes it present it to
     any cluster that runs on this machine. An explicit RAY_AUTH_MODE still decides."""
     authentication_token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
-def quiet_token_notice() -> None:
-    """Ray announces on every start or join that token auth is on (it is, and stays on): noise in a job's output."""
-    logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
 
 
 def token_header() -> dict:
@@ -117,3 +113,12 @@ def in_submitted_job() -> bool:
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
     return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+
+
+def worker_exceptions(failed: Exception) -> list[BaseException]:
+    """What the training workers raised, by rank, from the error trainer.fit() raised: Ray Train passes each one on
+    as the worker raised it (WorkerGroupError.worker_failures, an alpha API, unwrapped from the traceback wrapper
+    Ray Train's worker puts it in). Where it could not (a worker that died, an exception that did not
+    deserialize), Ray's own error stands in and only its text tells; a failure of Ray Train's controller has none."""
+    failures = getattr(failed, "worker_failures", None) or {}
+    return [failures[rank] for rank in sorted(failures)]

@@ -7,6 +7,7 @@ import torch
 
 from pipeline.errors import UsageError
 from pipeline.formats import checkpoint
+from pipeline.formats.model_spec import TrainedModel
 from pipeline.models import build_model, from_checkpoint
 
 
@@ -57,7 +58,11 @@ def test_round_trip_from_a_folder_or_file(tmp_path):
     model, spec = build_model("resnet18", 3, "none")
     state = {"model": spec, "classes": ["a", "b", "c"], "model_state": model.state_dict()}
     path = checkpoint.save(state, str(tmp_path))
+    x = torch.randn(2, 3, 224, 224)
     for where in (str(tmp_path), path, f"file://{path}"):
         rebuilt = from_checkpoint(checkpoint.load(where))
-        x = torch.randn(2, 3, 224, 224)
         torch.testing.assert_close(rebuilt(x), model.eval()(x))
+    # What predictors build from (their payload carries a TrainedModel's parts, not a checkpoint): the same model.
+    trained = TrainedModel.of(checkpoint.load(path))
+    assert (trained.spec, trained.classes) == (spec, ["a", "b", "c"])
+    torch.testing.assert_close(from_checkpoint(trained)(x), model(x))

@@ -25,7 +25,8 @@ from pipeline.label.plan import model_payload, split_cpu_decoded
 from pipeline.label.predictor import CPU_DECODED, Predictor
 from pipeline.label.reading import Preprocess, encoded_rows
 from pipeline.models import from_checkpoint
-from pipeline.train.loop import choose_amp, load_scaler
+from pipeline.train.run_state import load_scaler
+from pipeline.train.worker import choose_amp
 from tests.helpers import DEMO_DATA, random_weight_state
 
 SPEC = ModelSpec(arch="resnet18", head="fc", resize_size=72, input_size=64, interpolation="bilinear",

@@ -251,14 +251,14 @@ def test_cpu_and_gpu_payloads_hold_the_checkpoints_model(precision, tolerance):
     ResNet18: its random-weight logits depend on the input (MobileNetV3's collapse to one value)."""
     state = random_weight_state("resnet18", CLASSES, input_size=64)
     gpu_payload = model_payload(state, from_checkpoint(state), precision, gpu=True)
-    assert gpu_payload["device"] == "cuda" and "torchscript" not in gpu_payload
+    assert gpu_payload.device == "cuda" and gpu_payload.torchscript is None
     x = torch.rand(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     try:
         cpu_payload = model_payload(state, from_checkpoint(state), precision, gpu=False)
         scripted = torchscript_model(cpu_payload, batch_size=4)
         with torch.inference_mode():
             expected = from_checkpoint(state)(x)
-            got = {"cpu": scripted(x).float(), "gpu": from_checkpoint(gpu_payload)(x)}
+            got = {"cpu": scripted(x).float(), "gpu": from_checkpoint(gpu_payload.trained)(x)}
     finally:
         torch.jit.enable_onednn_fusion(False)  # torchscript_model turns it on for the whole process
     for name, logits in got.items():

@@ -4,6 +4,7 @@ nothing kept per image. Its lock: tests/test_output_lock.py."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import tarfile
@@ -12,13 +13,14 @@ import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from jobs import label as label_command
 from pipeline.formats.archives import Limits
 from pipeline.formats.keys import Reader
-from pipeline.formats.labels_file import OUTPUT_SCHEMA, UNITS_KEY
+from pipeline.formats.labels_file import OUTPUT_SCHEMA, PROVENANCE_KEY, UNITS_KEY, Decoding, Provenance
 from pipeline.label import units
-from pipeline.label.output import LABEL_DEFINING, LabelWriter
+from pipeline.label.output import CommitPolicy, LabelWriter
 from pipeline.label.sources import list_inputs
 from pipeline.label.units import UNIT, UNIT_TOTAL
 from tests.helpers import Clock, label_files
@@ -54,6 +56,12 @@ def test_archive_members_over_the_cap_get_an_error_row_without_being_inflated(tm
     assert rows["small.jpg"] == [small, None, None] and peak < 16 * 2**20
 
 
+# What a job's writer is given: the writer only records it, and checks it against the output's files.
+PROVENANCE = Provenance(imgjobs_version="0", checkpoint="c.pt", weights_sha256="0" * 64, arch="resnet18",
+                        classes=["a", "b"], precision="auto", decode=Decoding(exact=False), top_k=2,
+                        min_confidence=0.0, embeddings=None, compute_precision="fp32", decode_device="cpu")
+
+
 def rows(*names: str, unit: str = "u", total: int = -1) -> pa.Table:
     """Rows as the predictors give them to the writer: with their unit, and `total` on the last."""
     schema = OUTPUT_SCHEMA.append(pa.field(UNIT, pa.string())).append(pa.field(UNIT_TOTAL, pa.int64()))
@@ -69,7 +77,7 @@ def test_with_the_default_options_rows_are_committed_once_a_minute_has_passed(tm
     defaults = parser.parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"])
     assert (defaults.commit_every, defaults.rows_per_file) == (60.0, 100_000)
     clock, out = Clock(), tmp_path / "out"
-    writer = LabelWriter(str(out), dict.fromkeys(LABEL_DEFINING), defaults.rows_per_file, defaults.commit_every,
+    writer = LabelWriter(str(out), PROVENANCE, CommitPolicy(defaults.rows_per_file, defaults.commit_every),
                          overwrite=False, clock=clock)
 
     def committed() -> list[str]:
@@ -91,6 +99,30 @@ def test_with_the_default_options_rows_are_committed_once_a_minute_has_passed(tm
     writer.close()
 
 
+def test_every_file_records_the_provenance_the_writer_was_given_which_nothing_changes_later(tmp_path):
+    """The job builds its provenance whole before the writer opens the output: the writer's record is final, and
+    the JSON keeps the keys, and their order, that files have always had."""
+    out = tmp_path / "out"
+    writer = LabelWriter(str(out), PROVENANCE, CommitPolicy(rows_per_file=1, every_s=3600), overwrite=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        writer.provenance.compute_precision = "bf16"
+    writer.add(rows("a", unit="a", total=1))
+    writer.close()
+    recorded = json.loads(pq.read_schema(label_files(out)[0]).metadata[PROVENANCE_KEY])
+    assert recorded == PROVENANCE.as_dict() and recorded["decode"] == {"exact": False}
+    assert list(recorded) == ["imgjobs_version", "checkpoint", "weights_sha256", "arch", "classes", "precision",
+                              "decode", "top_k", "min_confidence", "embeddings", "compute_precision", "decode_device"]
+
+
+def test_the_ledger_leaves_the_records_it_was_given_as_they_were():
+    records = units.Records()
+    records.add("part-0.parquet", {"rows": {"a": 1}, "done": ["a"], "io_errors": 0})
+    ledger = units.Ledger(records)
+    table = rows("b/1", unit="b", total=1)
+    ledger.committed_file(ledger.record(ledger.take(table)), table)
+    assert ledger.complete == {"a", "b"} and records.complete == {"a"}
+
+
 def unit_records(out) -> list[dict]:
     """Each labels file's unit record, in name order."""
     return [json.loads(pq.read_schema(f).metadata[UNITS_KEY]) for f in label_files(out)]
@@ -98,7 +130,7 @@ def unit_records(out) -> list[dict]:
 
 def test_a_unit_is_recorded_finished_in_the_file_that_holds_its_last_rows_and_a_rerun_skips_it(tmp_path):
     out = tmp_path / "out"
-    writer = LabelWriter(str(out), dict.fromkeys(LABEL_DEFINING), rows_per_file=2, commit_every=3600, overwrite=False)
+    writer = LabelWriter(str(out), PROVENANCE, CommitPolicy(rows_per_file=2, every_s=3600), overwrite=False)
     writer.add(rows("a/1", "a/2", unit="a"))
     writer.add(rows("b/1", unit="b"))
     writer.add(rows("a/2", "a/3", unit="a", total=3))  # a/2 again: Ray ran a task twice
@@ -106,13 +138,14 @@ def test_a_unit_is_recorded_finished_in_the_file_that_holds_its_last_rows_and_a_
     writer.close()
     assert unit_records(out) == [{"rows": {"a": 2}, "done": [], "io_errors": 0},
                                  {"rows": {"b": 1, "a": 1}, "done": ["a"], "io_errors": 0}]
-    again = LabelWriter(str(out), dict.fromkeys(LABEL_DEFINING), rows_per_file=2, commit_every=3600, overwrite=False)
+    again = LabelWriter(str(out), PROVENANCE, CommitPolicy(rows_per_file=2, every_s=3600), overwrite=False)
     work = units.plan(["a", "b", "c"], pa.array([], pa.large_string()), again.records)
     again.close()
-    assert work.finished == 1 and [u["unit"] for u in work.units] == ["b", "c"]
+    assert work.finished == 1 and [u.name for u in work.units] == ["b", "c"]
     b, c = work.units
-    assert (b["prior"], json.loads(b["parts"])) == (1, [[p.name for p in label_files(out)][1]])
-    assert (c["prior"], json.loads(c["parts"])) == (0, [])
+    assert (b.prior, b.parts) == (1, (label_files(out)[1].name,))
+    assert (c.prior, c.parts) == (0, ())
+    assert [units.Unit.of_row(unit.row()) for unit in work.units] == work.units  # through Ray Data's rows and back
 
 
 def test_loose_files_form_the_same_units_every_run_and_a_changed_folder_finds_its_done_keys(tmp_path):
@@ -127,16 +160,16 @@ def test_loose_files_form_the_same_units_every_run_and_a_changed_folder_finds_it
     grown = pa.array(sorted([*keys.to_pylist(), "/d/00000a.jpg"]), pa.large_string())
     work = units.plan([], grown, records)
     # The folder's later runs changed: they look for their done keys in the files of the units no longer listed.
-    assert [u["end"] - u["start"] for u in work.units] == [1024, 1024, 453]
-    orphans = [f"part-{i}.parquet" for i in range(3)]
-    assert all(json.loads(u["parts"]) == orphans for u in work.units)
+    assert [u.end - u.start for u in work.units] == [1024, 1024, 453]
+    orphans = tuple(f"part-{i}.parquet" for i in range(3))
+    assert all(u.parts == orphans for u in work.units)
 
 
 def test_the_writer_keeps_no_key_of_a_finished_unit(tmp_path):
     """No per-image structure in the driver: ten times the rows, in units of 500, leave the writer's Python memory
     as it was."""
-    writer = LabelWriter(str(tmp_path / "out"), dict.fromkeys(LABEL_DEFINING), rows_per_file=5000,
-                         commit_every=3600, overwrite=False)
+    writer = LabelWriter(str(tmp_path / "out"), PROVENANCE, CommitPolicy(rows_per_file=5000, every_s=3600),
+                         overwrite=False)
     tracemalloc.start()
     try:
         held = {}

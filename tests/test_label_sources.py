@@ -95,8 +95,10 @@ def test_archives_stream_members_without_extracting_and_skip_done_ones(tmp_path,
     else:
         make_tar(path, members, "w" if kind == "tar" else "w:gz")
     key = f"file://{path}" if uri else str(path)
-    got = {k: data for k, data, _, _ in Reader().archive_members(key, {f"{key}!a/1.jpg"})}
+    done = {f"{key}!a/1.jpg"}
+    got = {k: data for k, data, _, _ in Reader().archive_members(key, done)}
     assert got == {f"{key}!../../evil.jpg": b"2", f"{key}!/abs/3.PNG": b"3"}
+    assert done == {f"{key}!a/1.jpg"}  # the caller's set, as it gave it
     assert sorted(os.listdir(tmp_path)) == [path.name]  # nothing was written next to (or above) the archive
     assert not (tmp_path.parent / "evil.jpg").exists()
 

@@ -25,10 +25,10 @@ from jobs.cli import main
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.formats.labels_file import part_paths, read_table
-from pipeline.label.lock import LEASE_ENV, LOCK, OutputBusy, OutputLock, ReadBackStore, identity
-from pipeline.label.output import LABEL_DEFINING, SUMMARY, TEMP_PREFIX, LabelWriter
+from pipeline.label.lock import LEASE_ENV, LOCK, Folder, OutputBusy, OutputLock, ReadBackStore, identity
+from pipeline.label.output import SUMMARY, TEMP_PREFIX, CommitPolicy, LabelWriter
 from tests.helpers import REPO, Clock
-from tests.test_label_output import rows
+from tests.test_label_output import PROVENANCE, rows
 
 # A label job's writer in a process of its own: it commits "before", says its run id, and on a line from stdin commits
 # "after" and closes, as `imgjobs label` does; a UsageError is its one line on stderr and exit 2.
@@ -38,9 +38,12 @@ import sys
 import pyarrow as pa
 
 from pipeline.errors import UsageError
-from pipeline.label.output import LABEL_DEFINING, LabelWriter
+from pipeline.label.output import CommitPolicy, LabelWriter
 from pipeline.label.units import UNIT, UNIT_TOTAL
-from pipeline.formats.labels_file import OUTPUT_SCHEMA
+from pipeline.formats.labels_file import OUTPUT_SCHEMA, Decoding, Provenance
+
+PROVENANCE = Provenance("0", "c.pt", "0" * 64, "resnet18", ["a", "b"], "auto", Decoding(exact=False), 2, 0.0, None,
+                        "fp32", "cpu")
 
 
 def row(name):  # one input, a unit of its own
@@ -48,7 +51,7 @@ def row(name):  # one input, a unit of its own
     return pa.Table.from_pylist([{"path": name, UNIT: name, UNIT_TOTAL: 1}], schema=schema)
 
 
-writer = LabelWriter(sys.argv[1], dict.fromkeys(LABEL_DEFINING), rows_per_file=1, commit_every=3600, overwrite=False)
+writer = LabelWriter(sys.argv[1], PROVENANCE, CommitPolicy(rows_per_file=1, every_s=3600), overwrite=False)
 writer.add(row("before"))
 print(writer.run_id, flush=True)
 sys.stdin.readline()
@@ -114,7 +117,7 @@ def test_of_jobs_racing_for_one_output_exactly_one_takes_the_lock(output):
     move, are refused naming it."""
     fs, base, uri = output
     said = []
-    locks = [OutputLock(fs, base, f"run-{i}", uri, log=said.append, lease_s=6) for i in range(6)]
+    locks = [OutputLock(Folder(uri, fs, base), f"run-{i}", log=said.append, lease_s=6) for i in range(6)]
     assert not any(isinstance(lock.store, ReadBackStore) for lock in locks)  # both stores write conditionally
     start, outcomes = threading.Barrier(len(locks)), {}
 
@@ -165,7 +168,7 @@ def test_a_holder_paused_past_its_lease_commits_nothing_after_another_job_took_o
     pause(proc)
     monkeypatch.setenv(LEASE_ENV, "5")
     said = []
-    taker = LabelWriter(uri, dict.fromkeys(LABEL_DEFINING), rows_per_file=1, commit_every=3600, overwrite=False,
+    taker = LabelWriter(uri, PROVENANCE, CommitPolicy(rows_per_file=1, every_s=3600), overwrite=False,
                         log=said.append)
     took_over = re.fullmatch(rf"label: taking over the lock of label run {stopped_run} \(host .+, pid {proc.pid}\): "
                              r"no heartbeat for (\d+)s", said[-1])
@@ -189,7 +192,7 @@ def test_a_holder_commits_only_while_its_last_heartbeat_is_younger_than_the_leas
     monkeypatch.delenv(LEASE_ENV, raising=False)
     clock, out = Clock(), tmp_path / "out"
     out.mkdir()
-    lock = OutputLock(pafs.LocalFileSystem(), str(out), "run", str(out), clock=clock)
+    lock = OutputLock(Folder(str(out), pafs.LocalFileSystem(), str(out)), "run", clock=clock)
     lock.acquire()
     clock.now += 150
     lock.check()
@@ -207,7 +210,7 @@ def test_a_lock_whose_process_is_gone_from_this_host_is_taken_over_at_once(outpu
     proc.kill()
     proc.wait()
     said = []
-    lock = OutputLock(fs, base, "next", uri, log=said.append, lease_s=600)
+    lock = OutputLock(Folder(uri, fs, base), "next", log=said.append, lease_s=600)
     lock.acquire()
     assert said == [f"label: taking over the lock of label run {killed_run} (host {socket.gethostname()}, pid "
                     f"{proc.pid}): its process {proc.pid} is gone"]
@@ -225,7 +228,7 @@ def test_a_lock_from_another_pid_namespace_or_boot_is_judged_by_its_heartbeat_no
     holder = {**identity(), elsewhere: "elsewhere", "pid": gone.pid, "run_id": "contained", "lease_s": 1.5, "beat": 1}
     (out / LOCK).write_text(json.dumps(holder))
     said = []
-    lock = OutputLock(pafs.LocalFileSystem(), str(out), "next", str(out), log=said.append, lease_s=1.5)
+    lock = OutputLock(Folder(str(out), pafs.LocalFileSystem(), str(out)), "next", log=said.append, lease_s=1.5)
     lock.acquire()
     described = f"label run contained (host {socket.gethostname()}, pid {gone.pid})"
     assert said[0] == (f"label: output {out} is locked by {described}; watching its heartbeat for up to 2s to tell "
@@ -236,7 +239,7 @@ def test_a_lock_from_another_pid_namespace_or_boot_is_judged_by_its_heartbeat_no
 
 def test_the_lock_is_given_back_when_the_last_commit_fails(tmp_path):
     out = tmp_path / "out"
-    writer = LabelWriter(str(out), dict.fromkeys(LABEL_DEFINING), rows_per_file=100, commit_every=3600, overwrite=False)
+    writer = LabelWriter(str(out), PROVENANCE, CommitPolicy(rows_per_file=100, every_s=3600), overwrite=False)
     writer.add(rows("a"))
     (out / f"{TEMP_PREFIX}part-{writer.run_id}-00000.parquet").mkdir()  # a folder where the last file goes
     with pytest.raises(UsageError, match=r"writing .+ failed: .+; 0 file\(s\) of this run are complete"):
@@ -265,7 +268,7 @@ def test_overwrite_deletes_only_files_that_carry_imgjobs_provenance(output):
     """A Parquet file someone else put in the output is never deleted: --overwrite refuses in one line, before
     deleting anything, and starts over once that file is moved out."""
     fs, base, uri = output
-    earlier = LabelWriter(uri, dict.fromkeys(LABEL_DEFINING), rows_per_file=1, commit_every=3600, overwrite=False)
+    earlier = LabelWriter(uri, PROVENANCE, CommitPolicy(rows_per_file=1, every_s=3600), overwrite=False)
     earlier.add(rows("a", unit="a", total=1))
     earlier.close()
     storage.write_bytes(fs, f"{base}/{SUMMARY}", b'{"runs": []}')
@@ -274,14 +277,14 @@ def test_overwrite_deletes_only_files_that_carry_imgjobs_provenance(output):
     assert len(held) == 3
 
     with pytest.raises(UsageError) as refused:
-        LabelWriter(uri, dict.fromkeys(LABEL_DEFINING), rows_per_file=1, commit_every=3600, overwrite=True)
+        LabelWriter(uri, PROVENANCE, CommitPolicy(rows_per_file=1, every_s=3600), overwrite=True)
     assert str(refused.value) == (f"output {uri} holds theirs.parquet, which carries no imgjobs provenance; imgjobs "
                                   "never deletes such a file, --overwrite included: move it out of the folder, or use "
                                   "another --output")
     assert names(fs, base) == held  # nothing deleted, and the lock given back
 
     fs.move(f"{base}/theirs.parquet", f"{base}-theirs.parquet")
-    LabelWriter(uri, dict.fromkeys(LABEL_DEFINING), rows_per_file=1, commit_every=3600, overwrite=True).close()
+    LabelWriter(uri, PROVENANCE, CommitPolicy(rows_per_file=1, every_s=3600), overwrite=True).close()
     assert names(fs, base) == []
     assert pq.read_table(f"{base}-theirs.parquet", filesystem=fs).num_rows == 2
 
@@ -292,14 +295,14 @@ def test_without_conditional_writes_the_lock_is_written_and_read_back(tmp_path):
     more, so the next job takes it over after a lease, and the holder leaves that job's lock alone."""
     fs, said, clock = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), [], Clock()
     fs.create_dir("out")
-    paused = OutputLock(fs, "out", "paused", "OUT", log=said.append, lease_s=2, clock=clock)
+    paused = OutputLock(Folder("OUT", fs, "out"), "paused", log=said.append, lease_s=2, clock=clock)
     assert said == ["label: OUT takes no conditional writes, so the lock is written and read back: two jobs started "
                     "within a second of each other could both take it (docs/guarantees.md)"]
     paused.acquire()
     clock.now += 2  # the lease has run out on its clock, as after a pause
     paused._beating.join(timeout=30)
     assert not paused._beating.is_alive()  # its heartbeat stopped by itself
-    taker = OutputLock(fs, "out", "taker", "OUT", log=said.append, lease_s=2)
+    taker = OutputLock(Folder("OUT", fs, "out"), "taker", log=said.append, lease_s=2)
     taker.acquire()
     assert re.fullmatch(r"label: taking over the lock of label run paused \(.+\): no heartbeat for \d+s", said[-1])
     paused.release()
@@ -312,4 +315,4 @@ def test_a_lease_that_is_no_number_of_seconds_is_refused_in_one_line(tmp_path, m
     monkeypatch.setenv(LEASE_ENV, "3m")
     with pytest.raises(UsageError, match=rf"^{LEASE_ENV}='3m' is not a number of seconds above 0; unset it for the "
                                          "default 180$"):
-        LabelWriter(str(tmp_path / "out"), dict.fromkeys(LABEL_DEFINING), 1, 3600, overwrite=False)
+        LabelWriter(str(tmp_path / "out"), PROVENANCE, CommitPolicy(1, 3600), overwrite=False)

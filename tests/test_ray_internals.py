@@ -3,7 +3,9 @@ one fails here, by name, instead of somewhere in a job."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import subprocess
 import sys
 
@@ -12,6 +14,8 @@ import ray
 from ray._private import ray_constants
 
 from pipeline import ray_internals
+from pipeline.errors import UsageError
+from pipeline.ray_output import QUIET_LOGGERS
 from tests.helpers import REPO, LocalCluster
 
 
@@ -55,8 +59,14 @@ def test_the_token_becomes_the_header_ray_s_dashboard_checks(monkeypatch, tmp_pa
 
 def test_ray_is_the_release_these_internals_were_checked_against():
     ray_internals.present_token_if_any()  # no token, no RAY_AUTH_MODE: does nothing, raises nothing
-    ray_internals.quiet_token_notice()
     assert ray.__version__ == "2.60.0", "new Ray: check pipeline/ray_internals.py against it, then update this pin"
+
+
+@pytest.mark.parametrize("name", sorted(QUIET_LOGGERS))
+def test_each_logger_quieted_is_the_one_its_ray_module_logs_with(name):
+    """A Ray release that renames a module would leave its notices on the console: this fails first."""
+    module = importlib.import_module(name)
+    assert logging.getLogger(name) in [value for value in vars(module).values() if isinstance(value, logging.Logger)]
 
 
 def test_the_train_report_logger_is_the_one_ray_train_logs_reports_with():
@@ -95,3 +105,21 @@ print(json.dumps([before, ray_internals.autoscaler_max_resources()]))
         cluster.stop()
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [{}, {"CPU": 12, "GPU": 3}]
+
+
+def test_what_a_training_worker_raises_reaches_the_driver_as_raised(ray_local, tmp_path):
+    """imgjobs train tells a worker's UsageError (the storage check's) from other failures by its type."""
+    from ray.train import ControllerError, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    def refuse(config):
+        raise UsageError("the worker's own")
+
+    trainer = TorchTrainer(refuse, scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
+                           run_config=RunConfig(name="refused", storage_path=str(tmp_path),
+                                                failure_config=FailureConfig(max_failures=0)))
+    with pytest.raises(TrainingFailedError) as failed:
+        trainer.fit()
+    [raised] = ray_internals.worker_exceptions(failed.value)
+    assert type(raised) is UsageError and str(raised) == "the worker's own"
+    assert ray_internals.worker_exceptions(ControllerError(RuntimeError("lost"))) == []

@@ -16,6 +16,7 @@ from jobs.cli import main
 from pipeline import storage
 from pipeline.train.config import DataConfig
 from pipeline.train.data import scan
+from pipeline.train.splits import Layout
 from tests.helpers import make_image_folder, start_label, write_config
 
 
@@ -100,7 +101,7 @@ def test_an_image_folder_tree_on_s3_is_listed_once_and_told_from_shards_in_class
         since = len(s3_server.log.read_text().splitlines())
         data = scan(DataConfig(root=root), line=lambda text: None)
         assert data.classes == ["blue", "red"] and (len(data.train), len(data.val)) == (6, 4)
-        assert bool(data.train.archives) == (name == "shards")
+        assert data.train.layout is (Layout.SHARD_FOLDERS if name == "shards" else Layout.FILES)
         if name == "tree":
             listed = s3_server.listings(since)
             assert listed and not [(a, b) for a in listed for b in listed if a is not b and b.startswith(a)], listed

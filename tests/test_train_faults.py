@@ -1,6 +1,7 @@
 """Training under bad input and faults: nothing crashes, nothing is lost, no epoch is run twice."""
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -8,12 +9,15 @@ import threading
 import time
 
 import psutil
+import pytest
 
 from jobs.cli import main
+from pipeline.errors import UsageError
 from pipeline.models import build_model
+from pipeline.train import shared_storage
 from pipeline.train.data import scan_image_folder
 from pipeline.train.dataset import ImageDataset
-from pipeline.train.loop import PreemptionClock
+from pipeline.train.preemption import PreemptionClock
 from pipeline.train.transforms import eval_transform
 from tests.corpus import make_corpus
 from tests.helpers import REPO, Clock, fresh_env, make_image_folder, train, wait_for_checkpoint, write_config
@@ -39,6 +43,19 @@ def test_a_file_that_vanishes_after_listing_is_skipped(tmp_path):
     transform = eval_transform(build_model("efficientnet_lite0", 2)[1])
     image, path, reason = ImageDataset(str(root), folder.val, transform)[0]
     assert image is None and path == folder.val.key(0) and "FileNotFoundError" in reason
+
+
+def test_a_worker_that_cannot_see_the_run_folder_raises_a_usage_error_that_survives_the_trip(tmp_path):
+    """The storage check's error is a UsageError (one line, exit 2) of its own type, which the driver recognises
+    when Ray Train hands it over: pickled on the worker, unpickled on the driver."""
+    marker = shared_storage.write_marker(str(tmp_path / "run"), "runs")
+    shared_storage.check_marker(marker, "runs")  # the driver's marker is there
+    with pytest.raises(shared_storage.NotShared) as raised:
+        shared_storage.check_marker({**marker, "token": "another run's"}, "runs")
+    assert isinstance(raised.value, UsageError) and str(raised.value).startswith(
+        "storage.path runs is not shared storage: a worker on ")
+    passed = pickle.loads(pickle.dumps(raised.value))
+    assert type(passed) is shared_storage.NotShared and str(passed) == str(raised.value)
 
 
 def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path, capfd):

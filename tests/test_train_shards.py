@@ -20,8 +20,9 @@ from pipeline.formats.keys import Reader
 from pipeline.train import shards
 from pipeline.train.config import DataConfig
 from pipeline.train.data import scan
-from pipeline.train.dataset import ShardStream, collate_skipping
-from pipeline.train.loop import Worker
+from pipeline.train.dataset import ShardStream, Share, collate_skipping
+from pipeline.train.splits import Layout
+from pipeline.train.worker import Worker
 from tests.helpers import make_image_folder, pack_shards, write_config
 
 BATCH = 3
@@ -46,9 +47,8 @@ def epoch(data, split: str, world: int, workers: int, epoch: int = 1, skip: int 
     """Each rank's batches of (key, class) in one epoch, each rank through a DataLoader of `workers` processes."""
     ranks = []
     for rank in range(world):
-        stream = ShardStream(data.root, getattr(data, split), lambda image: torch.zeros(1), None, data.classes, rank,
-                             world, BATCH, seed=7, buffer=buffer, shuffle=split == "train",
-                             split_dir=shards.split_dir(data.root, split))
+        stream = ShardStream(data.root, getattr(data, split), lambda image: torch.zeros(1), None, data.classes,
+                             Share(rank, world, BATCH, seed=7, buffer=buffer, shuffle=split == "train"))
         stream.set_epoch(epoch)
         stream.skip = skip
         loader = DataLoader(stream, batch_size=BATCH, num_workers=workers, collate_fn=collate_skipping)
@@ -91,7 +91,7 @@ def test_a_mid_epoch_resume_trains_what_the_interrupted_epoch_had_not(folders):
 def test_max_steps_per_epoch_ends_the_epoch_after_that_many_batches(folders):
     """train.max_steps_per_epoch: the loop's batches stop at the limit, counted from a resumed epoch's start too."""
     data = scan(DataConfig(root=str(folders[1])))
-    stream = ShardStream(data.root, data.train, lambda image: torch.zeros(1), None, data.classes, 0, 1, BATCH)
+    stream = ShardStream(data.root, data.train, lambda image: torch.zeros(1), None, data.classes, Share(0, 1, BATCH))
     loader = DataLoader(stream, batch_size=BATCH, num_workers=1, collate_fn=collate_skipping)
     worker = Worker(torch.device("cpu"), rank=0, world=1, amp_dtype=None, channels_last=False)
     assert len(loader) == 8 and [p for p, *_ in worker.batches(loader, "train", limit=3)] == [1, 2, 3]
@@ -125,12 +125,12 @@ def test_a_labels_table_of_archive_members_streams_compressed_tars_too(folders, 
     pq.write_table(pa.Table.from_pylist([*rows, {"path": gone, "label": "blue", "split": "train"}]),
                    tmp_path / "labels.parquet")
     data = scan(DataConfig(root=str(tmp_path / "labels.parquet")))
-    assert data.train.archives and data.val.archives and len(data.train) == 23
+    assert data.train.layout is data.val.layout is Layout.LABELED_MEMBERS and len(data.train) == 23
     for split in ("train", "val"):
         world = 1 if split == "train" else 2  # 23 train samples: 2 ranks would take one twice
         seen = Counter(sample for rank in epoch(data, split, world, 1) for batch in rank for sample in batch)
         assert dict(seen) == {sample: 1 for sample in truth[split].items()}
-    stream = ShardStream(data.root, data.train, lambda image: 0, None, data.classes, 0, 1, 1, shuffle=False)
+    stream = ShardStream(data.root, data.train, lambda image: 0, None, data.classes, Share(0, 1, 1, shuffle=False))
     assert [sample for sample in stream if sample[0] is None] == [(None, gone, "not in the archive")]
 
 

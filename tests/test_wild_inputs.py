@@ -27,9 +27,9 @@ from pipeline.formats.archives import Limits
 from pipeline.formats.keys import Reader, escape, unescape
 from pipeline.label import isolation
 from pipeline.label.isolation import Attempts, Crashed, in_child
-from pipeline.label.reading import read_units
+from pipeline.label.reading import ReadSettings, read_units
 from pipeline.label.sources import list_inputs
-from pipeline.label.units import UNIT_TOTAL
+from pipeline.label.units import UNIT_TOTAL, Unit
 from pipeline.train import data as train_data
 from tests.helpers import read_output
 from tests.memory_limit import bounded_json
@@ -258,12 +258,11 @@ SPEC = SimpleNamespace(resize_size=16, input_size=16, interpolation="bilinear")
 
 
 def archive_unit(path: Path) -> pa.Table:
-    return pa.Table.from_pylist([{"unit": str(path), "archive": str(path), "start": 0, "end": 0, "prior": 0,
-                                  "parts": "[]"}])
+    return pa.Table.from_pylist([Unit(str(path), str(path), start=0, end=0, prior=0, parts=()).row()])
 
 
 def read_unit(path: Path, output: Path) -> list[dict]:
-    blocks = read_units(archive_unit(path), SPEC, False, {}, Limits(), 10**8, [None], str(output))
+    blocks = read_units(archive_unit(path), ReadSettings(SPEC, str(output), max_pixels=10**8), [None])
     return [row for block in blocks for row in pa.table({k: v for k, v in block.items() if k != "pixels"}).to_pylist()]
 
 
@@ -298,7 +297,7 @@ def test_a_native_crash_costs_its_file_one_row_once_the_unit_crashed_twice(tmp_p
     assert [(row["path"].rpartition("!")[2], row["error_kind"]) for row in rows] == [("a.jpg", ""),
                                                                                       ("b.jpg", "decode")]
     assert not attempts.start()  # the careful attempt finished: its count is gone
-    isolation.clear(str(output))
+    isolation.clear(*storage.resolve(str(output)))
     assert not (output / isolation.ATTEMPTS).exists()
 
 

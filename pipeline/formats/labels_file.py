@@ -5,6 +5,7 @@ start with `.` or `_`, which Parquet readers skip)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,6 +33,33 @@ OUTPUT_SCHEMA = pa.schema([
 EMBEDDING = "embedding"  # with --embeddings: fixed-size list<float32>, the model's pooled features
 PROVENANCE_KEY = b"imgjobs"
 UNITS_KEY = b"imgjobs_units"  # the file's rows per unit and the units it completes (pipeline.label.units)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    exact: bool  # every image decoded at full size: --exact-decode, or GPU actors
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a labels file's labels came from: its schema metadata under PROVENANCE_KEY (as_dict, whose keys keep
+    the fields' order), and part of each run's summary."""
+
+    imgjobs_version: str
+    checkpoint: str  # the checkpoint file's path
+    weights_sha256: str  # of the checkpoint file
+    arch: str
+    classes: list[str]
+    precision: str  # --precision
+    decode: Decoding
+    top_k: int
+    min_confidence: float
+    embeddings: int | None  # the embedding size; None without --embeddings
+    compute_precision: str  # what the actors compute in: --precision, or what auto chose
+    decode_device: str  # "gpu" where GPU actors decoded, else "cpu"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def output_schema(embedding_size: int | None = None) -> pa.Schema:

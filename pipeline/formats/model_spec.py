@@ -1,5 +1,6 @@
 """The `model` entry of every checkpoint: what labeling needs to rebuild and feed a model, and the bounds it must
-keep. Read workers unpickle it, and they never import torch."""
+keep; and TrainedModel, that entry with the classes and weights a model is built from. Read workers unpickle the
+spec, and they never import torch."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ class ModelSpec:
     resize_size: int
     input_size: int
     interpolation: str = "bilinear"  # checkpoints of imgjobs 0.1 have none: they resized bilinearly
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What models.from_checkpoint builds a trained model from: a checkpoint's spec, classes and weights."""
+
+    spec: ModelSpec
+    classes: list[str]  # the head's outputs, in order
+    weights: dict  # the state_dict, CPU tensors
+
+    @classmethod
+    def of(cls, state: dict) -> TrainedModel:
+        """The trained model of a loaded checkpoint (pipeline.formats.checkpoint.load)."""
+        return cls(state["model"], state["classes"], state["model_state"])
 
 
 # What a checkpoint may ask of the machines that label with it: a tensor of input_size² pixels per image, each image

@@ -110,16 +110,21 @@ class DeviceDecoder:
                     self.log(f"label: out of GPU memory decoding {len(chunk)} images at once; this actor decodes at "
                              f"most {self.max_bytes / 2**30:.2f} GiB of them at a time from now on")
                 rows = chunk + rows
-        for i in on_cpu:
-            try:
-                pixels, batch["width"][i], batch["height"][i] = self.cpu(batch["data"][i])
-            except Exception as e:  # the error row a read task would have made
-                batch["error"][i], batch["error_kind"][i] = reason(e), content_kind(e)
-            else:
-                crops[i] = torch.tensor(pixels, device=self.device)
+        self._decode_on_cpu(on_cpu, batch, crops)
         cpu = np.zeros(n, dtype=bool)
         cpu[on_cpu] = True
         return crops, cpu
+
+    def _decode_on_cpu(self, rows: list, batch: dict, crops: torch.Tensor) -> None:
+        """Decodes and crops these rows on the CPU, as read tasks do, into `crops`; a file that does not decode gets
+        the error row a read task would have made."""
+        for i in rows:
+            try:
+                pixels, batch["width"][i], batch["height"][i] = self.cpu(batch["data"][i])
+            except Exception as e:  # any bad file becomes an error row; the job goes on
+                batch["error"][i], batch["error_kind"][i] = reason(e), content_kind(e)
+            else:
+                crops[i] = torch.tensor(pixels, device=self.device)
 
     def _next_chunk(self, rows: list, area: np.ndarray) -> tuple[list, list]:
         """The first rows whose decoding stays within max_bytes together (at least one), and the rest."""

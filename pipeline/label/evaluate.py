@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline import storage
+from pipeline.confusion import confusion_matrix
 from pipeline.errors import UsageError
 from pipeline.formats.keys import split_member
 
@@ -68,7 +69,7 @@ def evaluate(tables: Iterable[pa.Table], roots: list[str], classes: list[str]) -
         inside = truth >= 0
         errors += int((inside & (predicted < 0)).sum())
         labeled = inside & (predicted >= 0)
-        np.add.at(matrix, (truth[labeled], predicted[labeled]), 1)
+        matrix += confusion_matrix(truth[labeled], predicted[labeled], len(classes))
     evaluated = int(matrix.sum())
     return {
         "accuracy": round(int(np.trace(matrix)) / evaluated, 4) if evaluated else None,

@@ -54,9 +54,8 @@ class Attempts:
             pass
 
 
-def clear(output: str) -> None:
-    """Forget earlier runs' counts."""
-    fs, base = storage.resolve(output)
+def clear(fs: pafs.FileSystem, base: str) -> None:
+    """Forget earlier runs' counts in the output folder `base` in `fs`."""
     if fs.get_file_info(f"{base}/{ATTEMPTS}").type != pafs.FileType.NotFound:
         fs.delete_dir(f"{base}/{ATTEMPTS}")
 

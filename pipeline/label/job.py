@@ -8,27 +8,30 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 import pipeline
 from pipeline import storage
-from pipeline.console import RESTARTABLE_ACTOR_NOTICE, Console, duration, filtered_stderr, timestamp
+from pipeline.console import Console, duration, timestamp
 from pipeline.errors import UsageError
 from pipeline.formats import checkpoint
-from pipeline.formats.labels_file import io_errors
+from pipeline.formats.labels_file import Decoding, Provenance, io_errors
 from pipeline.label import isolation, units
 from pipeline.label.evaluate import check_class_folders, evaluate
 from pipeline.label.options import LabelOptions
-from pipeline.label.output import SUMMARY, LabelWriter, read_runs
+from pipeline.label.output import SUMMARY, CommitPolicy, LabelWriter, read_runs
 from pipeline.label.report import write_report
-from pipeline.label.sources import Listing, list_inputs
+from pipeline.label.sources import list_inputs
 
 if TYPE_CHECKING:
     from pipeline.label.plan import ActorPlan
+    from pipeline.label.predictor import ModelPayload
 
 RATE_WINDOW_S = 5.0
 MAX_IO_ERRORS = 0.5  # a larger share of a run's inputs unreadable ends it with exit 1: the storage is wrong
@@ -45,7 +48,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     console = console or Console()
     # A wrong checkpoint or input path is answered before torch and Ray load, which takes seconds; nothing is
     # written anywhere before every check has passed.
-    opts.checkpoint = checkpoint.find(opts.checkpoint)
+    checkpoint_path = checkpoint.find(opts.checkpoint)
     listing = list_inputs(opts.inputs)
     listed_in = time.time() - started
     # The model loads on a thread while Ray starts on this one (it must: Ray's processes end with the thread that
@@ -55,30 +58,19 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
 
     new_local_ray = ray_internals.existing_cluster_address() is None
     with ThreadPoolExecutor(1) as pool:
-        loading = pool.submit(load_model, opts, listing.roots, new_local_ray, console.line)
+        loading = pool.submit(load_model, opts, checkpoint_path, listing.roots, new_local_ray, console.line)
         init_ray()
         model = loading.result()
-    state = model.state
     from pipeline.label import plan  # Ray and torch: imported once the checks above passed
     from pipeline.label.predictor import CPU_SHARE_NOTICE
 
-    actors = plan.actor_plan(opts.batch_size, opts.max_actors)
-    provenance = {
-        "imgjobs_version": pipeline.__version__,
-        "checkpoint": opts.checkpoint,
-        "weights_sha256": state["sha256"],
-        "arch": state["model"].arch,
-        "classes": state["classes"],
-        "precision": opts.precision,
-        "decode": {"exact": opts.exact_decode or actors.gpu},  # GPU actors decode at full size
-        "top_k": model.top_k,
-        "min_confidence": opts.min_confidence,
-        "embeddings": model.embedding_size,
-    }
+    actors = plan.actor_plan(opts.batch_size, opts.max_actors, opts.precision)
+    provenance = run_provenance(opts, model, actors)
     # Fails first if it cannot write there, another job holds the output, or the output holds other labels.
-    writer = LabelWriter(opts.output, provenance, opts.rows_per_file, opts.commit_every, opts.overwrite, console.line)
+    writer = LabelWriter(opts.output, provenance, CommitPolicy(opts.rows_per_file, opts.commit_every), opts.overwrite,
+                         console.line)
     try:
-        isolation.clear(opts.output)  # under the lock: the read tasks count this run's attempts at each unit
+        isolation.clear(writer.folder.fs, writer.folder.path)  # under the lock: read tasks count this run's attempts
         work = units.plan(listing.archives.to_pylist(), listing.files, writer.records)
         skipped = writer.records.existing
         console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
@@ -86,9 +78,10 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
                      + (f" ({work.finished} finished units skipped unopened)" if work.finished else ""))
         progress = RunCounter(console, work.files, work.archives)
         if work.units:
-            progress.cpu_decoded = run(opts, model, actors, work, listing, provenance,
-                                       lambda table: progress.add(writer.add(table), started), console)
-        isolation.clear(opts.output)  # every unit finished: no count is left, and the folder holds only outputs
+            for table, cpu_decoded in run(opts, model, actors, work, listing.options, console):
+                progress.cpu_decoded += cpu_decoded
+                progress.add(writer.add(table), started)
+        isolation.clear(writer.folder.fs, writer.folder.path)  # every unit finished: the folder holds only outputs
     except BaseException:
         writer.close()  # what was labeled is committed, and the lock given back, whatever stopped the run
         raise
@@ -96,14 +89,14 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         writer.flush()
         console.close()
         summary = {"run_id": writer.run_id, "started": timestamp(started), "ended": timestamp(time.time())}
-        summary |= progress.summary(skipped) | provenance | {"inputs": opts.inputs,
-                                                                  "files_written": writer.files_written}
+        summary |= progress.summary(skipped) | provenance.as_dict() | {"inputs": opts.inputs,
+                                                                        "files_written": writer.files_written}
         done = progress.labeled + progress.errors
         if actors.gpu and done and progress.cpu_decoded > CPU_SHARE_NOTICE * done:
             console.line(f"label: GPU actors decoded {progress.cpu_decoded} of {done} files on their CPUs (other "
                          "formats, CMYK, damaged JPEGs, files nvjpeg rejected): those CPUs may have bounded the rate")
         if opts.evaluate:
-            summary.update(evaluate(writer.tables(["path", "label_index"]), listing.roots, state["classes"]))
+            summary.update(evaluate(writer.tables(["path", "label_index"]), listing.roots, provenance.classes))
         append_run(writer, summary)
         if opts.report:
             write_report(opts.output, console.line)
@@ -116,27 +109,28 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     return summary
 
 
-@dataclass
+@dataclass(frozen=True)
 class Model:
     """The checkpoint, its model, and what the job derives from them."""
 
-    state: dict
+    path: str  # the checkpoint file (checkpoint.find)
+    state: dict  # the loaded checkpoint (checkpoint.load)
     model: Any
     top_k: int
     embedding_size: int | None
-    cpu_payload: dict | None  # plan.model_payload for actors on this machine's CPU, when they are sure to run there
+    cpu_payload: ModelPayload | None  # plan.model_payload for actors on this machine's CPU, when sure to run there
 
 
-def load_model(opts: LabelOptions, roots: list[str], new_local_ray: bool, log) -> Model:
-    """Load and check the checkpoint: weights that do not fit their arch, a --top-k or --embeddings the model cannot
-    give, and --evaluate's class folders fail here. When the job starts a Ray of its own (`new_local_ray`) on a
-    machine without GPUs, the actors' payload is built here too: its TorchScript tracing takes seconds that Ray's
-    start covers."""
+def load_model(opts: LabelOptions, path: str, roots: list[str], new_local_ray: bool, log) -> Model:
+    """Load and check the checkpoint file `path`: weights that do not fit their arch, a --top-k or --embeddings the
+    model cannot give, and --evaluate's class folders fail here. When the job starts a Ray of its own
+    (`new_local_ray`) on a machine without GPUs, the actors' payload is built here too: its TorchScript tracing takes
+    seconds that Ray's start covers."""
     import torch  # on the loading thread: its seconds of imports overlap Ray's start
 
     from pipeline.models import from_checkpoint  # torchvision, as torch above
 
-    state = checkpoint.load(opts.checkpoint)
+    state = checkpoint.load(path)
     model = from_checkpoint(state)
     top_k = check_top_k(opts.top_k, state["classes"])
     if opts.evaluate:
@@ -148,7 +142,19 @@ def load_model(opts: LabelOptions, roots: list[str], new_local_ray: bool, log) -
 
         precision = plan.choose_precision(opts.precision, gpu=False)[0]
         payload = plan.model_payload(state, model, precision, gpu=False, embeddings=opts.embeddings, log=log)
-    return Model(state, model, top_k, size, payload)
+    return Model(path, state, model, top_k, size, payload)
+
+
+def run_provenance(opts: LabelOptions, model: Model, actors: ActorPlan) -> Provenance:
+    """Where this run's labels come from: complete before the writer opens the output, which records it in every
+    file."""
+    state = model.state
+    return Provenance(
+        imgjobs_version=pipeline.__version__, checkpoint=model.path, weights_sha256=state["sha256"],
+        arch=state["model"].arch, classes=state["classes"], precision=opts.precision,
+        decode=Decoding(exact=opts.exact_decode or actors.gpu),  # GPU actors decode at full size
+        top_k=model.top_k, min_confidence=opts.min_confidence, embeddings=model.embedding_size,
+        compute_precision=actors.precision, decode_device="gpu" if actors.gpu else "cpu")
 
 
 def embedding_size(model, state: dict) -> int:
@@ -161,41 +167,37 @@ def embedding_size(model, state: dict) -> int:
 def append_run(writer: LabelWriter, summary: dict) -> None:
     """Add this run's entry to OUTPUT/_summary.json, which keeps one per run."""
     writer.lock.check()  # a commit like any other: not by a run that may have lost its lock
-    path = f"{writer.base}/{SUMMARY}"
-    runs = read_runs(writer.fs, writer.base)
-    storage.write_bytes(writer.fs, path, json.dumps({"runs": [*runs, summary]}, indent=2).encode())
+    fs, base = writer.folder.fs, writer.folder.path
+    runs = read_runs(fs, base)
+    storage.write_bytes(fs, f"{base}/{SUMMARY}", json.dumps({"runs": [*runs, summary]}, indent=2).encode())
 
 
-def run(opts: LabelOptions, model: Model, actors: ActorPlan, work: units.Work, listing: Listing, provenance: dict,
-        take, console: Console) -> int:
-    """Choose the actors' precision (recorded in `provenance`) on the Ray that label() joined or started, and hand
-    every labeled block to take(). Returns how many files GPU actors decoded on their CPUs instead."""
+def run(opts: LabelOptions, model: Model, actors: ActorPlan, work: units.Work, options: dict[str, str],
+        console: Console) -> Iterator[tuple[pa.Table, int]]:
+    """Stream the work's units through the actors, on the Ray that label() joined or started: each labeled block,
+    and how many of its files GPU actors decoded on their CPUs instead. `options` are the inputs' filesystem
+    options by host (Listing.options)."""
     from pipeline.label import plan  # Ray and torch, as in label()
+    from pipeline.label.reading import ReadSettings
+    from pipeline.ray_output import driver_notices_dropped
 
     if actors.waiting:
         console.line("label: waiting for a worker node with CPUs: none is up yet, and the autoscaler adds one as the "
                      f"job asks for it; the pool grows to {actors.max_actors} actor(s) (--max-actors)")
-    precision, why = plan.choose_precision(opts.precision, gpu=actors.gpu)
-    provenance["compute_precision"] = precision  # before the first commit: every file records it
-    provenance["decode_device"] = "gpu" if actors.gpu else "cpu"
     if opts.precision == "auto":
-        console.line(f"label: precision auto: {precision} ({why}; --precision fp32 or bf16 forces one)")
+        console.line(f"label: precision auto: {actors.precision} ({actors.precision_reason}; --precision fp32 or bf16 "
+                     "forces one)")
     payload = model.cpu_payload
-    if actors.gpu or payload is None or payload["precision"] != precision:
-        payload = plan.model_payload(model.state, model.model, precision, gpu=actors.gpu, embeddings=opts.embeddings,
-                                     log=console.line)
-    dataset = plan.dataset(work, listing.files, opts.output, listing.options, actors, payload,
-                           exact_decode=opts.exact_decode,
-                           limits=opts.limits, max_pixels=opts.max_pixels, top_k=model.top_k,
-                           min_confidence=opts.min_confidence)
-    cpu_decoded = 0
-    with filtered_stderr(RESTARTABLE_ACTOR_NOTICE):
+    if actors.gpu or payload is None or payload.precision != actors.precision:
+        payload = plan.model_payload(model.state, model.model, actors.precision, gpu=actors.gpu,
+                                     embeddings=opts.embeddings, log=console.line)
+    reading = ReadSettings(payload.spec, opts.output, options, opts.limits, opts.max_pixels, opts.exact_decode,
+                           encoded=actors.gpu)
+    dataset = plan.dataset(work, reading, actors, payload, model.top_k, opts.min_confidence)
+    with driver_notices_dropped():
         # No prefetch: with it, the stream's latest block waits for the next one, which a slow unit may hold back.
-        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-            table, on_cpu = plan.split_cpu_decoded(table)
-            cpu_decoded += on_cpu
-            take(table)
-    return cpu_decoded
+        for block in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            yield plan.split_cpu_decoded(block)
 
 
 def check_top_k(top_k: int | None, classes: list[str]) -> int:

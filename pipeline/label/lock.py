@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
@@ -41,21 +42,30 @@ MARGIN_S = 30.0  # a commit, started while the lease holds, has this long to lan
 SETTLE_S = 0.5  # stores without conditional writes: between writing the lock and reading it back
 
 
+@dataclass(frozen=True)
+class Folder:
+    """An output folder: as the user named it (`uri`, for messages), and its filesystem and path there."""
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+
+
 class OutputBusy(UsageError):
     """Another job writes into the same output."""
 
 
 class OutputLock:
-    """The lock of the output folder `base` in `fs`, for the run `run_id`; `output` is the folder as the user named
-    it. `lease_s` (default IMGJOBS_LOCK_LEASE_S, else 180) and `clock` (monotonic) are for tests."""
+    """The lock of the output `folder`, for the run `run_id`. `lease_s` (default IMGJOBS_LOCK_LEASE_S, else 180) and
+    `clock` (monotonic) are for tests."""
 
-    def __init__(self, fs: pafs.FileSystem, base: str, run_id: str, output: str, log=print,
-                 lease_s: float | None = None, clock: Callable[[], float] = time.monotonic):
-        self.output, self.log, self.clock = output, log, clock
+    def __init__(self, folder: Folder, run_id: str, log=print, lease_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.output, self.log, self.clock = folder.uri, log, clock
         self.lease = lease_s or lease_from_env()
         self.margin = min(MARGIN_S, self.lease / 6)
         self.heartbeat_s = self.lease / 36  # a job refused waits about this long to see the lock move
-        self.store = open_store(fs, f"{base}/{LOCK}", output, log)
+        self.store = open_store(folder, log)
         self.holder = {"run_id": run_id, **identity(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        "lease_s": self.lease, "beat": 0}
         self.token = None  # what the store answered to this run's last write: the lock's ETag, or its content
@@ -226,15 +236,16 @@ def _alive(pid) -> bool:
     return True
 
 
-def open_store(fs: pafs.FileSystem, path: str, output: str, log) -> LocalStore | S3Store | ReadBackStore:
-    """The lock file `path` in `fs`, with the strongest writes that store offers."""
+def open_store(folder: Folder, log) -> LocalStore | S3Store | ReadBackStore:
+    """The lock file of `folder`, with the strongest writes that store offers."""
+    fs, path = folder.fs, f"{folder.path}/{LOCK}"
     if isinstance(fs, pafs.LocalFileSystem):
         return LocalStore(path)
     if isinstance(fs, pafs.S3FileSystem):
         store = S3Store(fs, path)
         if store.conditional_writes():
             return store
-    log(f"label: {output} takes no conditional writes, so the lock is written and read back: two jobs started "
+    log(f"label: {folder.uri} takes no conditional writes, so the lock is written and read back: two jobs started "
         "within a second of each other could both take it (docs/guarantees.md)")
     return ReadBackStore(fs, path)
 

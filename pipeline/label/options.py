@@ -14,7 +14,7 @@ from pipeline.images import MAX_PIXELS
 
 
 class LabelOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)  # read by the job, never changed
 
     checkpoint: str
     inputs: list[str] = Field(min_length=1)

@@ -9,7 +9,7 @@ so a rerun never overwrites what an earlier run committed. The one exception: ro
 (`error_kind` "io") are retried by the next run, which first rewrites the files that hold some (their records
 say so) without them, under the same name, the same way (a temporary, then a rename over it).
 
-Files are committed when they hold `rows_per_file` rows, or `commit_every` seconds after the last commit,
+Files are committed when they hold `--rows-per-file` rows, or `--commit-every` seconds after the last commit,
 whichever comes first: a kill loses at most about that much work. Small files are not merged afterwards: a
 merge is a second commit of the same rows, so a kill between writing the merged file and deleting its parts
 would leave duplicates, and one file a minute (1,440 a day) is well within what Parquet readers handle.
@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +39,7 @@ from pipeline.errors import UsageError
 from pipeline.formats.labels_file import (
     PROVENANCE_KEY,
     UNITS_KEY,
+    Provenance,
     io_errors,
     is_part,
     output_schema,
@@ -46,7 +48,7 @@ from pipeline.formats.labels_file import (
     read_table,
     units_record,
 )
-from pipeline.label.lock import OutputLock
+from pipeline.label.lock import Folder, OutputLock
 from pipeline.label.units import UNIT, UNIT_TOTAL, Ledger, Records
 
 SUMMARY = "_summary.json"
@@ -58,96 +60,114 @@ LEGACY_REPORT = "report.html"
 LABEL_DEFINING = ("weights_sha256", "classes", "precision", "decode", "top_k", "min_confidence", "embeddings")
 
 
-class LabelWriter:
-    """Commits labeled rows into `out_dir` exactly once, under the output's lock; `provenance` goes into every
-    file's schema metadata and must match what the output already holds."""
+@dataclass(frozen=True)
+class CommitPolicy:
+    """When the writer commits a file: once it holds `rows_per_file` rows, or `every_s` seconds after the last
+    commit."""
 
-    def __init__(self, out_dir: str, provenance: dict, rows_per_file: int, commit_every: float, overwrite: bool,
-                 log=print, clock=time.monotonic):
-        self.fs, self.base = check_writable(out_dir)
-        self.out_dir = out_dir
+    rows_per_file: int
+    every_s: float
+
+
+class LabelWriter:
+    """Commits labeled rows into `out_dir` exactly once, under the output's lock, as `commits` says when;
+    `provenance`, complete, goes into every file's schema metadata and must match what the output already holds."""
+
+    def __init__(self, out_dir: str, provenance: Provenance, commits: CommitPolicy, overwrite: bool, log=print,
+                 clock=time.monotonic):
+        self.folder = check_writable(out_dir)
+        self.provenance = provenance
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        self.lock = OutputLock(self.fs, self.base, self.run_id, out_dir, log)
+        self.lock = OutputLock(self.folder, self.run_id, log)
         self.lock.acquire()  # before touching anything: temporaries may be another job's
         try:
-            self._open(provenance, overwrite)
+            self._open(overwrite)
         except BaseException:
             self.lock.release()
             raise
-        self.rows_per_file, self.commit_every = rows_per_file, commit_every
+        self.commits = commits
         self.files_written = 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        self.clock = clock  # commit_every's seconds: tests pass a clock of their own
+        self.clock = clock  # the commit policy's seconds: tests pass a clock of their own
         self._last_commit = clock()
 
-    def _open(self, provenance: dict, overwrite: bool) -> None:
-        """Check the files there against `provenance`, clean up, and read what they record of their units."""
-        self.provenance = provenance  # the job adds to it what it learns once Ray is up (compute_precision)
-        parts, summary = [], []
-        for entry in self.fs.get_file_info(pafs.FileSelector(self.base)):
-            if entry.base_name.startswith(TEMP_PREFIX) or entry.base_name == LEGACY_REPORT:
-                self.fs.delete_file(entry.path)  # a killed run's unfinished file, or an old page
-            elif is_part(entry):
-                parts.append(entry.path)
-            elif entry.base_name == SUMMARY:
-                summary.append(entry.path)
-        # Footers only, many at once: on object stores each is a request or two.
-        with ThreadPoolExecutor(16) as pool:
-            schemas = list(pool.map(self._footer, parts))
-        # Only files that carry imgjobs' provenance are ours to read, resume or delete: anything else is refused
-        # before any file changes, --overwrite included.
-        for path, schema in zip(parts, schemas, strict=True):
-            if schema is None or PROVENANCE_KEY not in (schema.metadata or {}):
-                raise UsageError(f"output {self.out_dir} holds {path.rsplit('/', 1)[-1]}, which carries no imgjobs "
-                                 "provenance; imgjobs never deletes such a file, --overwrite included: move it out of "
-                                 "the folder, or use another --output")
+    def _open(self, overwrite: bool) -> None:
+        """Check the files there against the provenance, clean up, and read what they record of their units."""
+        parts, summary = self._scan()
+        schemas = self._footers(parts)
         if overwrite:
             for path in parts + summary:
-                self.fs.delete_file(path)
+                self.folder.fs.delete_file(path)
             parts, schemas = [], []
         records = [units_record(schema, path) for schema, path in zip(schemas, parts, strict=True)]
+        wanted = self.provenance.as_dict()
         for path, schema in zip(parts, schemas, strict=True):  # every check before any committed file changes
-            check_same_labels(provenance_of(schema, path), provenance, path, self.out_dir)
+            check_same_labels(provenance_of(schema, path), wanted, path, self.folder.uri)
         self.records = Records()
         for path, record in zip(parts, records, strict=True):
             if not record["io_errors"] or self._retry_io_errors(path, record):
                 self.records.add(path.rsplit("/", 1)[-1], record)
         self.ledger = Ledger(self.records)
 
+    def _scan(self) -> tuple[list[str], list[str]]:
+        """The output's labels files and summary, once a killed run's unfinished files and an old page are gone."""
+        parts, summary = [], []
+        for entry in self.folder.fs.get_file_info(pafs.FileSelector(self.folder.path)):
+            if entry.base_name.startswith(TEMP_PREFIX) or entry.base_name == LEGACY_REPORT:
+                self.folder.fs.delete_file(entry.path)
+            elif is_part(entry):
+                parts.append(entry.path)
+            elif entry.base_name == SUMMARY:
+                summary.append(entry.path)
+        return parts, summary
+
+    def _footers(self, parts: list[str]) -> list[pa.Schema]:
+        """The schemas of the labels files `parts`. Only files that carry imgjobs' provenance are ours to read, resume
+        or delete: anything else is refused before any file changes, --overwrite included."""
+        with ThreadPoolExecutor(16) as pool:  # footers only, many at once: on object stores each is a request or two
+            schemas = list(pool.map(self._footer, parts))
+        for path, schema in zip(parts, schemas, strict=True):
+            if schema is None or PROVENANCE_KEY not in (schema.metadata or {}):
+                raise UsageError(f"output {self.folder.uri} holds {path.rsplit('/', 1)[-1]}, which carries no imgjobs "
+                                 "provenance; imgjobs never deletes such a file, --overwrite included: move it out of "
+                                 "the folder, or use another --output")
+        return schemas
+
     def add(self, table: pa.Table) -> pa.Table:
         """Buffer rows not yet taken (their unit columns included) and commit full files; returns the rows taken."""
         table = self.ledger.take(table)
         self._pending.append(table)
         self._pending_rows += table.num_rows
-        if self._pending_rows >= self.rows_per_file:
+        size = self.commits.rows_per_file
+        if self._pending_rows >= size:
             rows = pa.concat_tables(self._pending)
-            while rows.num_rows >= self.rows_per_file:
-                self._commit(rows.slice(0, self.rows_per_file))
-                rows = rows.slice(self.rows_per_file)
+            while rows.num_rows >= size:
+                self._commit(rows.slice(0, size))
+                rows = rows.slice(size)
             self._pending, self._pending_rows = [rows], rows.num_rows
-        if self._pending_rows and self.clock() - self._last_commit >= self.commit_every:
+        if self._pending_rows and self.clock() - self._last_commit >= self.commits.every_s:
             self.flush()
         return table
 
     def _retry_io_errors(self, path: str, record: dict) -> bool:
         """Drop the io error rows of a committed file, so that this run retries them (its record counts none);
         returns whether the file is still there, with other rows."""
-        table = read_table(self.fs, path)
+        table = read_table(self.folder.fs, path)
         kept = table.filter(pc.invert(io_errors(table)))
         if kept.num_rows:
             metadata = table.schema.metadata | {UNITS_KEY: json.dumps(record | {"io_errors": 0}).encode()}
             temp = f"{path.rsplit('/', 1)[0]}/{TEMP_PREFIX}retry-{uuid.uuid4().hex[:8]}.parquet"
-            pq.write_table(kept.replace_schema_metadata(metadata), temp, filesystem=self.fs)
-            self.fs.move(temp, path)
+            pq.write_table(kept.replace_schema_metadata(metadata), temp, filesystem=self.folder.fs)
+            self.folder.fs.move(temp, path)
             return True
-        self.fs.delete_file(path)
+        self.folder.fs.delete_file(path)
         return False
 
     def _footer(self, path: str) -> pa.Schema | None:
         """The schema of the Parquet file `path`; None where it is no Parquet file, though named one."""
         try:
-            return pq.read_schema(path, filesystem=self.fs)
+            return pq.read_schema(path, filesystem=self.folder.fs)
         except pa.ArrowInvalid:
             return None
 
@@ -166,22 +186,23 @@ class LabelWriter:
 
     def _commit(self, table: pa.Table) -> None:
         self.lock.check()
+        fs, base = self.folder.fs, self.folder.path
         name = f"part-{self.run_id}-{self.files_written:05d}.parquet"
-        temp = f"{self.base}/{TEMP_PREFIX}{name}"
+        temp = f"{base}/{TEMP_PREFIX}{name}"
         record = self.ledger.record(table)
         try:
-            schema = output_schema(self.provenance.get("embeddings")).with_metadata(
-                {PROVENANCE_KEY: json.dumps(self.provenance), UNITS_KEY: json.dumps(record)})
-            pq.write_table(table.drop_columns([UNIT, UNIT_TOTAL]).cast(schema), temp, filesystem=self.fs)
-            self.fs.move(temp, f"{self.base}/{name}")  # atomic on local disks; object stores publish whole objects
+            schema = output_schema(self.provenance.embeddings).with_metadata(
+                {PROVENANCE_KEY: json.dumps(self.provenance.as_dict()), UNITS_KEY: json.dumps(record)})
+            pq.write_table(table.drop_columns([UNIT, UNIT_TOTAL]).cast(schema), temp, filesystem=fs)
+            fs.move(temp, f"{base}/{name}")  # atomic on local disks; object stores publish whole objects
         except OSError as e:  # disk full, file too large, permissions changed: earlier files stay complete
             try:
-                self.fs.delete_file(temp)
+                fs.delete_file(temp)
             except OSError:
                 pass  # the next run deletes it
             raise UsageError(
-                f"writing {self.base}/{name} failed: {str(e).splitlines()[0]}; {self.files_written} file(s) of this "
-                f"run are complete; free space or fix {self.base}, then run the same command again to resume"
+                f"writing {base}/{name} failed: {str(e).splitlines()[0]}; {self.files_written} file(s) of this "
+                f"run are complete; free space or fix {base}, then run the same command again to resume"
             ) from None
         self.ledger.committed_file(record, table)
         self.files_written += 1
@@ -189,8 +210,8 @@ class LabelWriter:
 
     def tables(self, columns: list[str]) -> Iterator[pa.Table]:
         """The output's labels files, one at a time, with these columns."""
-        for path in part_paths(self.fs, self.base):
-            yield read_table(self.fs, path, columns)
+        for path in part_paths(self.folder.fs, self.folder.path):
+            yield read_table(self.folder.fs, path, columns)
 
 
 def read_runs(fs: pafs.FileSystem, base: str) -> list[dict]:
@@ -202,9 +223,8 @@ def read_runs(fs: pafs.FileSystem, base: str) -> list[dict]:
         return []
 
 
-def check_writable(out_dir: str) -> tuple[pafs.FileSystem, str]:
-    """Create the folder and write a probe file: fail now, not after the first batch. Returns the folder's
-    filesystem and path in it."""
+def check_writable(out_dir: str) -> Folder:
+    """The folder, created, once a probe file was written there: fail now, not after the first batch."""
     fs, base = storage.resolve(out_dir)
     try:
         fs.create_dir(base, recursive=True)
@@ -214,7 +234,7 @@ def check_writable(out_dir: str) -> tuple[pafs.FileSystem, str]:
         fs.delete_file(probe)
     except OSError as e:
         raise UsageError(f"output {out_dir} cannot be written: {str(e).splitlines()[0]}") from None
-    return fs, base
+    return Folder(out_dir, fs, base)
 
 
 def check_same_labels(found: dict, wanted: dict, path: str, out_dir: str) -> None:

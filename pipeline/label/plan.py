@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import io
-import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
 
-from pipeline.formats.archives import Limits
 from pipeline.hardware import gpu_capability, gpu_half_precision, native_bf16
-from pipeline.label.predictor import CPU_DECODED, DTYPES, Predictor, example_batch, torchscript_model
-from pipeline.label.reading import BLOCK_BYTES, read_units
+from pipeline.label.predictor import CPU_DECODED, DTYPES, ModelPayload, Predictor, example_batch, torchscript_model
+from pipeline.label.reading import BLOCK_BYTES, ReadSettings, read_units
 from pipeline.label.units import Work
 from pipeline.models import WithEmbedding
 
-# Images per model call. On CPU, small batches keep a ResNet's activations in cache (README, Performance);
+# Images per model call. On CPU, small batches keep a ResNet's activations in cache (docs/labeling.md, How it runs);
 # a GPU needs big ones to stay busy (a predictor halves its batch once if its GPU runs out of memory).
 CPU_BATCH, GPU_BATCH = 8, 256
 MAX_THREADS = 4  # per CPU actor: intra-op scaling flattens beyond about 4 threads at CPU batch sizes
@@ -30,7 +28,7 @@ READ_CPUS = 0.5
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """The predictor actors' pool and resources, and the read tasks' CPUs."""
+    """The predictor actors' pool, resources and precision, and the read tasks' CPUs."""
 
     num_gpus: int  # per actor: 1 on GPU nodes, else 0
     num_cpus: float  # per actor
@@ -38,6 +36,8 @@ class ActorPlan:
     batch_size: int  # images per model call
     initial_actors: int
     max_actors: int
+    precision: str  # what the actors compute in (choose_precision)
+    precision_reason: str  # why: for --precision auto's line
     read_cpus: float = READ_CPUS
     waiting: bool = False  # no node is up that can run an actor: the autoscaler adds one as the job asks
 
@@ -46,8 +46,9 @@ class ActorPlan:
         return self.num_gpus > 0
 
 
-def actor_plan(batch_size: int | None, max_actors: int | None) -> ActorPlan:
-    """How many predictor actors, with what resources, for the nodes that are up now. A GPU each where there are
+def actor_plan(batch_size: int | None, max_actors: int | None, precision: str = "auto") -> ActorPlan:
+    """How many predictor actors, with what resources and in which `precision` (--precision: choose_precision), for
+    the nodes that are up now. A GPU each where there are
     GPUs. On CPUs, an actor reserves half a CPU less than its threads use, so a read task always finds room: a
     pool that reserves every CPU starves the read tasks and the pipeline stalls forever. With no node up that can
     run one (a head without CPUs, workers the autoscaler has not added yet), actors of one thread, which fit any
@@ -64,16 +65,16 @@ def actor_plan(batch_size: int | None, max_actors: int | None) -> ActorPlan:
         resources = {"num_gpus": 0, "num_cpus": threads - READ_CPUS, "batch_size": batch_size or CPU_BATCH}
     actors = max(1, actors)
     max_actors = max_actors or actors
+    precision, reason = choose_precision(precision, gpu=bool(gpus))
     return ActorPlan(**resources, threads=threads, initial_actors=min(actors, max_actors), max_actors=max_actors,
-                     waiting=not gpus and not cpus)
+                     precision=precision, precision_reason=reason, waiting=not gpus and not cpus)
 
 
-def dataset(work: Work, files: pa.Array, output: str, options: dict[str, str], actors: ActorPlan, payload: dict,
-            exact_decode: bool, limits: Limits, max_pixels: int, top_k: int, min_confidence: float
-            ) -> ray.data.Dataset:
-    """Units (a read task each) → read-and-decode tasks → predictor actors. `files` are the sorted loose-file keys
-    that loose units index: they go to the object store once. GPU predictors decode JPEGs themselves, on the GPU:
-    their read tasks only read (device_decoding), and they decode at full size, whatever `exact_decode` says."""
+def dataset(work: Work, reading: ReadSettings, actors: ActorPlan, payload: ModelPayload, top_k: int,
+            min_confidence: float) -> ray.data.Dataset:
+    """Units (a read task each) → read-and-decode tasks → predictor actors. The sorted loose-file keys that loose
+    units index (work.keys) go to the object store once. GPU predictors decode JPEGs themselves, on the GPU: their
+    read tasks only read (`reading.encoded`, device_decoding), and they decode at full size."""
     configure_ray_data()
     gpu = actors.gpu
     if gpu:
@@ -81,11 +82,10 @@ def dataset(work: Work, files: pa.Array, output: str, options: dict[str, str], a
 
         check_image_extension()
     return (
-        ray.data.from_items(work.units, override_num_blocks=len(work.units))
+        # Rows of Ray Data are Arrow's: each unit goes as its row.
+        ray.data.from_items([unit.row() for unit in work.units], override_num_blocks=len(work.units))
         .map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=actors.read_cpus,
-                     fn_kwargs={"spec": payload["model"], "exact_decode": exact_decode, "options": options,
-                                "limits": limits, "max_pixels": max_pixels, "files_ref": [ray.put(files)],
-                                "output": output, "encoded": gpu})
+                     fn_kwargs={"reading": reading, "files_ref": [ray.put(work.keys)]})
         .map_batches(
             Predictor,
             # CPU actors take each read block whole and run it in model batches: a call per block, not per batch,
@@ -117,14 +117,12 @@ def split_cpu_decoded(table: pa.Table) -> tuple[pa.Table, int]:
 
 
 def configure_ray_data() -> None:
-    """Blocks that stream, and no progress bars: the job prints its own progress line, and Ray Data's bars and
-    notices about them are noise."""
+    """Blocks that stream, and no progress bars: the job prints its own progress line (Ray Data's notices are
+    quieted with Ray's other output, in pipeline.ray_output)."""
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
 
 
 def choose_precision(requested: str, gpu: bool) -> tuple[str, str]:
@@ -145,27 +143,29 @@ def choose_precision(requested: str, gpu: bool) -> tuple[str, str]:
 
 
 def model_payload(state: dict, model: torch.nn.Module, precision: str, gpu: bool, embeddings: bool = False,
-                  log=print) -> dict:
-    """What the predictors need of a checkpoint, built once here and put once in the object store.
+                  log=print) -> ModelPayload:
+    """What the predictors need of the checkpoint `state` (checkpoint.load), built once here and put once in the
+    object store.
 
     GPU predictors build the model from its weights. CPU predictors get it as TorchScript instead: traced in
     channels_last (oneDNN's fastest layout), frozen (BatchNorm folded into the convolutions), with bf16 weights
     for bf16. They load it with torch alone, without torchvision or timm, which saves each actor seconds.
     Freezing changes some models' results (inception_v3's, for one); those run eagerly on CPUs too. With
     `embeddings`, the model returns (pooled features, logits) (models.WithEmbedding)."""
+    spec = state["model"]
     if embeddings:
-        model = WithEmbedding(model, state["model"].head)
-    payload = {"classes": state["classes"], "model": state["model"], "precision": precision,
-               "device": "cuda" if gpu else "cpu", "embedding_size": model.head.in_features if embeddings else None}
+        model = WithEmbedding(model, spec.head)
+    payload = ModelPayload(spec, state["classes"], precision, device="cuda" if gpu else "cpu",
+                           embedding_size=model.head.in_features if embeddings else None)
     if not gpu:
-        example = torch.randn(2, 3, state["model"].input_size, state["model"].input_size)
+        example = torch.randn(2, 3, spec.input_size, spec.input_size)
         with torch.inference_mode():
             expected = logits_of(model(example))
-        frozen = payload | {"torchscript": torchscript(model, state["model"].input_size, precision)}
+        frozen = replace(payload, torchscript=torchscript(model, spec.input_size, precision))
         if _computes(frozen, example, expected, tolerance=1e-3 if precision == "fp32" else 5e-2):
             return frozen
-        log(f"label: TorchScript changes {state['model'].arch}'s results; CPU actors run it eagerly")
-    return payload | {"model_state": state["model_state"]}
+        log(f"label: TorchScript changes {spec.arch}'s results; CPU actors run it eagerly")
+    return replace(payload, weights=state["model_state"])
 
 
 def torchscript(model: torch.nn.Module, input_size: int, precision: str) -> bytes:
@@ -183,7 +183,7 @@ def logits_of(output) -> torch.Tensor:
     return output[1] if isinstance(output, tuple) else output
 
 
-def _computes(payload: dict, example: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
+def _computes(payload: ModelPayload, example: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
     """Whether the actors' TorchScript model, fused as they fuse it, gives the eager model's logits."""
     try:
         forward = torchscript_model(payload, len(example))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import sys
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,7 @@ import ray
 import torch
 
 from pipeline.formats.labels_file import output_schema
+from pipeline.formats.model_spec import ModelSpec, TrainedModel
 from pipeline.label.units import BOOKKEEPING
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: GPUs before sm_80
@@ -25,6 +27,25 @@ CPU_DECODED = "cpu_decoded"
 CPU_SHARE_NOTICE, CPU_NOTICE_AFTER = 0.05, 100
 
 
+@dataclass(frozen=True)
+class ModelPayload:
+    """What predictors need of the checkpoint, built once by plan.model_payload and put once in the object store:
+    the frozen TorchScript model that CPU actors run with torch alone, or else the weights to build it from."""
+
+    spec: ModelSpec
+    classes: list[str]
+    precision: str  # a key of DTYPES
+    device: str  # "cuda" or "cpu"
+    embedding_size: int | None  # the model returns (embeddings, logits) when set (models.WithEmbedding)
+    torchscript: bytes | None = None
+    weights: dict | None = None  # where there is no TorchScript
+
+    @property
+    def trained(self) -> TrainedModel:
+        """The model to build eagerly (models.from_checkpoint), from the weights."""
+        return TrainedModel(self.spec, self.classes, self.weights)
+
+
 class Predictor:
     def __init__(self, payload_ref: list, top_k: int, min_confidence: float, threads: int, batch_size: int,
                  device_decode: bool = False):
@@ -33,19 +54,19 @@ class Predictor:
         otherwise decoded crops."""
         # Ray caps the actor's OpenMP threads at its num_cpus, which is fractional here so read tasks keep a CPU.
         torch.set_num_threads(threads)
-        payload = payload_ref[0] if isinstance(payload_ref[0], dict) else ray.get(payload_ref[0])
-        self.classes = np.array(payload["classes"], dtype=object)
-        self.device = torch.device(payload["device"])
+        payload = payload_ref[0] if isinstance(payload_ref[0], ModelPayload) else ray.get(payload_ref[0])
+        self.classes = np.array(payload.classes, dtype=object)
+        self.device = torch.device(payload.device)
         self.top_k = top_k
         self.min_confidence = min_confidence
         self.batch_size = batch_size
         self.halved = False
-        self.embedding_size = payload["embedding_size"]
+        self.embedding_size = payload.embedding_size
         self.schema = output_schema(self.embedding_size)
-        spec = payload["model"]
+        spec = payload.spec
         mean, std = (torch.tensor(k, dtype=torch.float32, device=self.device) for k in (spec.mean, spec.std))
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
-        self.model = torchscript_model(payload, batch_size) if "torchscript" in payload else eager_model(payload)
+        self.model = torchscript_model(payload, batch_size) if payload.torchscript else eager_model(payload)
         self.decode = None
         self.files = self.cpu_files = 0  # files this actor decoded, and those of them its CPU decoded
         self.noticed = False
@@ -165,33 +186,33 @@ def example_batch(n: int, size: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(n, 3, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
-def torchscript_model(payload: dict, batch_size: int):
+def torchscript_model(payload: ModelPayload, batch_size: int):
     """The frozen TorchScript model that CPU actors run. oneDNN Graph fuses its convolutions, biases and activations
     into single kernels on the first calls: faster than eager channels_last, with the same labels."""
-    dtype = DTYPES[payload["precision"]]
+    dtype = DTYPES[payload.precision]
     torch.jit.enable_onednn_fusion(True)
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore", FutureWarning)
-        frozen = torch.jit.load(io.BytesIO(payload["torchscript"]))
-        example = example_batch(batch_size, payload["model"].input_size, dtype)
+        frozen = torch.jit.load(io.BytesIO(payload.torchscript))
+        example = example_batch(batch_size, payload.spec.input_size, dtype)
         frozen(example), frozen(example)  # profiled, then fused: the first batch need not wait for it
     return lambda x: frozen(x.to(dtype))
 
 
-def eager_model(payload: dict):
+def eager_model(payload: ModelPayload):
     """The eager model in channels_last (cuDNN's and oneDNN's fastest layout), under autocast for bf16 and fp16:
     what GPU actors run, and CPU actors for a model that TorchScript cannot freeze faithfully."""
     from pipeline.models import (
         from_checkpoint,  # here, not at the top: most CPU actors never import torchvision or timm
     )
 
-    device = torch.device(payload["device"])
-    dtype = DTYPES[payload["precision"]]
-    model = from_checkpoint(payload)
-    if payload["embedding_size"]:
+    device = torch.device(payload.device)
+    dtype = DTYPES[payload.precision]
+    model = from_checkpoint(payload.trained)
+    if payload.embedding_size:
         from pipeline.models import WithEmbedding  # torchvision, as above
 
-        model = WithEmbedding(model, payload["model"].head)
+        model = WithEmbedding(model, payload.spec.head)
     model = model.to(device, memory_format=torch.channels_last)
 
     def forward(x: torch.Tensor) -> torch.Tensor:

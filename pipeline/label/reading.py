@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,7 @@ from pipeline.formats.keys import MEMBER_SEPARATOR, Item, Reader, content_kind, 
 from pipeline.formats.model_spec import ModelSpec
 from pipeline.images import MAX_PIXELS, decode_with_size, is_image_name, jpeg_header, resize_center_crop
 from pipeline.label.isolation import Attempts, in_child
-from pipeline.label.units import UNIT, UNIT_TOTAL
+from pipeline.label.units import UNIT, UNIT_TOTAL, Unit
 
 # Ray Data gathers a read task's output until it exceeds DataContext.target_max_block_size (128 MiB by default)
 # before it passes any on, and slices what reaches 1.5 times that: a shard of 10,000 small crops would reach the
@@ -35,6 +35,19 @@ from pipeline.label.units import UNIT, UNIT_TOTAL
 BLOCK_BYTES = 2 * 2**20
 BLOCK_ROWS_BYTES = int(1.25 * BLOCK_BYTES)
 ENCODED_ROWS_PER_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """What every read task is given besides its units."""
+
+    spec: ModelSpec  # the checkpoint's model spec: sizes and interpolation
+    output: str  # the labels folder: a unit in progress finds its done keys there, and attempts are counted there
+    options: dict[str, str] = field(default_factory=dict)  # the inputs' filesystem options by host (Listing.options)
+    limits: Limits = Limits()
+    max_pixels: int = MAX_PIXELS
+    exact_decode: bool = False
+    encoded: bool = False  # rows carry the files' bytes, for GPU actors to decode (encoded_rows), not crops
 
 
 class Preprocess:
@@ -101,36 +114,36 @@ def encoded_rows(items: Iterator[Item]) -> Iterator[dict]:
         }
 
 
-def read_units(batch, spec: ModelSpec, exact_decode: bool, options: dict[str, str], limits: Limits, max_pixels: int,
-               files_ref: list, output: str, encoded: bool = False) -> Iterator[dict]:
-    """Ray Data map_batches function over units (units.plan): a generator, so an archive's members stream out
-    block by block. `spec` is the checkpoint's model spec (sizes and interpolation), `options` the inputs'
-    filesystem options, `files_ref` [the object ref of the sorted loose-file keys] that loose units index, and
-    `output` the labels folder, where a unit in progress finds its done keys. With `encoded`, rows carry the files'
-    bytes instead of decoded crops (encoded_rows). Every row carries its unit, and a unit's last row its total."""
-    preprocess = Preprocess(spec, exact_decode, max_pixels)
-    attempts_fs, attempts_dir = storage.resolve(output)  # once per task: a filesystem can cost a request
-    reader = Reader(options, limits)
-    for unit in batch.to_pylist():
-        attempts = Attempts(attempts_fs, attempts_dir, unit["unit"])
+def read_units(batch: pa.Table, reading: ReadSettings, files_ref: list) -> Iterator[dict]:
+    """Ray Data map_batches function over units (units.Unit.row): a generator, so an archive's members stream out
+    block by block. `files_ref` is [the object ref of the sorted loose-file keys] that loose units index. Every row
+    carries its unit, and a unit's last row its total."""
+    preprocess = Preprocess(reading.spec, reading.exact_decode, reading.max_pixels)
+    attempts_fs, attempts_dir = storage.resolve(reading.output)  # once per task: a filesystem can cost a request
+    reader = Reader(reading.options, reading.limits)
+    for unit in map(Unit.of_row, batch.to_pylist()):
+        attempts = Attempts(attempts_fs, attempts_dir, unit.name)
         careful = attempts.start()
-        rows = encoded_rows if encoded else functools.partial(preprocess.rows, careful=careful)
-        files = None if unit["archive"] else ray.get(files_ref[0])[unit["start"] : unit["end"]]
-        done = done_keys(output, json.loads(unit["parts"]), unit["archive"], files)
-        if unit["archive"]:
-            items = reader.archive_members(unit["archive"], done)
-        else:
-            items = _read_files(reader, [key for key in files.to_pylist() if key not in done])
-        held = AllButLast(items)
-        yield from _with_unit(rows(held), unit["unit"])
-        if held.last is None and unit["archive"] and not unit["prior"]:
-            held.last = Item(unit["archive"], None, "no image members in it", "empty")  # its unit's total needs a row
+        rows = encoded_rows if reading.encoded else functools.partial(preprocess.rows, careful=careful)
+        held = AllButLast(_items(unit, reader, reading.output, files_ref))
+        yield from _with_unit(rows(held), unit.name)
+        if held.last is None and unit.archive and not unit.prior:
+            held.last = Item(unit.archive, None, "no image members in it", "empty")  # its unit's total needs a row
         if held.last is not None:  # the unit's last row, in a block of its own: the unit's end rides on it
-            yield from _with_unit(rows(iter([held.last])), unit["unit"], total=unit["prior"] + held.count + 1)
+            yield from _with_unit(rows(iter([held.last])), unit.name, total=unit.prior + held.count + 1)
         attempts.finish()
 
 
-def done_keys(output: str, parts: list[str], archive: str, files: pa.Array | None) -> set[str]:
+def _items(unit: Unit, reader: Reader, output: str, files_ref: list) -> Iterator[Item]:
+    """The unit's inputs that the labels files of `output` do not hold yet."""
+    if unit.archive:
+        return reader.archive_members(unit.archive, done_keys(output, unit.parts, unit.archive, None))
+    files = ray.get(files_ref[0])[unit.start : unit.end]
+    done = done_keys(output, unit.parts, "", files)
+    return _read_files(reader, [key for key in files.to_pylist() if key not in done])
+
+
+def done_keys(output: str, parts: tuple[str, ...], archive: str, files: pa.Array | None) -> set[str]:
     """The keys of a unit in progress already in the labels files `parts` of `output`: the archive's own key and its
     members' (ARCHIVE!MEMBER), or those of `files`."""
     if not parts:

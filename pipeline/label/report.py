@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.confusion import confusion_matrix
 from pipeline.console import timestamp
 from pipeline.errors import UsageError
 from pipeline.formats.keys import Reader
@@ -95,7 +96,7 @@ class Tally:
         if self.roots:
             truth, predicted = truth_and_prediction(ok, self.roots, self.classes)
             inside = truth >= 0
-            np.add.at(self.matrix, (truth[inside], predicted[inside]), 1)
+            self.matrix += confusion_matrix(truth[inside], predicted[inside], len(self.classes))
             wrong = inside & (truth != predicted)
             self.wrong += int(wrong.sum())
             mistakes = ok.filter(pa.array(wrong)).append_column("true", pa.array(truth[wrong]))

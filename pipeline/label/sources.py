@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 import pyarrow as pa
@@ -21,8 +22,10 @@ from pipeline.images import IMAGE_EXTENSIONS, is_image_name
 MANIFEST_SUFFIX = ".txt"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Listing:
+    """What the inputs list, for the units (files, archives), --evaluate (roots) and the readers (options)."""
+
     files: pa.Array  # keys of image files: sorted, each once (large_string)
     archives: pa.Array  # keys of archives, streamed by the read tasks: sorted, each once
     roots: list[str] = field(default_factory=list)  # directory inputs (class-folder trees for --evaluate): key+query
@@ -31,56 +34,73 @@ class Listing:
     options: dict[str, str] = field(default_factory=dict)
 
 
+class Input(NamedTuple):
+    """A command-line input, checked: its key and query string, and where it was looked up, its filesystem, path in
+    it and file type (the shards of a range and the matches of a glob are files, not looked up one by one)."""
+
+    key: str
+    query: str
+    fs: pafs.FileSystem | None
+    fs_path: str | None
+    kind: pafs.FileType
+
+
 def list_inputs(paths: list[str]) -> Listing:
     """Expand the command's inputs: patterns first, then every path is checked before any listing starts. Inputs
     that together list nothing to label are a mistake; inputs whose images are all labeled already are not."""
-    inputs = []  # (key, query, filesystem, path in it, file type); the shards of a range are not looked up
-    for pattern in paths:
-        for path, checked in expand(pattern):
-            name, query = storage.split_query(path)
-            if not checked:  # a pattern's: by its name alone, without a request each
-                if not (is_image_name(name) or archive_kind(name)):
-                    raise UsageError(f"input {pattern} names {name}, which is not an image or an archive "
-                                     f"{ARCHIVE_NAMES}")
-                inputs.append((storage.absolute(name), query, None, None, pafs.FileType.File))
-                continue
-            fs, fs_path = _resolve(path)
-            kind = _file_info(fs, fs_path, path).type
-            if kind == pafs.FileType.NotFound:
-                raise UsageError(f"input {path} not found")
-            if kind == pafs.FileType.File and not (
-                is_image_name(name) or archive_kind(name) or name.lower().endswith(MANIFEST_SUFFIX)
-            ):
-                raise UsageError(f"input {path} is not an image, archive {ARCHIVE_NAMES}, manifest (.txt) "
-                                 "or directory")
-            inputs.append((storage.uri_prefix(name, fs_path) + fs_path, query, fs, fs_path, kind))
-    files, archives, roots, options = Keys(), Keys(), [], Options()
-
-    def add(key: str) -> None:
-        (archives if archive_kind(key) else files).append(key)
-
-    for key, query, *_ in inputs:  # the command line's options first: no manifest line can change them
-        options.use(key, query, f"input {key}")
-    for key, query, fs, fs_path, kind in inputs:
-        if kind == pafs.FileType.Directory:
-            roots.append(key + query)
-            prefix = key[:len(key) - len(fs_path)]
-            for found in storage.walk(fs, fs_path, lambda name: is_image_name(name) or archive_kind(name)):
-                add(prefix + found)
-        elif key.lower().endswith(MANIFEST_SUFFIX):
-            same_host = "\0"  # the prefix of keys on the host of the line before
-            for number, line in _manifest_entries(fs, fs_path, key):
-                entry, query = storage.split_query(line)
-                if query or not entry.startswith(same_host):  # so a line costs no host() on a 10⁸-line manifest
-                    same_host = options.use(entry, query, f"manifest {key} line {number}")
-                add(entry)
-        else:
-            add(key)
+    inputs = [checked for pattern in paths for checked in _checked(pattern)]
+    options = Options()
+    for given in inputs:  # the command line's options first: no manifest line can change them
+        options.use(given.key, given.query, f"input {given.key}")
+    files, archives = Keys(), Keys()
+    for given in inputs:
+        for key in _keys(given, options):
+            (archives if archive_kind(key) else files).append(key)
+    roots = [given.key + given.query for given in inputs if given.kind == pafs.FileType.Directory]
     listing = Listing(files.sorted_unique(), archives.sorted_unique(), roots, options.queries)  # inputs may overlap
     if not len(listing.files) and not len(listing.archives):
         raise UsageError(f"nothing to label in {' '.join(paths)}: no image ({' '.join(sorted(IMAGE_EXTENSIONS))}) "
                          f"or archive {ARCHIVE_NAMES} there")
     return listing
+
+
+def _checked(pattern: str) -> Iterator[Input]:
+    """The inputs a command-line path names (expand), each checked: one that is missing, or a file that is no image,
+    archive or manifest, is a UsageError."""
+    for path, look_up in expand(pattern):
+        name, query = storage.split_query(path)
+        if not look_up:  # a pattern's: by its name alone, without a request each
+            if not (is_image_name(name) or archive_kind(name)):
+                raise UsageError(f"input {pattern} names {name}, which is not an image or an archive {ARCHIVE_NAMES}")
+            yield Input(storage.absolute(name), query, None, None, pafs.FileType.File)
+            continue
+        fs, fs_path = _resolve(path)
+        kind = _file_info(fs, fs_path, path).type
+        if kind == pafs.FileType.NotFound:
+            raise UsageError(f"input {path} not found")
+        if kind == pafs.FileType.File and not (
+            is_image_name(name) or archive_kind(name) or name.lower().endswith(MANIFEST_SUFFIX)
+        ):
+            raise UsageError(f"input {path} is not an image, archive {ARCHIVE_NAMES}, manifest (.txt) or directory")
+        yield Input(storage.uri_prefix(name, fs_path) + fs_path, query, fs, fs_path, kind)
+
+
+def _keys(given: Input, options: Options) -> Iterator[str]:
+    """The keys an input lists: a folder's images and archives, a manifest's lines (whose hosts' options `options`
+    checks), or the input's own."""
+    if given.kind == pafs.FileType.Directory:
+        prefix = given.key[:len(given.key) - len(given.fs_path)]
+        for found in storage.walk(given.fs, given.fs_path, lambda name: is_image_name(name) or archive_kind(name)):
+            yield prefix + found
+    elif given.key.lower().endswith(MANIFEST_SUFFIX):
+        same_host = "\0"  # the prefix of keys on the host of the line before
+        for number, line in _manifest_entries(given.fs, given.fs_path, given.key):
+            entry, query = storage.split_query(line)
+            if query or not entry.startswith(same_host):  # so a line costs no host() on a 10⁸-line manifest
+                same_host = options.use(entry, query, f"manifest {given.key} line {number}")
+            yield entry
+    else:
+        yield given.key
 
 
 class Options:

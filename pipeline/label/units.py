@@ -19,7 +19,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -79,11 +79,32 @@ class Records:
         return sum(self.rows.values())
 
 
-@dataclass
-class Work:
-    """The units a run labels, as rows of Ray Data's read stage, and what they hold."""
+@dataclass(frozen=True)
+class Unit:
+    """One read task's work: an archive, or a run of loose files."""
 
-    units: list[dict]
+    name: str
+    archive: str  # the archive's key; "" for loose files
+    start: int  # loose files: the unit's slice of the sorted loose-file keys (Work.keys)
+    end: int
+    prior: int  # its rows already in the output
+    parts: tuple[str, ...]  # the labels files holding those rows (and, for loose files, those of orphaned units)
+
+    def row(self) -> dict:
+        """The unit as a row of Ray Data's read stage, of Arrow types only (of_row reads it back)."""
+        return asdict(self) | {"parts": json.dumps(self.parts)}
+
+    @classmethod
+    def of_row(cls, row: dict) -> Unit:
+        return cls(**row | {"parts": tuple(json.loads(row["parts"]))})
+
+
+@dataclass(frozen=True)
+class Work:
+    """The units a run labels, and what they hold."""
+
+    units: list[Unit]
+    keys: pa.Array  # the sorted loose-file keys that loose units index
     files: int  # loose files not yet labeled
     archives: int  # archives not finished
     finished: int  # units skipped: finished by an earlier run
@@ -103,10 +124,9 @@ def plan(archives: list[str], files: pa.Array, records: Records) -> Work:
             finished += 1
             continue
         parts = records.parts.get(name, []) + (orphans if not archive else [])
-        units.append({"unit": name, "archive": archive, "start": start, "end": end, "prior": records.rows[name],
-                      "parts": json.dumps(sorted(set(parts)))})
+        units.append(Unit(name, archive, start, end, records.rows[name], tuple(sorted(set(parts)))))
         to_label += (end - start - records.rows[name]) if not archive else 0
-    return Work(units, to_label, sum(1 for u in units if u["archive"]), finished)
+    return Work(units, files, to_label, sum(1 for u in units if u.archive), finished)
 
 
 class Ledger:
@@ -115,7 +135,7 @@ class Ledger:
     progress in this run, and lets them go when their last rows are committed."""
 
     def __init__(self, records: Records):
-        self.complete = records.complete
+        self.complete = set(records.complete)  # its own: it adds the units this run finishes
         self.prior = records.rows
         self.taken: dict[str, set[str]] = {}  # unit in progress -> its keys taken this run
         self.committed: Counter = Counter()  # unit -> its rows committed this run

@@ -1,2 +1,2 @@
-"""Training: config, data, transforms and models; the per-worker loop (loop, distributed); checkpoints and
-reports; job runs it all with Ray Train."""
+"""Training: config, data, transforms and models; the per-worker loop (loop, worker, preemption, distributed);
+checkpoints (run_state) and reports; job runs it all with Ray Train."""

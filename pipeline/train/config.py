@@ -13,8 +13,9 @@ from pipeline.errors import UsageError
 
 
 class _Section(BaseModel):
-    # strict: YAML already gives typed values, so "1" must not quietly become True or 1.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: YAML already gives typed values, so "1" must not quietly become True or 1. frozen: validated once,
+    # the config travels to the workers as it is; a changed copy is made with model_copy(update=...).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 # YAML 1.1 reads 1e-3 (no dot) as a string, so float keys also accept numeric strings.

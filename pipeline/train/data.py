@@ -4,7 +4,8 @@
 - shard folders, root/{train,val}/*.tar with members in class folders (pipeline.train.shards);
 - a labels Parquet (pipeline.train.from_labels).
 
-Each on local disk or any pyarrow filesystem. The splits are Arrow and NumPy arrays (pipeline.train.splits).
+Each on local disk or any pyarrow filesystem. The splits are Arrow and NumPy arrays (pipeline.train.splits), and
+each says how the workers read it (its Layout): scan tells the kinds apart, and nothing after it asks again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipeline.train.splits import SPLITS, Split, TrainingData
 
 
 def scan(data, line: Callable[[str], None] = print) -> TrainingData:
-    """The training data that data.root names (a DataConfig)."""
+    """The training data that data.root names (a DataConfig): the one place that tells which kind it is."""
     if from_labels.is_labels(data.root):
         return from_labels.scan_labels(data.root, data.min_score, data.val_fraction, data.split_seed)
     fs, base = storage.resolve(data.root)
@@ -49,7 +50,8 @@ def scan_shard_folders(root: str, line: Callable[[str], None]) -> TrainingData:
         if outside:
             line(f"warning: {outside} image(s) in the {split} shards sit in no class folder "
                  f"({split}/shard.tar!<class>/x.jpg); left out")
-    return TrainingData(root, classes, *(shards.split_of(indexes[s], classes) for s in SPLITS))
+    return TrainingData(root, classes, *(shards.split_of(indexes[s], classes, shards.split_dir(root, s))
+                                         for s in SPLITS))
 
 
 def scan_image_folder(root: str) -> TrainingData | None:

@@ -12,6 +12,7 @@ import math
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 from pipeline.formats.keys import Reader, reason
 from pipeline.images import decode_image
 from pipeline.train.shards import member_class, shard_folder
-from pipeline.train.splits import Split
+from pipeline.train.splits import Layout, Split
 
 
 class Samples:
@@ -92,29 +93,42 @@ class EpochSampler(Sampler):
         return math.ceil(self.size / self.world) - self.skip
 
 
+@dataclass(frozen=True)
+class Share:
+    """How a rank takes its share of a stream each epoch: rank `rank` of `world`, in batches of `batch_size`; with
+    `shuffle` (train) in a fresh order each epoch from `seed`, through a shuffle buffer of `buffer` images."""
+
+    rank: int
+    world: int
+    batch_size: int
+    seed: int = 0
+    buffer: int = 0
+    shuffle: bool = True
+
+
 class ShardStream(Samples, IterableDataset):
     """This rank's share of a split of archives, streamed shard by shard. Each epoch orders the shards afresh
     (train) and cuts the samples in that order into equal shares, one per rank, padded by wrapping as
     EpochSampler pads (val: in order, unpadded). A rank's DataLoader workers split its share in whole batches,
-    so that their batches come in turn; each passes its samples through a shuffle buffer of `buffer` encoded
-    images before decoding them. The rank's first `skip` samples (whole batches) are left out, without decoding.
+    so that their batches come in turn; each passes its samples through a shuffle buffer of `share.buffer`
+    encoded images before decoding them. The rank's first `skip` samples (whole batches) are left out, without
+    decoding.
 
-    Samples come from the split's names and targets (a labels table), or are every image member whose class
-    (pipeline.train.shards.member_class) is one of `classes` (shard folders)."""
+    Samples come from the split's names and targets (Layout.LABELED_MEMBERS), or are every image member whose
+    class (pipeline.train.shards.member_class) is one of `classes` (Layout.SHARD_FOLDERS)."""
 
-    def __init__(self, root: str, split: Split, transform, draft_size: int | None, classes: list[str], rank: int,
-                 world: int, batch_size: int, seed: int = 0, buffer: int = 0, shuffle: bool = True,
-                 split_dir: str = ""):
+    def __init__(self, root: str, split: Split, transform, draft_size: int | None, classes: list[str], share: Share):
         super().__init__(root, split, transform, draft_size)
         self.classes = {name: i for i, name in enumerate(classes)}
-        self.rank, self.world, self.batch_size, self.seed = rank, world, batch_size, seed
-        self.buffer, self.shuffle, self.split_dir = buffer, shuffle, split_dir
+        self.rank, self.world, self.batch_size, self.seed = share.rank, share.world, share.batch_size, share.seed
+        self.buffer, self.shuffle = share.buffer, share.shuffle
         self.epoch = self.skip = 0
+        self._archive = self._class_members if split.layout is Layout.SHARD_FOLDERS else self._named_members
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def share(self) -> tuple[int, int]:
+    def positions(self) -> tuple[int, int]:
         """This rank's samples, as positions [start, stop) in the epoch's order; positions past the end wrap."""
         size = len(self.split)
         if not self.shuffle:
@@ -123,13 +137,13 @@ class ShardStream(Samples, IterableDataset):
         return self.rank * per, (self.rank + 1) * per
 
     def __len__(self) -> int:
-        start, stop = self.share()
+        start, stop = self.positions()
         return max(0, stop - start - self.skip)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        start, stop = self.share()
+        start, stop = self.positions()
         batches = math.ceil((stop - start) / self.batch_size)
         # Worker w takes batches w, w + workers, ... of the rank's epoch, as the DataLoader asks them in turn; as
         # a contiguous run of samples, so that it reads its own shards.
@@ -161,24 +175,27 @@ class ShardStream(Samples, IterableDataset):
             s = int(np.searchsorted(ends, at, side="right"))
             begin = at - (int(ends[s]) - int(counts[s]))
             take = min(int(counts[s]) - begin, last - position)
-            yield from self._source(int(order[s]), begin, begin + take)
+            yield from self._archive(int(order[s]), begin, begin + take)
             position += take
 
-    def _source(self, source: int, begin: int, end: int) -> Iterator[tuple]:
-        """Samples [begin, end) of one archive, in one pass over it."""
+    def _class_members(self, source: int, begin: int, end: int) -> Iterator[tuple]:
+        """Samples [begin, end) of a shard of shard folders, in one pass over it: the image members of the
+        classes, in stored order."""
         archive = self.split.sources[source].as_py()
-        if self.split.names is None:  # shard folders: the image members of the classes, in stored order
-            folder, seen = shard_folder(self.split_dir, archive), 0
-            for key, data, error, _ in self.reader.archive_members(archive, set()):
-                target = self.classes.get(member_class(folder, key)) if key != archive else None
-                if target is None:
-                    continue
-                if seen >= begin:
-                    yield key, target, data, error
-                seen += 1
-                if seen == end:
-                    return
-            return
+        folder, seen = shard_folder(self.split.folder, archive), 0
+        for key, data, error, _ in self.reader.archive_members(archive, set()):
+            target = self.classes.get(member_class(folder, key)) if key != archive else None
+            if target is None:
+                continue
+            if seen >= begin:
+                yield key, target, data, error
+            seen += 1
+            if seen == end:
+                return
+
+    def _named_members(self, source: int, begin: int, end: int) -> Iterator[tuple]:
+        """Samples [begin, end) of an archive whose members the split names, in one pass over it."""
+        archive = self.split.sources[source].as_py()
         offset = int(self.split.offsets[source])
         wanted = dict(zip(self.split.names[offset + begin:offset + end].to_pylist(),
                           self.split.targets[offset + begin:offset + end].tolist()))

@@ -11,7 +11,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def sum_over_workers(sums: torch.Tensor) -> list[float]:
+def sum_over_workers(sums: torch.Tensor) -> list:
     if _distributed():
         # float64 on the CPU works with gloo; NCCL needs the tensor on the GPU.
         sums = sums.to(ray.train.torch.get_device())

@@ -21,6 +21,7 @@ from pipeline.cluster import gpu_choice, init_ray
 from pipeline.console import Console, timestamp
 from pipeline.errors import UsageError
 from pipeline.formats import checkpoint
+from pipeline.ray_internals import worker_exceptions
 from pipeline.train import rerun, shared_storage
 from pipeline.train.config import Config
 from pipeline.train.description import TrainingJob
@@ -38,6 +39,9 @@ def train(cfg: Config, dataset: TrainingData, started_at: float, fresh: bool = F
     the summary it writes to <storage.path>/<name>/summary.json. A rerun of the name resumes it when its config
     allows (rerun.prepare); `fresh` starts over."""
     console = console or Console()
+    # Workers may start in another directory: data.root becomes absolute once, here, in the config the workers get
+    # and the run records (config.json, checkpoints, summary.json); storage.path is recorded as given.
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": storage.absolute(cfg.data.root)})})
     storage_path = storage.absolute(cfg.storage.path)
     run_dir = storage.join(storage_path, cfg.name)
     # The model is built once to check it on a thread while Ray starts on this one (it must: Ray's processes end
@@ -47,7 +51,7 @@ def train(cfg: Config, dataset: TrainingData, started_at: float, fresh: bool = F
         connected = init_ray(training=True)
         try:
             checking.result()
-            config, tracker = start_run(cfg, dataset, run_dir, fresh, console)
+            tracker = start_run(cfg, dataset, run_dir, fresh, console)
         except UsageError:  # found once Ray started: the Ray it started stops again; a mistake leaves nothing behind
             if connected:
                 ray.shutdown()
@@ -61,17 +65,17 @@ def train(cfg: Config, dataset: TrainingData, started_at: float, fresh: bool = F
     if up < cfg.scaling.num_workers:  # Ray Train asks for them and waits; the autoscaler adds nodes
         console.line(f"{cfg.name}: waiting for {cfg.scaling.num_workers} {kind}(s) for the training workers, "
                      f"{up:g} up now")
-    job = TrainingJob(config, ray.put(dataset), started_at, shared_storage.write_marker(run_dir, cfg.storage.path))
+    job = TrainingJob(cfg, ray.put(dataset), started_at, shared_storage.write_marker(run_dir, cfg.storage.path))
     try:
         with relay(console, on_epoch=tracker.epoch if tracker else lambda metrics: None) as (events, stopped):
-            result = fit(cfg, replace(job, events=events), storage_path, use_gpu)
+            result = fit(replace(job, events=events), storage_path, use_gpu)
         if stopped:
             raise TrainingFailed(stopped[0])
     except BaseException:
         if tracker:
             tracker.failed()
         raise
-    summary = summarise(cfg, job, dataset, result, run_dir, use_gpu)
+    summary = summarise(job, dataset, result, run_dir, use_gpu)
     if tracker:
         tracker.finish(summary)
     from pipeline.train.reports import epoch_table  # matplotlib, which the failure paths never need
@@ -87,10 +91,9 @@ def train(cfg: Config, dataset: TrainingData, started_at: float, fresh: bool = F
 
 def start_run(cfg: Config, dataset: TrainingData, run_dir: str, fresh: bool, console: Console):
     """Record the run's config in `run_dir` (a rerun is checked against the earlier one, rerun.prepare) and open
-    its MLflow run if it has one: (config, tracker or None)."""
+    its MLflow run if it has one (its tracker, else None)."""
     console.line(f"{cfg.name}: {len(dataset.train)} train / {len(dataset.val)} val images, classes {dataset.classes}")
     config = cfg.model_dump(mode="json")
-    config["data"]["root"] = storage.absolute(cfg.data.root)  # workers may start in another directory
     rerun.prepare(run_dir, config, fresh, console.line)
     tracker = None
     if cfg.tracking.mlflow_uri:
@@ -98,7 +101,7 @@ def start_run(cfg: Config, dataset: TrainingData, run_dir: str, fresh: bool, con
 
         tracker = MlflowRun(cfg.tracking.mlflow_uri, cfg.tracking.mlflow_experiment, cfg.name, run_dir, config,
                             console.line)
-    return config, tracker
+    return tracker
 
 
 def check_model(cfg: Config, classes: list[str]) -> None:
@@ -109,12 +112,13 @@ def check_model(cfg: Config, classes: list[str]) -> None:
     new_model(cfg, classes)
 
 
-def fit(cfg: Config, job: TrainingJob, storage_path: str, use_gpu: bool) -> ray.train.Result:
+def fit(job: TrainingJob, storage_path: str, use_gpu: bool) -> ray.train.Result:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.train.loop import train_loop_per_worker
 
+    cfg = job.config
     # Ray Train gets a URI's filesystem object and the path inside it, so query-string options (an S3 endpoint)
     # reach it and never land inside the paths it joins.
     filesystem, path = storage.resolve(storage_path) if storage.is_uri(storage_path) else (None, storage_path)
@@ -138,10 +142,10 @@ def fit(cfg: Config, job: TrainingJob, storage_path: str, use_gpu: bool) -> ray.
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
-        reason = str(e).strip().splitlines()[-1]
-        if shared_storage.NOT_SHARED in reason:
-            raise UsageError(reason.split("RuntimeError: ", 1)[-1]) from None
-        raise TrainingFailed(reason) from None
+        for raised in worker_exceptions(e):
+            if isinstance(raised, shared_storage.NotShared):  # the user's to fix: one line, exit 2
+                raise raised from None
+        raise TrainingFailed(str(e).strip().splitlines()[-1]) from None
 
 
 def versions() -> dict:
@@ -157,8 +161,7 @@ def versions() -> dict:
             "python": platform.python_version(), "git_commit": commit}
 
 
-def summarise(cfg: Config, job: TrainingJob, dataset: TrainingData, result: ray.train.Result, run_dir: str,
-              use_gpu: bool) -> dict:
+def summarise(job: TrainingJob, dataset: TrainingData, result: ray.train.Result, run_dir: str, use_gpu: bool) -> dict:
     """summary.json, metrics.csv and the plots, from the best and the latest checkpoints."""
     from pipeline.train.reports import write_run_outputs  # matplotlib, as in train()
 
@@ -167,7 +170,7 @@ def summarise(cfg: Config, job: TrainingJob, dataset: TrainingData, result: ray.
     latest_path = storage.join(run_dir, os.path.basename(result.checkpoint.path), checkpoint.FILENAME)
     best, latest = checkpoint.load(best_path), checkpoint.load(latest_path)
     summary = {
-        "name": cfg.name,
+        "name": job.config.name,
         "run_dir": run_dir,
         "best_val_acc": best_metrics["val_acc"],
         "best_epoch": best_metrics["epoch"],
@@ -182,7 +185,7 @@ def summarise(cfg: Config, job: TrainingJob, dataset: TrainingData, result: ray.
         "confusion_matrix": best["val"]["confusion"],
         "epochs": latest["history"],
         "interruptions": latest["interruptions"],
-        "config": job.config,
+        "config": job.config.model_dump(mode="json"),
         "started": timestamp(job.started_at),
         "ended": timestamp(time.time()),
         "versions": versions(),

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.formats.keys import ARCHIVE_NAMES, Reader, archive_kind, split_member
-from pipeline.train.splits import Split
+from pipeline.train.splits import Layout, Split
 
 INDEX = "_imgjobs_shards.parquet"
 INDEX_SCHEMA = pa.schema([("shard", pa.string()), ("size", pa.int64()), ("class", pa.string()),
@@ -79,14 +79,16 @@ def scan_split(root: str, split: str, line: Callable[[str], None]) -> pa.Table:
     return current.sort_by("shard")
 
 
-def split_of(index: pa.Table, classes: list[str]) -> Split:
-    """The Split of an index: its shards in order, with the samples of the given classes each holds. Members of
-    other classes stay in the stream but are left out (ShardStream skips them)."""
+def split_of(index: pa.Table, classes: list[str], folder: str) -> Split:
+    """The Split of an index of the shards in `folder` (split_dir): its shards in order, with the samples of the
+    given classes each holds. Members of other classes stay in the stream but are left out (ShardStream skips
+    them)."""
     wanted = index.filter(pc.is_in(index["class"], pa.array(classes)))
     shards = index["shard"].unique()
     grouped = wanted.group_by("shard").aggregate([("count", "sum")])
     counts = dict(zip(grouped["shard"].to_pylist(), grouped["count_sum"].to_pylist()))
-    return Split(shards, np.array([counts.get(s, 0) for s in shards.to_pylist()], dtype=np.int64))
+    return Split(shards, np.array([counts.get(s, 0) for s in shards.to_pylist()], dtype=np.int64),
+                 layout=Layout.SHARD_FOLDERS, folder=folder)
 
 
 def _read_index(fs, path: str) -> pa.Table:

@@ -11,7 +11,11 @@ from pipeline import storage
 from pipeline.errors import UsageError
 
 MARKER = ".imgjobs-storage-marker"
-NOT_SHARED = "is not shared storage"
+
+
+class NotShared(UsageError):
+    """A worker cannot see the run's folder: storage.path is on a disk of the driver's node only. Raised on the
+    worker; Ray Train hands it to the driver (pipeline.ray_internals.worker_exceptions), which stops with it."""
 
 
 def write_marker(run_dir: str, storage_path: str) -> dict:
@@ -26,14 +30,15 @@ def write_marker(run_dir: str, storage_path: str) -> dict:
 
 
 def check_marker(marker: dict, storage_path: str) -> None:
+    """On each worker, before it trains: the driver's marker must be there, with its token."""
     fs, base = storage.resolve(marker["run_dir"])
     try:
         seen = storage.read_bytes(fs, f"{base}/{MARKER}").decode()
     except OSError:
         seen = None
     if seen != marker["token"]:
-        raise RuntimeError(
-            f"storage.path {storage_path} {NOT_SHARED}: a worker on {socket.gethostname()} cannot see the run's "
-            f"folder {marker['run_dir']}; set storage.path to a place every node sees (s3://bucket/runs, gs://..., "
-            "or an NFS mount)"
+        raise NotShared(
+            f"storage.path {storage_path} is not shared storage: a worker on {socket.gethostname()} cannot see the "
+            f"run's folder {marker['run_dir']}; set storage.path to a place every node sees (s3://bucket/runs, "
+            "gs://..., or an NFS mount)"
         )

@@ -6,6 +6,8 @@ A split's samples are grouped by source: a folder of loose files, or an archive.
 so a sample's source is found from `offsets` (dictionary encoding by run): a sample costs its name and its target.
 A split of shard folders holds no names at all: a shard's image members are its samples, in the order the shard
 stores them, and each takes its class from its folder (pipeline.train.shards).
+
+How a split is read (its Layout) is decided once, by the lister that makes it (pipeline.train.data.scan).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import pyarrow as pa
@@ -26,23 +29,28 @@ ARCHIVE_MEMBER = (f"(?i)^(?P<source>.*?(?:{'|'.join(re.escape(s) for s in (*TAR_
                   f"{re.escape(MEMBER_SEPARATOR)}(?P<name>.+)$")
 
 
+class Layout(Enum):
+    """How a training worker reads a split's samples."""
+
+    FILES = "files"  # each by its key: an image folder tree, or a labels table of files (or members of plain tars)
+    SHARD_FOLDERS = "shard folders"  # streamed shard by shard: every image member in a class's folder
+    LABELED_MEMBERS = "labeled members"  # streamed shard by shard: the archive members a labels table names
+
+
 @dataclass
 class Split:
     sources: pa.Array  # string: folders of loose files, or archives, each once
     counts: np.ndarray  # int64 per source: its samples
     names: pa.Array | None = None  # per sample: a file name in its folder, or a member name; None: shard folders
     targets: np.ndarray | None = None  # int16 per sample, None for shard folders (the member's folder says)
+    layout: Layout = Layout.FILES
+    folder: str = ""  # shard folders: the key of data.root/<split>; a shard's folder below it is a class
 
     def __post_init__(self):
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
-
-    @property
-    def archives(self) -> bool:
-        """Whether every source is an archive: such a split is streamed shard by shard."""
-        return all(archive_kind(s) for s in self.sources.to_pylist()) if len(self.sources) else False
 
     def source_of(self, index: int) -> int:
         return int(np.searchsorted(self.offsets, index, side="right")) - 1
