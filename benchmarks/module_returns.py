@@ -9,7 +9,9 @@ worker, which import this file through a sitecustomize.py placed on their PYTHON
 sequence of pipeline modules that run, one after another, as functions are called and return. A step from module A
 to a module B that the thread had already run and left is a return. The figure is the number of distinct such steps
 (A -> B), over every process: a loop over a million images walks the same steps as one over ten, so the figure
-describes the code, not the data. It also prints the modules the flow visits and the distinct steps between them.
+describes the code, not the data. Module-level code run at import is left out: imports run in import order, not in
+the order the job's data flows. It also prints the modules the flow visits and the distinct steps between them, and
+for each return the call or return that first made it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def install() -> None:
         return name[len(root):] if name.startswith(root) else None
 
     def profile(frame, event, _arg):
+        if frame.f_code.co_name == "<module>" and module(frame.f_code) is not None:
+            # An import runs module-level code in import order, not in the order the job's data flows: skip it.
+            step = {"call": 1, "return": -1}.get(event, 0)
+            local.importing = getattr(local, "importing", 0) + step
+            return
+        if getattr(local, "importing", 0):
+            return
         if event == "call":
             now = module(frame.f_code)
         elif event == "return" and frame.f_back is not None:
@@ -56,7 +65,7 @@ def install() -> None:
                 with lock:
                     written.add(step)
                     with out.open("a") as f:
-                        f.write("\t".join([before, now, str(int(step[2]))]) + "\n")
+                        f.write("\t".join([before, now, str(int(step[2])), event, frame.f_code.co_qualname]) + "\n")
         seen.add(now)
         local.module = now
 
@@ -87,15 +96,17 @@ def run_job(input_folder: Path, work: Path) -> Path:
 
 def summarize(traces: Path) -> dict:
     steps: dict[tuple[str, str], bool] = {}
+    via: dict[tuple[str, str], str] = {}
     processes = 0
     for trace in traces.glob("*.tsv"):
         processes += 1
         for line in trace.read_text().splitlines():
-            before, now, back = line.split("\t")
+            before, now, back, event, func = line.split("\t")
+            via.setdefault((before, now), f"{event} {func}")
             steps[(before, now)] = steps.get((before, now), False) or back == "1"
     modules = {m for step in steps for m in step}
     returns = sorted(step for step, back in steps.items() if back)
-    return {"processes": processes, "modules": sorted(modules), "steps": len(steps), "returns": returns}
+    return {"processes": processes, "modules": sorted(modules), "steps": len(steps), "returns": returns, "via": via}
 
 
 def main() -> None:
@@ -109,7 +120,7 @@ def main() -> None:
     print(f"distinct steps between modules: {found['steps']}")
     print("returns (steps back to a module already left):")
     for before, now in found["returns"]:
-        print(f"  {before} -> {now}")
+        print(f"  {before} -> {now}  ({found['via'][(before, now)]})")
     print(f"RETURNS {len(found['returns'])}")
 
 
