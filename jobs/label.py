@@ -24,6 +24,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, help="length of topk_labels/topk_scores (default: min(5, classes))")
     parser.add_argument("--min-confidence", type=float, default=default("min_confidence"), metavar="P",
                         help="mark rows whose top-1 score is below P as uncertain, for human review")
+    parser.add_argument("--target-precision", type=float, metavar="P",
+                        help="add an `accepted` column: true where the label's class threshold certifies precision "
+                             "P at 95%% confidence on held-out images (--calibration)")
+    parser.add_argument("--calibration", metavar="DIR",
+                        help="a class-folder tree of hand-checked images, drawn like the ones you label, whose "
+                             "scores set --target-precision's thresholds")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=default("precision"),
                         help="auto: bf16 where the hardware computes it natively (GPUs, CPUs with avx512_bf16 or "
                              "amx_bf16), else fp32; bf16 or fp32 forces one")
@@ -76,8 +82,31 @@ def run(args: argparse.Namespace) -> int:
         for name, row in zip(classes, summary["confusion_matrix"]):
             print(f"{name:>{width}} " + " ".join(f"{v:>{width}}" for v in row))
         print(f"accuracy {summary['accuracy']:.4f} on {summary['evaluated']} images")
+        if summary.get("accepted_share") is not None:
+            precision = summary["accepted_precision"]
+            print(f"accepted {summary['accepted_share']:.1%} of them, at precision "
+                  + ("n/a" if precision is None else f"{precision:.4f}"))
     print(f"label: {summary['total']} images: {summary['labeled']} labeled, {summary['errors']} errors, "
           f"{summary['skipped_existing']} already done; {summary['images_per_s']:.1f} images/s over "
           f"{summary['seconds']:.1f}s; labels in {args.output} ({summary['files_written']} new Parquet file(s), "
           f"_summary.json)")
+    if summary.get("target_precision") is not None:
+        print_acceptance(summary)
     return 0
+
+
+def print_acceptance(summary: dict) -> None:
+    """--target-precision's closing lines: each class's threshold and the held-out counts behind it, then what the
+    run accepted and for which images that holds."""
+    held = summary["held_out"]
+    for name, t in held["classes"].items():
+        if t["threshold"] is None:
+            print(f"label: class {printable(name)} accepts nothing: its held-out images certify no threshold; it "
+                  f"needs at least {t['needed']} right held-out predictions of it (none wrong) at some score")
+        else:
+            print(f"label: class {printable(name)}: accepted at score >= {t['threshold']:.6g} (held out: {t['right']} "
+                  f"right, {t['wrong']} wrong at or over it; expect {t['accepted_share']:.1%} of its labels accepted)")
+    print(f"label: {summary['accepted'] or 0} of {summary['labeled']} labels accepted (`accepted` column): precision "
+          f">= {summary['target_precision']:g} at {held['confidence']:.0%} confidence, class by class, for images "
+          f"drawn like those in {printable(held['source'])}; for another kind of image, calibrate on a hand-checked "
+          "sample of it (--calibration)")

@@ -39,6 +39,7 @@ from pipeline.models import build_model
 from pipeline.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's package, which .ci/run installs
 DEMO_DATA = REPO / "data" / "hymenoptera"
 # The full-resolution photos: ../shared beside the checkout, or the copy inside it that benchmarks/gpu_check.sh
 # --prepare makes for a device machine, where ../shared does not travel.

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import UsageError
-from pipeline.formats.labels_file import output_schema
+from pipeline.formats.labels_file import RowRules, output_schema
 from pipeline.formats.model_spec import ModelSpec
 from pipeline.hardware import gpu_half_precision
 from pipeline.images import decode_with_size, jpeg_header
@@ -288,7 +288,7 @@ class OutOfMemoryOnce:
 
 
 def gpu_predictor(payload: dict, batch_size: int = 8) -> Predictor:
-    return Predictor([payload], top_k=2, min_confidence=0.0, threads=1, batch_size=batch_size, device_decode=True)
+    return Predictor([payload], RowRules(top_k=2), threads=1, batch_size=batch_size, device_decode=True)
 
 
 def test_out_of_memory_halves_the_batch_once_with_a_line_and_labels_alike(payload, capsys):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.formats import checkpoint
 from pipeline.formats.keys import Reader
+from pipeline.formats.labels_file import RowRules
 from pipeline.formats.model_spec import ModelSpec
 from pipeline.images import ORIENTATION, decode_image
 from pipeline.label.device_decoding import orient
@@ -124,8 +125,8 @@ def test_predictors_decoding_on_their_device_label_as_read_tasks_do(ray_local, d
     state = checkpoint.load(demo_run["best_checkpoint"])
     spec = state["model"]
     payload = model_payload(state, from_checkpoint(state), "fp32", gpu=device == "cuda")
-    on_cpu = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=8)
-    on_device = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=8,
+    on_cpu = Predictor([ray.put(payload)], RowRules(top_k=2), threads=2, batch_size=8)
+    on_device = Predictor([ray.put(payload)], RowRules(top_k=2), threads=2, batch_size=8,
                           device_decode=True)
     expected = label_rows(on_cpu, Preprocess(spec, exact_decode=True).rows(items()))
     got = label_rows(on_device, encoded_rows(items()))

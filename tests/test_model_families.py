@@ -14,6 +14,7 @@ import torchvision
 from jobs.cli import main
 from pipeline.errors import UsageError
 from pipeline.formats import checkpoint
+from pipeline.formats.labels_file import RowRules
 from pipeline.label.plan import model_payload
 from pipeline.label.predictor import Predictor
 from pipeline.models import TORCHVISION_HEADS, WithEmbedding, _family, build_model, from_checkpoint, torchvision_archs
@@ -83,7 +84,7 @@ def test_family_trains_a_step_and_labels(arch, ray_local):
     state = random_weight_state(arch, CLASSES, input_size=size)
     eager = from_checkpoint(state)
     payload = model_payload(state, from_checkpoint(state), "fp32", gpu=False)
-    predictor = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=4)
+    predictor = Predictor([ray.put(payload)], RowRules(top_k=2), threads=2, batch_size=4)
     pixels = np.random.default_rng(0).integers(0, 256, (4, 3, size, size), dtype=np.uint8)
     batch = {"path": np.array([f"{i}.jpg" for i in range(4)], dtype=object), "pixels": pixels,
              "width": np.full(4, size), "height": np.full(4, size), "error": np.array([""] * 4, dtype=object),
@@ -97,7 +98,7 @@ def test_family_trains_a_step_and_labels(arch, ray_local):
 
     # --embeddings: the head's input, the same labels; a row that failed to decode has none.
     payload = model_payload(state, from_checkpoint(state), "fp32", gpu=False, embeddings=True)
-    predictor = Predictor([ray.put(payload)], top_k=2, min_confidence=0.0, threads=2, batch_size=4)
+    predictor = Predictor([ray.put(payload)], RowRules(top_k=2), threads=2, batch_size=4)
     batch["error"][2] = "broken"
     table = predictor(batch)
     with torch.inference_mode():

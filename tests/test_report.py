@@ -22,9 +22,8 @@ from PIL import Image
 from jobs.cli import main
 from pipeline.formats.labels_file import OUTPUT_SCHEMA, PROVENANCE_KEY
 from pipeline.label.report import CLASS_THUMBNAILS, MISTAKES_SHOWN, PER_CLASS, UNCERTAIN_SHOWN, write_report
-from tests.helpers import REPO, read_output
+from tests.helpers import CHROMIUM, REPO, read_output
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Appended to a copy of the page: the browser writes into the title how many images decoded and how many broke.
 COUNT_IMAGES = ("<script>addEventListener('load', () => { const imgs = [...document.images]; document.title = "
                 "`loaded=${imgs.filter(i => i.complete && i.naturalWidth > 0).length} "

@@ -211,8 +211,8 @@ def test_shards_packed_with_tar_c_dot_train_by_their_class_folders(tmp_path):
         (tmp_path / split).mkdir()
         (tmp_path / split / "000.tar").write_bytes(tar_bytes(
             [(f"./{cls}/{i}.jpg", jpeg()) for cls in ("ants", "bees") for i in range(2)]))
-    found = train_data.scan(SimpleNamespace(root=str(tmp_path), min_score=0, val_fraction=0, split_seed=0),
-                            lambda line: None)
+    data = SimpleNamespace(root=str(tmp_path), min_score=0, accepted_only=False, val_fraction=0, split_seed=0)
+    found = train_data.scan(data, lambda line: None)
     assert found.classes == ["ants", "bees"] and len(found.train) == 4
 
 

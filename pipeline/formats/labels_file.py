@@ -31,6 +31,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("height", pa.int32()),
 ])
 EMBEDDING = "embedding"  # with --embeddings: fixed-size list<float32>, the model's pooled features
+# With --target-precision, after `uncertain`: the top-1 score is at or over its class's threshold (false on error rows)
+ACCEPTED = pa.field("accepted", pa.bool_())
 PROVENANCE_KEY = b"imgjobs"
 UNITS_KEY = b"imgjobs_units"  # the file's rows per unit and the units it completes (pipeline.label.units)
 
@@ -57,16 +59,39 @@ class Provenance:
     embeddings: int | None  # the embedding size; None without --embeddings
     compute_precision: str  # what the actors compute in: --precision, or what auto chose
     decode_device: str  # "gpu" where GPU actors decoded, else "cpu"
+    target_precision: float | None = None  # --target-precision
+    thresholds: dict[str, float | None] | None = None  # each class's threshold for `accepted`; None accepts nothing
+    # Where the thresholds come from: the held-out source, each class's counts behind its threshold and expected
+    # accepted share, and the held-out histograms (calibration.HeldOut.as_dict) that the review page draws.
+    held_out: dict | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Without --target-precision, without its fields: such files read as those of imgjobs before it."""
+        found = asdict(self)
+        if self.target_precision is None:
+            for name in ("target_precision", "thresholds", "held_out"):
+                del found[name]
+        return found
 
 
-def output_schema(embedding_size: int | None = None) -> pa.Schema:
-    """The labels' columns, and the embedding column when the job writes one."""
-    if not embedding_size:
-        return OUTPUT_SCHEMA
-    return OUTPUT_SCHEMA.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_size)))
+@dataclass(frozen=True)
+class RowRules:
+    """What a label row holds besides its label, as the predictor makes it: how many top-k, which rows are
+    uncertain, and with --target-precision which are accepted."""
+
+    top_k: int
+    min_confidence: float = 0.0
+    thresholds: tuple[float, ...] | None = None  # by class index; inf where a class accepts nothing
+
+
+def output_schema(embedding_size: int | None = None, accepted: bool = False) -> pa.Schema:
+    """The labels' columns, with `accepted` and the embedding column when the job writes them."""
+    schema = OUTPUT_SCHEMA
+    if accepted:
+        schema = schema.insert(schema.get_field_index("uncertain") + 1, ACCEPTED)
+    if embedding_size:
+        schema = schema.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_size)))
+    return schema
 
 
 def provenance_of(schema: pa.Schema, path: str) -> dict:

@@ -15,9 +15,10 @@ from pipeline.errors import UsageError
 from pipeline.formats.keys import split_member
 
 
-def check_class_folders(roots: list[str], classes: list[str]) -> None:
+def check_class_folders(roots: list[str], classes: list[str], option: str) -> None:
+    """That `option`'s directories hold one folder per class, each named as one of `classes`."""
     if not roots:
-        raise UsageError("--evaluate needs a directory input with one folder per class, e.g. data/hymenoptera/val")
+        raise UsageError(f"{option} needs a directory with one folder per class, e.g. data/hymenoptera/val")
     for root in roots:
         fs, base = storage.resolve(root)
         folders = {
@@ -26,7 +27,7 @@ def check_class_folders(roots: list[str], classes: list[str]) -> None:
         }
         if not folders or not folders <= set(classes):
             raise UsageError(
-                f"--evaluate: {root} has folders {sorted(folders)}, not a subset of the checkpoint's classes {classes}"
+                f"{option}: {root} has folders {sorted(folders)}, not a subset of the checkpoint's classes {classes}"
             )
 
 
@@ -60,21 +61,43 @@ def truth_and_prediction(rows: pa.Table, roots: list[str], classes: list[str]) -
 
 def evaluate(tables: Iterable[pa.Table], roots: list[str], classes: list[str]) -> dict:
     """Accuracy and confusion matrix over the labeled images of the class-folder inputs among the rows of `tables`
-    (path and label_index columns), one labels file at a time. The job passes every file of the output, earlier
-    runs' included, so a resumed job reports the whole collection."""
+    (path and label_index columns, and `accepted` where the labels have it), one labels file at a time. The job
+    passes every file of the output, earlier runs' included, so a resumed job reports the whole collection."""
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     errors = 0
+    accepted = None  # per predicted class: the accepted rows, and those of them that are right
+    accepted_right = np.zeros(len(classes), dtype=np.int64)
     for rows in tables:
         truth, predicted = truth_and_prediction(rows, roots, classes)
         inside = truth >= 0
         errors += int((inside & (predicted < 0)).sum())
         labeled = inside & (predicted >= 0)
         matrix += confusion_matrix(truth[labeled], predicted[labeled], len(classes))
+        if "accepted" in rows.column_names:
+            taken = labeled & rows.column("accepted").to_numpy(zero_copy_only=False)
+            accepted = np.bincount(predicted[taken], minlength=len(classes)) + (0 if accepted is None else accepted)
+            accepted_right += np.bincount(predicted[taken & (truth == predicted)], minlength=len(classes))
     evaluated = int(matrix.sum())
-    return {
+    found = {
         "accuracy": round(int(np.trace(matrix)) / evaluated, 4) if evaluated else None,
         "evaluated": evaluated,
         "evaluated_errors": errors,
         "evaluated_roots": roots,
         "confusion_matrix": matrix.tolist(),
     }
+    if accepted is not None:
+        found |= realized(accepted, accepted_right, matrix, classes)
+    return found
+
+
+def realized(accepted: np.ndarray, right: np.ndarray, matrix: np.ndarray, classes: list[str]) -> dict:
+    """--target-precision's outcome on labeled class folders: the precision of the accepted rows and the share
+    accepted, overall and per predicted class."""
+    predicted = matrix.sum(axis=0)
+    per_class = {name: {"accepted": int(a), "precision": round(int(r) / int(a), 4) if a else None,
+                        "accepted_share": round(int(a) / int(p), 4) if p else None}
+                 for name, a, r, p in zip(classes, accepted, right, predicted, strict=True)}
+    total = int(accepted.sum())
+    return {"accepted_precision": round(int(right.sum()) / total, 4) if total else None,
+            "accepted_share": round(total / int(matrix.sum()), 4) if matrix.sum() else None,
+            "accepted_by_class": per_class}

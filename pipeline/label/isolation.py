@@ -32,14 +32,17 @@ class Crashed(Refused):
 
 
 class Attempts:
-    """The count of started, unfinished attempts at one unit of the output folder `base` in `fs`."""
+    """The count of started, unfinished attempts at one unit of the output folder `base` in `fs`; none counted
+    where `fs` is None (a pass that writes no output: --calibration's)."""
 
-    def __init__(self, fs: pafs.FileSystem, base: str, unit: str):
+    def __init__(self, fs: pafs.FileSystem | None, base: str | None, unit: str):
         self.fs = fs
         self.path = f"{base}/{ATTEMPTS}/{hashlib.blake2b(unit.encode(), digest_size=16).hexdigest()}"
 
     def start(self) -> bool:
         """Count this attempt; whether it must be careful (the earlier ones crashed)."""
+        if self.fs is None:
+            return False
         try:
             earlier = int(storage.read_bytes(self.fs, self.path))
         except (FileNotFoundError, ValueError):
@@ -48,6 +51,8 @@ class Attempts:
         return earlier >= CAREFUL_AFTER
 
     def finish(self) -> None:
+        if self.fs is None:
+            return
         try:
             self.fs.delete_file(self.path)
         except FileNotFoundError:

@@ -7,10 +7,11 @@ holds, plan the actors, stream the rest through them into the writer, then summa
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -21,13 +22,14 @@ from pipeline import storage
 from pipeline.console import Console, duration, timestamp
 from pipeline.errors import UsageError
 from pipeline.formats import checkpoint
-from pipeline.formats.labels_file import Decoding, Provenance, io_errors
+from pipeline.formats.calibration import CONFIDENCE, HeldOut, thresholds
+from pipeline.formats.labels_file import Decoding, Provenance, RowRules, io_errors
 from pipeline.label import isolation, units
-from pipeline.label.evaluate import check_class_folders, evaluate
+from pipeline.label.evaluate import check_class_folders, evaluate, truth_and_prediction
 from pipeline.label.options import LabelOptions
 from pipeline.label.output import SUMMARY, CommitPolicy, LabelWriter, read_runs
 from pipeline.label.report import write_report
-from pipeline.label.sources import list_inputs
+from pipeline.label.sources import Listing, list_inputs
 
 if TYPE_CHECKING:
     from pipeline.label.plan import ActorPlan
@@ -50,6 +52,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     # written anywhere before every check has passed.
     checkpoint_path = checkpoint.find(opts.checkpoint)
     listing = list_inputs(opts.inputs)
+    held_out = list_inputs([opts.calibration]) if opts.calibration else None
     listed_in = time.time() - started
     # The model loads on a thread while Ray starts on this one (it must: Ray's processes end with the thread that
     # started them). Each takes seconds of imports and start-up, and on 2 CPUs they overlap.
@@ -62,10 +65,11 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         init_ray()
         model = loading.result()
     from pipeline.label import plan  # Ray and torch: imported once the checks above passed
-    from pipeline.label.predictor import CPU_SHARE_NOTICE
 
-    actors = plan.actor_plan(opts.batch_size, opts.max_actors, opts.precision)
-    provenance = run_provenance(opts, model, actors)
+    actors = start_actors(opts, model, plan.actor_plan(opts.batch_size, opts.max_actors, opts.precision), console)
+    acceptance = calibrate(opts, actors, held_out, model.state["classes"], console) if held_out else None
+    actors = actors.accepting(acceptance)
+    provenance = run_provenance(opts, model, actors.plan, acceptance)
     # Fails first if it cannot write there, another job holds the output, or the output holds other labels.
     writer = LabelWriter(opts.output, provenance, CommitPolicy(opts.rows_per_file, opts.commit_every), opts.overwrite,
                          console.line)
@@ -78,7 +82,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
                      + (f" ({work.finished} finished units skipped unopened)" if work.finished else ""))
         progress = RunCounter(console, work.files, work.archives)
         if work.units:
-            for table, cpu_decoded in run(opts, model, actors, work, listing.options, console):
+            for table, cpu_decoded in run(opts, actors, work, listing.options, opts.output):
                 progress.cpu_decoded += cpu_decoded
                 progress.add(writer.add(table), started)
         isolation.clear(writer.folder.fs, writer.folder.path)  # every unit finished: the folder holds only outputs
@@ -88,24 +92,20 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     try:
         writer.flush()
         console.close()
-        summary = {"run_id": writer.run_id, "started": timestamp(started), "ended": timestamp(time.time())}
-        summary |= progress.summary(skipped) | provenance.as_dict() | {"inputs": opts.inputs,
-                                                                        "files_written": writer.files_written}
-        done = progress.labeled + progress.errors
-        if actors.gpu and done and progress.cpu_decoded > CPU_SHARE_NOTICE * done:
-            console.line(f"label: GPU actors decoded {progress.cpu_decoded} of {done} files on their CPUs (other "
-                         "formats, CMYK, damaged JPEGs, files nvjpeg rejected): those CPUs may have bounded the rate")
+        summary = ({"run_id": writer.run_id, "started": timestamp(started), "ended": timestamp(time.time())}
+                   | progress.summary(skipped) | provenance.as_dict()
+                   | {"inputs": opts.inputs, "files_written": writer.files_written})
+        if actors.plan.gpu:
+            progress.note_cpu_decoded()
         if opts.evaluate:
-            summary.update(evaluate(writer.tables(["path", "label_index"]), listing.roots, provenance.classes))
+            columns = ["path", "label_index", *(["accepted"] if acceptance else [])]
+            summary.update(evaluate(writer.tables(columns), listing.roots, provenance.classes))
         append_run(writer, summary)
         if opts.report:
             write_report(opts.output, console.line)
     finally:
         writer.lock.release()  # only now: the next job into this output finds the summary and the page complete
-    if done and progress.io_errors > MAX_IO_ERRORS * done:
-        raise ReadFailures(f"{progress.io_errors} of {done} inputs could not be read (first: "
-                           f"{progress.first_io_error}); check the input's storage and credentials, then run the same "
-                           "command again: it retries those rows")
+    progress.check_reads()
     return summary
 
 
@@ -134,7 +134,7 @@ def load_model(opts: LabelOptions, path: str, roots: list[str], new_local_ray: b
     model = from_checkpoint(state)
     top_k = check_top_k(opts.top_k, state["classes"])
     if opts.evaluate:
-        check_class_folders(roots, state["classes"])
+        check_class_folders(roots, state["classes"], "--evaluate")
     size = embedding_size(model, state) if opts.embeddings else None
     payload = None
     if new_local_ray and not torch.cuda.is_available():
@@ -145,16 +145,18 @@ def load_model(opts: LabelOptions, path: str, roots: list[str], new_local_ray: b
     return Model(path, state, model, top_k, size, payload)
 
 
-def run_provenance(opts: LabelOptions, model: Model, actors: ActorPlan) -> Provenance:
+def run_provenance(opts: LabelOptions, model: Model, actors: ActorPlan, acceptance: Acceptance | None) -> Provenance:
     """Where this run's labels come from: complete before the writer opens the output, which records it in every
     file."""
     state = model.state
+    targets = {} if acceptance is None else {
+        "target_precision": opts.target_precision, "thresholds": acceptance.by_class, "held_out": acceptance.record}
     return Provenance(
         imgjobs_version=pipeline.__version__, checkpoint=model.path, weights_sha256=state["sha256"],
         arch=state["model"].arch, classes=state["classes"], precision=opts.precision,
         decode=Decoding(exact=opts.exact_decode or actors.gpu),  # GPU actors decode at full size
         top_k=model.top_k, min_confidence=opts.min_confidence, embeddings=model.embedding_size,
-        compute_precision=actors.precision, decode_device="gpu" if actors.gpu else "cpu")
+        compute_precision=actors.precision, decode_device="gpu" if actors.gpu else "cpu", **targets)
 
 
 def embedding_size(model, state: dict) -> int:
@@ -172,14 +174,23 @@ def append_run(writer: LabelWriter, summary: dict) -> None:
     storage.write_bytes(fs, f"{base}/{SUMMARY}", json.dumps({"runs": [*runs, summary]}, indent=2).encode())
 
 
-def run(opts: LabelOptions, model: Model, actors: ActorPlan, work: units.Work, options: dict[str, str],
-        console: Console) -> Iterator[tuple[pa.Table, int]]:
-    """Stream the work's units through the actors, on the Ray that label() joined or started: each labeled block,
-    and how many of its files GPU actors decoded on their CPUs instead. `options` are the inputs' filesystem
-    options by host (Listing.options)."""
+@dataclass(frozen=True)
+class Actors:
+    """The predictor actors that every pass of the job streams through: their plan, what they load, and how they
+    make a row."""
+
+    plan: ActorPlan
+    payload: ModelPayload
+    rules: RowRules
+
+    def accepting(self, acceptance: Acceptance | None) -> Actors:
+        """These actors, marking rows `accepted` by the thresholds of `acceptance`, if any."""
+        return self if acceptance is None else replace(self, rules=replace(self.rules, thresholds=acceptance.by_index))
+
+
+def start_actors(opts: LabelOptions, model: Model, actors: ActorPlan, console: Console) -> Actors:
+    """Say what the plan chose or waits for, and build the actors' model payload (unless load_model did)."""
     from pipeline.label import plan  # Ray and torch, as in label()
-    from pipeline.label.reading import ReadSettings
-    from pipeline.ray_output import driver_notices_dropped
 
     if actors.waiting:
         console.line("label: waiting for a worker node with CPUs: none is up yet, and the autoscaler adds one as the "
@@ -191,13 +202,59 @@ def run(opts: LabelOptions, model: Model, actors: ActorPlan, work: units.Work, o
     if actors.gpu or payload is None or payload.precision != actors.precision:
         payload = plan.model_payload(model.state, model.model, actors.precision, gpu=actors.gpu,
                                      embeddings=opts.embeddings, log=console.line)
-    reading = ReadSettings(payload.spec, opts.output, options, opts.limits, opts.max_pixels, opts.exact_decode,
-                           encoded=actors.gpu)
-    dataset = plan.dataset(work, reading, actors, payload, model.top_k, opts.min_confidence)
+    return Actors(actors, payload, RowRules(model.top_k, opts.min_confidence))
+
+
+def run(opts: LabelOptions, actors: Actors, work: units.Work, options: dict[str, str],
+        output: str | None) -> Iterator[tuple[pa.Table, int]]:
+    """Stream the work's units through the actors, on the Ray that label() joined or started: each labeled block,
+    and how many of its files GPU actors decoded on their CPUs instead. `options` are the inputs' filesystem
+    options by host (Listing.options); `output` is the labels folder, None for a pass that writes nothing."""
+    from pipeline.label import plan  # Ray and torch, as in label()
+    from pipeline.label.reading import ReadSettings
+    from pipeline.ray_output import driver_notices_dropped
+
+    reading = ReadSettings(actors.payload.spec, output, options, opts.limits, opts.max_pixels, opts.exact_decode,
+                           encoded=actors.plan.gpu)
+    dataset = plan.dataset(work, reading, actors.plan, actors.payload, actors.rules)
     with driver_notices_dropped():
         # No prefetch: with it, the stream's latest block waits for the next one, which a slow unit may hold back.
         for block in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             yield plan.split_cpu_decoded(block)
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """--target-precision's thresholds, and the held-out counts behind them."""
+
+    by_class: dict[str, float | None]
+    record: dict  # Provenance.held_out
+
+    @property
+    def by_index(self) -> tuple[float, ...]:
+        return tuple(math.inf if t is None else t for t in self.by_class.values())
+
+
+def calibrate(opts: LabelOptions, actors: Actors, held_out: Listing, classes: list[str],
+              console: Console) -> Acceptance:
+    """Label the --calibration tree without writing, and set each class's threshold from its held-out scores."""
+    check_class_folders(held_out.roots, classes, "--calibration")
+    found = HeldOut.empty(classes)
+    work = units.plan(held_out.archives.to_pylist(), held_out.files, units.Records())
+    for table, _ in run(opts, actors, work, held_out.options, None):
+        truth, predicted = truth_and_prediction(table, held_out.roots, classes)
+        inside = (truth >= 0) & (predicted >= 0)
+        scores = table.column("score").to_numpy(zero_copy_only=False)
+        found = found.add(predicted[inside], scores[inside], truth[inside])
+    target = opts.target_precision
+    chosen = thresholds(found, target)
+    console.line(f"label: --target-precision {target:g}: thresholds set from {found.count} held-out images in "
+                 f"{opts.calibration} (each class's at the end)")
+    record = {"source": opts.calibration, "confidence": CONFIDENCE, "images": found.count,
+              "classes": {name: asdict(t) | {"accepted_share": round(t.accepted_share, 6)}
+                          for name, t in chosen.items()},
+              "histograms": found.as_dict()}
+    return Acceptance({name: t.threshold for name, t in chosen.items()}, record)
 
 
 def check_top_k(top_k: int | None, classes: list[str]) -> int:
@@ -215,6 +272,7 @@ class RunCounter:
         self.started = time.perf_counter()
         self.labeled = self.errors = self.io_errors = 0
         self.cpu_decoded = 0  # files that GPU actors decoded on their CPUs
+        self.accepted = None  # rows accepted, with --target-precision
         self.first_io_error = None
         self.startup_s = None  # command start to first labeled batch
         self.first_batch = (0.0, 0)  # (time, rows) at the first batch: throughput after start-up counts from here
@@ -231,6 +289,8 @@ class RunCounter:
             first = pc.index(io, True).as_py()
             self.first_io_error = f"{table.column('path')[first]}: {table.column('error')[first]}"
         self.labeled += table.num_rows - errors
+        if "accepted" in table.column_names:
+            self.accepted = (self.accepted or 0) + (pc.sum(table.column("accepted")).as_py() or 0)
         now, done = time.perf_counter(), self.labeled + self.errors
         if self.startup_s is None:
             self.startup_s = round(time.time() - job_started_at, 2)
@@ -242,6 +302,24 @@ class RunCounter:
             if elapsed >= RATE_WINDOW_S:
                 self.window = (now, done)
         self.console.progress(self.line(done))
+
+    def check_reads(self) -> None:
+        """ReadFailures when most of the run's inputs could not be read."""
+        done = self.labeled + self.errors
+        if done and self.io_errors > MAX_IO_ERRORS * done:
+            raise ReadFailures(f"{self.io_errors} of {done} inputs could not be read (first: "
+                               f"{self.first_io_error}); check the input's storage and credentials, then run the "
+                               "same command again: it retries those rows")
+
+    def note_cpu_decoded(self) -> None:
+        """Say so when GPU actors decoded a large share of the files on their CPUs."""
+        from pipeline.label.predictor import CPU_SHARE_NOTICE  # torch: imported by then
+
+        done = self.labeled + self.errors
+        if done and self.cpu_decoded > CPU_SHARE_NOTICE * done:
+            self.console.line(f"label: GPU actors decoded {self.cpu_decoded} of {done} files on their CPUs (other "
+                              "formats, CMYK, damaged JPEGs, files nvjpeg rejected): those CPUs may have bounded the "
+                              "rate")
 
     def line(self, done: int) -> str:
         text = f"label: {done}"
@@ -263,6 +341,7 @@ class RunCounter:
         return {
             "total": done + skipped,
             "labeled": self.labeled,
+            "accepted": self.accepted,
             "errors": self.errors,
             "io_errors": self.io_errors,
             "cpu_decoded": self.cpu_decoded,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline import storage
 from pipeline.errors import UsageError
@@ -21,6 +21,8 @@ class LabelOptions(BaseModel):
     output: str
     top_k: int | None = Field(None, ge=1)  # at most the checkpoint's classes: checked once it is loaded
     min_confidence: float = Field(0.0, ge=0, le=1)
+    target_precision: float | None = Field(None, gt=0, lt=1)
+    calibration: str | None = None  # a class-folder tree whose held-out scores set the thresholds
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     exact_decode: bool = False
     rows_per_file: int = Field(100_000, ge=1)
@@ -36,13 +38,23 @@ class LabelOptions(BaseModel):
     embeddings: bool = False
     report: bool = False
 
-    @field_validator("checkpoint", "inputs", "output")
+    @field_validator("checkpoint", "inputs", "output", "calibration")
     @classmethod
-    def _no_credentials(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+    def _no_credentials(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
         option = "--input" if info.field_name == "inputs" else f"--{info.field_name}"
-        for uri in value if isinstance(value, list) else [value]:
+        for uri in value if isinstance(value, list) else [value] if value else []:
             storage.refuse_credentials(uri, option)  # a UsageError: pydantic passes it on as it is
         return value
+
+    @model_validator(mode="after")
+    def _target_and_calibration(self) -> LabelOptions:
+        if self.calibration and self.target_precision is None:
+            raise UsageError("--calibration only sets the thresholds of --target-precision; add --target-precision P "
+                             "or leave --calibration out")
+        if self.target_precision is not None and not self.calibration:
+            raise UsageError("--target-precision needs held-out scores to set its thresholds: pass --calibration DIR, "
+                             "a class-folder tree of hand-checked images drawn like the ones you label")
+        return self
 
     @property
     def limits(self) -> Limits:

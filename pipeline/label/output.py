@@ -57,7 +57,8 @@ TEMP_PREFIX = ".writing-"
 # _report.html, and a later run or report removes the old one.
 LEGACY_REPORT = "report.html"
 # What a resumed run must share with the files already there: anything else would mix two kinds of labels.
-LABEL_DEFINING = ("weights_sha256", "classes", "precision", "decode", "top_k", "min_confidence", "embeddings")
+LABEL_DEFINING = ("weights_sha256", "classes", "precision", "decode", "top_k", "min_confidence", "embeddings",
+                  "target_precision", "thresholds")
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,9 @@ class LabelWriter:
         temp = f"{base}/{TEMP_PREFIX}{name}"
         record = self.ledger.record(table)
         try:
-            schema = output_schema(self.provenance.embeddings).with_metadata(
-                {PROVENANCE_KEY: json.dumps(self.provenance.as_dict()), UNITS_KEY: json.dumps(record)})
+            provenance = self.provenance
+            schema = output_schema(provenance.embeddings, provenance.target_precision is not None).with_metadata(
+                {PROVENANCE_KEY: json.dumps(provenance.as_dict()), UNITS_KEY: json.dumps(record)})
             pq.write_table(table.drop_columns([UNIT, UNIT_TOTAL]).cast(schema), temp, filesystem=fs)
             fs.move(temp, f"{base}/{name}")  # atomic on local disks; object stores publish whole objects
         except OSError as e:  # disk full, file too large, permissions changed: earlier files stay complete
@@ -239,8 +241,8 @@ def check_writable(out_dir: str) -> Folder:
 
 def check_same_labels(found: dict, wanted: dict, path: str, out_dir: str) -> None:
     """Refuse to resume into labels that another checkpoint, other classes or other label options made."""
-    differences = [f"{key} {_short(found.get(key))} there, {_short(wanted[key])} now"
-                   for key in LABEL_DEFINING if found.get(key) != wanted[key]]
+    differences = [f"{key} {_short(found.get(key))} there, {_short(wanted.get(key))} now"
+                   for key in LABEL_DEFINING if found.get(key) != wanted.get(key)]
     if differences:
         raise UsageError(f"output {out_dir} holds labels made differently ({'; '.join(differences)}; first in "
                          f"{path.rsplit('/', 1)[-1]}); rerun with the same checkpoint and options to resume, use "

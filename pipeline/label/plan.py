@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from pipeline.formats.labels_file import RowRules
 from pipeline.hardware import gpu_capability, gpu_half_precision, native_bf16
 from pipeline.label.predictor import CPU_DECODED, DTYPES, ModelPayload, Predictor, example_batch, torchscript_model
 from pipeline.label.reading import BLOCK_BYTES, ReadSettings, read_units
@@ -70,8 +71,8 @@ def actor_plan(batch_size: int | None, max_actors: int | None, precision: str = 
                      precision=precision, precision_reason=reason, waiting=not gpus and not cpus)
 
 
-def dataset(work: Work, reading: ReadSettings, actors: ActorPlan, payload: ModelPayload, top_k: int,
-            min_confidence: float) -> ray.data.Dataset:
+def dataset(work: Work, reading: ReadSettings, actors: ActorPlan, payload: ModelPayload,
+            rules: RowRules) -> ray.data.Dataset:
     """Units (a read task each) → read-and-decode tasks → predictor actors. The sorted loose-file keys that loose
     units index (work.keys) go to the object store once. GPU predictors decode JPEGs themselves, on the GPU: their
     read tasks only read (`reading.encoded`, device_decoding), and they decode at full size."""
@@ -94,8 +95,7 @@ def dataset(work: Work, reading: ReadSettings, actors: ActorPlan, payload: Model
             batch_format="numpy",
             fn_constructor_kwargs={
                 "payload_ref": [ray.put(payload)],
-                "top_k": top_k,
-                "min_confidence": min_confidence,
+                "rules": rules,
                 "threads": actors.threads,
                 "batch_size": actors.batch_size,
                 "device_decode": gpu,

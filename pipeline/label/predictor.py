@@ -14,7 +14,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.formats.labels_file import output_schema
+from pipeline.formats.labels_file import RowRules, output_schema
 from pipeline.formats.model_spec import ModelSpec, TrainedModel
 from pipeline.label.units import BOOKKEEPING
 
@@ -47,8 +47,7 @@ class ModelPayload:
 
 
 class Predictor:
-    def __init__(self, payload_ref: list, top_k: int, min_confidence: float, threads: int, batch_size: int,
-                 device_decode: bool = False):
+    def __init__(self, payload_ref: list, rules: RowRules, threads: int, batch_size: int, device_decode: bool = False):
         """`payload_ref`: [the payload's object ref] (or [the payload], outside Ray). With `device_decode`, batches
         hold encoded files (reading.encoded_rows) that the actor decodes on its device (device_decoding);
         otherwise decoded crops."""
@@ -57,12 +56,13 @@ class Predictor:
         payload = payload_ref[0] if isinstance(payload_ref[0], ModelPayload) else ray.get(payload_ref[0])
         self.classes = np.array(payload.classes, dtype=object)
         self.device = torch.device(payload.device)
-        self.top_k = top_k
-        self.min_confidence = min_confidence
+        self.top_k = rules.top_k
+        self.min_confidence = rules.min_confidence
+        self.thresholds = None if rules.thresholds is None else np.array(rules.thresholds, dtype=np.float32)
         self.batch_size = batch_size
         self.halved = False
         self.embedding_size = payload.embedding_size
-        self.schema = output_schema(self.embedding_size)
+        self.schema = output_schema(self.embedding_size, accepted=self.thresholds is not None)
         spec = payload.spec
         mean, std = (torch.tensor(k, dtype=torch.float32, device=self.device) for k in (spec.mean, spec.std))
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
@@ -147,7 +147,7 @@ class Predictor:
             pa.array(score, pa.float32(), mask=bad),
             _lists(pa.array(self.classes[indices].reshape(-1), pa.string()), k, bad),
             _lists(pa.array(scores.reshape(-1), pa.float32()), k, bad),
-            pa.array(score < self.min_confidence, pa.bool_(), mask=bad),
+            *self.marks(score, label_index, ok),
             pa.array(batch["error"], pa.string(), mask=ok),
             pa.array(batch["error_kind"], pa.string(), mask=ok),
             pa.array(batch["width"], pa.int32(), mask=bad),
@@ -165,6 +165,13 @@ class Predictor:
                 columns.append(pa.array(batch[field.name], field.type))
                 schema = schema.append(field)
         return pa.Table.from_arrays(columns, schema=schema)
+
+    def marks(self, score: np.ndarray, label_index: np.ndarray, ok: np.ndarray) -> list[pa.Array]:
+        """`uncertain` (null on error rows), and with thresholds `accepted` (false on error rows)."""
+        marks = [pa.array(score < self.min_confidence, pa.bool_(), mask=~ok)]
+        if self.thresholds is not None:
+            marks.append(pa.array(ok & (score >= self.thresholds[label_index]), pa.bool_()))
+        return marks
 
     def count_cpu_decoded(self, files: int, on_cpu: int) -> None:
         self.files, self.cpu_files = self.files + files, self.cpu_files + on_cpu

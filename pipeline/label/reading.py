@@ -42,7 +42,9 @@ class ReadSettings:
     """What every read task is given besides its units."""
 
     spec: ModelSpec  # the checkpoint's model spec: sizes and interpolation
-    output: str  # the labels folder: a unit in progress finds its done keys there, and attempts are counted there
+    # The labels folder: a unit in progress finds its done keys there, and attempts are counted there. None for a
+    # pass that writes nothing (--calibration's): its units are new, and a unit that crashes twice fails the job.
+    output: str | None
     options: dict[str, str] = field(default_factory=dict)  # the inputs' filesystem options by host (Listing.options)
     limits: Limits = Limits()
     max_pixels: int = MAX_PIXELS
@@ -119,7 +121,8 @@ def read_units(batch: pa.Table, reading: ReadSettings, files_ref: list) -> Itera
     block by block. `files_ref` is [the object ref of the sorted loose-file keys] that loose units index. Every row
     carries its unit, and a unit's last row its total."""
     preprocess = Preprocess(reading.spec, reading.exact_decode, reading.max_pixels)
-    attempts_fs, attempts_dir = storage.resolve(reading.output)  # once per task: a filesystem can cost a request
+    # Once per task: a filesystem can cost a request.
+    attempts_fs, attempts_dir = storage.resolve(reading.output) if reading.output else (None, None)
     reader = Reader(reading.options, reading.limits)
     for unit in map(Unit.of_row, batch.to_pylist()):
         attempts = Attempts(attempts_fs, attempts_dir, unit.name)
@@ -134,7 +137,7 @@ def read_units(batch: pa.Table, reading: ReadSettings, files_ref: list) -> Itera
         attempts.finish()
 
 
-def _items(unit: Unit, reader: Reader, output: str, files_ref: list) -> Iterator[Item]:
+def _items(unit: Unit, reader: Reader, output: str | None, files_ref: list) -> Iterator[Item]:
     """The unit's inputs that the labels files of `output` do not hold yet."""
     if unit.archive:
         return reader.archive_members(unit.archive, done_keys(output, unit.parts, unit.archive, None))
@@ -143,7 +146,7 @@ def _items(unit: Unit, reader: Reader, output: str, files_ref: list) -> Iterator
     return _read_files(reader, [key for key in files.to_pylist() if key not in done])
 
 
-def done_keys(output: str, parts: tuple[str, ...], archive: str, files: pa.Array | None) -> set[str]:
+def done_keys(output: str | None, parts: tuple[str, ...], archive: str, files: pa.Array | None) -> set[str]:
     """The keys of a unit in progress already in the labels files `parts` of `output`: the archive's own key and its
     members' (ARCHIVE!MEMBER), or those of `files`."""
     if not parts:

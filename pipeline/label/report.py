@@ -26,6 +26,7 @@ from pipeline import storage
 from pipeline.confusion import confusion_matrix
 from pipeline.console import timestamp
 from pipeline.errors import UsageError
+from pipeline.formats.calibration import EDGES, HeldOut
 from pipeline.formats.keys import Reader
 from pipeline.formats.labels_file import part_paths, provenance_of, read_table
 from pipeline.images import decode_image
@@ -41,7 +42,9 @@ UNCERTAIN_SHOWN = 48
 MISTAKES_SHOWN = 48
 MAX_THUMBNAILS = CLASS_THUMBNAILS + UNCERTAIN_SHOWN + MISTAKES_SHOWN
 ERRORS_SHOWN = 10  # example rows per error reason
-BINS = 20  # of the top-1 score histogram, over [0, 1]
+BINS = 20  # of the top-1 score histogram, over [0, 1], and of the reliability diagrams
+DIAGRAMS = 48  # reliability diagrams shown, for the classes with the most labels
+DIAGRAM_PX = 200
 
 
 def write_report(output: str, log=print) -> str:
@@ -54,8 +57,9 @@ def write_report(output: str, log=print) -> str:
     runs = read_runs(fs, base)  # none for a job killed before its end: its Parquet files are all the page needs
     evaluated = next((r["evaluated_roots"] for r in reversed(runs) if r.get("evaluated_roots")), None)
     tally = Tally(provenance["classes"], evaluated)
+    columns = [*COLUMNS, *(["accepted"] if provenance.get("target_precision") is not None else [])]
     for part in parts:
-        tally.add(read_table(fs, part, COLUMNS))
+        tally.add(read_table(fs, part, columns))
     path, query = storage.split_query(output)
     thumbnails = Thumbnails({storage.host(path): query} if storage.is_uri(path) and query else {})
     page = render(Page(path, tally, provenance, runs, thumbnails))  # no query: it may hold credentials
@@ -77,6 +81,7 @@ class Tally:
         self.classes, self.roots = classes, evaluated_roots
         self.rows = self.ok = self.uncertain_count = self.wrong = 0
         self.class_counts = np.zeros(len(classes), dtype=np.int64)
+        self.accepted = np.zeros(len(classes), dtype=np.int64)  # by predicted class, with --target-precision
         self.histogram = np.zeros(BINS, dtype=np.int64)
         self.matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
         self.least = self.uncertain = self.mistakes = None  # tables of candidate rows
@@ -88,6 +93,9 @@ class Tally:
         self.rows, self.ok = self.rows + rows.num_rows, self.ok + ok.num_rows
         labels = ok.column("label_index").to_numpy()
         self.class_counts += np.bincount(labels, minlength=len(self.classes))
+        if "accepted" in ok.column_names:
+            taken = ok.column("accepted").to_numpy(zero_copy_only=False)
+            self.accepted += np.bincount(labels[taken], minlength=len(self.classes))
         self.histogram += np.histogram(ok.column("score").to_numpy(), bins=BINS, range=(0.0, 1.0))[0]
         self.least = _lowest_per_class(_concat(self.least, ok), PER_CLASS)
         uncertain = ok.filter(pc.fill_null(ok.column("uncertain"), False))
@@ -107,6 +115,21 @@ class Tally:
             group[0] += 1
             if len(group[1]) < ERRORS_SHOWN:
                 group[1].append((path, error))
+
+
+def reliability(right: np.ndarray, wrong: np.ndarray, threshold: float | None) -> dict:
+    """A reliability diagram's marks, in pixels of a DIAGRAM_PX square (y grows downwards): per BINS-th of the score
+    axis that holds held-out rows, a dot at (the bin's middle, the share of them that were right), its area by its
+    rows, titled with its counts; the threshold's vertical line, if any."""
+    uniform = np.minimum((EDGES * BINS).astype(int), BINS - 1)  # the plotted bin of each calibration bin
+    right_in, wrong_in = (np.bincount(uniform, weights=w, minlength=BINS) for w in (right, wrong))
+    rows = right_in + wrong_in
+    peak = max(rows.max(initial=0), 1)
+    dots = [{"x": round((b + 0.5) / BINS * DIAGRAM_PX, 1), "y": round((1 - right_in[b] / rows[b]) * DIAGRAM_PX, 1),
+             "r": round(2 + 5 * np.sqrt(rows[b] / peak), 1),
+             "title": f"scores {b / BINS:.2f}–{(b + 1) / BINS:.2f}: {int(right_in[b])} right, {int(wrong_in[b])} wrong"}
+            for b in np.flatnonzero(rows)]
+    return {"dots": dots, "threshold_x": None if threshold is None else round(threshold * DIAGRAM_PX, 1)}
 
 
 def _concat(kept: pa.Table | None, more: pa.Table) -> pa.Table:
@@ -169,6 +192,7 @@ class Page:
             "class_counts": self.class_counts(),
             "histogram": self.histogram(),
             "evaluation": self.evaluation(),
+            "acceptance": self.acceptance(),
             "least": self.least_confident(),
             "limits": {"total": MAX_THUMBNAILS, "per_class": self.shown_per_class(), "uncertain": UNCERTAIN_SHOWN,
                        "mistakes": MISTAKES_SHOWN},
@@ -206,6 +230,26 @@ class Page:
         return {"accuracy": int(np.trace(t.matrix)) / max(evaluated, 1), "evaluated": evaluated, "roots": t.roots,
                 "matrix": list(zip(self.classes, t.matrix.tolist())), "wrong": t.wrong,
                 "mistakes": self.cards(mistakes, notes)}
+
+    def acceptance(self) -> dict | None:
+        """With --target-precision: per class its threshold, the share of its labels accepted (expected from the
+        held-out images, and found here), and a reliability diagram of the held-out scores."""
+        target = self.provenance.get("target_precision")
+        if target is None:
+            return None
+        held = self.provenance["held_out"]
+        histograms = HeldOut.of_dict(held["histograms"])
+        counts = self.tally.class_counts
+        rows = []
+        for c, name in enumerate(self.classes):
+            stats = held["classes"][name]
+            rows.append({"name": name, **stats, "labels": int(counts[c]), "accepted": int(self.tally.accepted[c]),
+                         "found_share": self.tally.accepted[c] / counts[c] if counts[c] else None})
+        drawn = [int(c) for c in np.argsort(-counts, kind="stable")[:DIAGRAMS]]
+        return {"target": target, "confidence": held["confidence"], "source": held["source"], "images": held["images"],
+                "classes": rows, "px": DIAGRAM_PX,
+                "diagrams": [{"name": self.classes[c], **reliability(histograms.right[c], histograms.wrong[c],
+                                                                     rows[c]["threshold"])} for c in drawn]}
 
     def shown_per_class(self) -> int:
         classes = int((self.tally.class_counts > 0).sum())

@@ -25,6 +25,8 @@ LaxFloat = Annotated[float, Strict(False)]
 class DataConfig(_Section):
     root: str = Field(description="image folder tree holding train/ and val/, or a labels Parquet (file or folder)")
     min_score: LaxFloat = Field(0.0, ge=0, le=1, description="labels Parquet: leave out rows scored below this")
+    accepted_only: bool = Field(False, description="labels Parquet: keep only rows whose `accepted` is true "
+                                                   "(imgjobs label --target-precision)")
     val_fraction: LaxFloat = Field(0.2, gt=0, lt=1, description="labels Parquet without a split column: the share of "
                                                                "each class held out for val")
     split_seed: int = Field(0, description="labels Parquet: the seed of that split")

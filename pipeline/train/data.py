@@ -28,7 +28,8 @@ from pipeline.train.splits import SPLITS, Split, TrainingData
 def scan(data, line: Callable[[str], None] = print) -> TrainingData:
     """The training data that data.root names (a DataConfig): the one place that tells which kind it is."""
     if from_labels.is_labels(data.root):
-        return from_labels.scan_labels(data.root, data.min_score, data.val_fraction, data.split_seed)
+        return from_labels.scan_labels(data.root, data.min_score, data.val_fraction, data.split_seed,
+                                       data.accepted_only)
     fs, base = storage.resolve(data.root)
     for split in SPLITS:
         if fs.get_file_info(f"{base}/{split}").type != pafs.FileType.Directory:

@@ -1,7 +1,8 @@
 """Training data from labels: a labels Parquet (what `imgjobs label` wrote, perhaps corrected by people, or any
 table with `path` and `label` columns), as train and val splits like an image folder tree's.
 
-Rows with an error, or a `score` under `data.min_score`, are left out. A `split` column (`train` / `val`) decides
+Rows with an error, a `score` under `data.min_score`, or with `data.accepted_only` an `accepted` that is false
+(imgjobs label --target-precision), are left out. A `split` column (`train` / `val`) decides
 the split where there is one; otherwise a stratified, seeded `data.val_fraction` of each class goes to val.
 Paths are what labeling writes: local paths, URIs, and `ARCHIVE!MEMBER` for members of .tar and .zip archives.
 """
@@ -24,7 +25,7 @@ from pipeline.formats.labels_file import PROVENANCE_KEY, is_part
 from pipeline.train.splits import Layout, Split, TrainingData, sort_by_source, split_keys
 
 REQUIRED = ("path", "label")
-OPTIONAL = ("score", "error", "split")
+OPTIONAL = ("score", "error", "split", "accepted")
 
 
 def is_labels(root: str) -> bool:
@@ -37,10 +38,11 @@ def is_labels(root: str) -> bool:
         and bool(_parquet_files(fs, base))
 
 
-def scan_labels(root: str, min_score: float, val_fraction: float, seed: int) -> TrainingData:
+def scan_labels(root: str, min_score: float, val_fraction: float, seed: int,
+                accepted_only: bool = False) -> TrainingData:
     fs, base = storage.resolve(root)
     files = [base] if base.endswith(".parquet") else _parquet_files(fs, base)
-    table, classes = _read(fs, files, root, min_score)
+    table, classes = _read(fs, files, root, min_score, accepted_only)
     labels = table["label"]
     classes = classes or sorted(pc.unique(labels).to_pylist())
     unknown = pc.unique(labels.filter(pc.invert(pc.is_in(labels, pa.array(classes))))).to_pylist()
@@ -80,20 +82,23 @@ def _parquet_files(fs: pafs.FileSystem, base: str) -> list[str]:
     return sorted(e.path for e in fs.get_file_info(pafs.FileSelector(base)) if is_part(e))
 
 
-def _read(fs: pafs.FileSystem, files: list[str], root: str, min_score: float) -> tuple[pa.Table, list[str] | None]:
+def _read(fs: pafs.FileSystem, files: list[str], root: str, min_score: float,
+          accepted_only: bool) -> tuple[pa.Table, list[str] | None]:
     """The rows kept for training, as (source, name, label[, split]), a file at a time so that no full path column
     is held; and the classes in their order when imgjobs label wrote them (its provenance metadata). Rows with an
-    error, or a score under `min_score`, are left out; a person's correction may carry no score, and is kept."""
+    error, a score under `min_score`, or with `accepted_only` an `accepted` that is false, are left out; a person's
+    correction may carry no score or accepted, and is kept."""
     tables, classes = [], None
     for path in files:
         try:
             with fs.open_input_file(path) as f:
                 schema = pq.read_schema(f)
                 columns = [c for c in (*REQUIRED, *OPTIONAL) if c in schema.names]
-                missing = [c for c in REQUIRED if c not in columns]
+                missing = [c for c in (*REQUIRED, *(["accepted"] if accepted_only else [])) if c not in columns]
                 if missing:
                     raise UsageError(f"data.root: {path} has no {missing[0]!r} column; a labels table needs "
-                                     "'path' and 'label' columns")
+                                     "'path' and 'label' columns, and data.accepted_only an 'accepted' one (imgjobs "
+                                     "label --target-precision writes it)")
                 part = pq.read_table(f, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise UsageError(f"data.root: {path} cannot be read as Parquet: {str(e).splitlines()[0]}") from None
@@ -102,6 +107,8 @@ def _read(fs: pafs.FileSystem, files: list[str], root: str, min_score: float) ->
             keep = pc.and_(keep, pc.fill_null(pc.equal(part["error"], ""), True))
         if "score" in part.column_names and min_score > 0:
             keep = pc.and_(keep, pc.fill_null(pc.greater_equal(part["score"], min_score), True))
+        if accepted_only:
+            keep = pc.and_(keep, pc.fill_null(part["accepted"], True))
         part = part.filter(keep)
         keys = split_keys(part["path"].combine_chunks().cast(pa.string()))
         kept = {"source": pc.dictionary_encode(keys.field("source")), "name": keys.field("name"),
