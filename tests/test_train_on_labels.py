@@ -100,7 +100,8 @@ def test_label_the_ants_and_bees_then_train_on_those_labels(ray_local, demo_run,
     confident = [r for r in rows if r["error"] is None and r["score"] >= 0.6]
     [epoch] = summary["epochs"]
     assert summary["classes"] == ["ants", "bees"] and summary["skipped_files"] == 0
-    assert epoch["train_images"] + epoch["val_images"] == len(confident)
-    assert epoch["val_images"] == sum(round(n * 0.2) for n in (
+    held = summary["calibration_images"]  # val's calibration share, for imgjobs label --target-precision
+    assert epoch["train_images"] + epoch["val_images"] + held == len(confident) and held
+    assert epoch["val_images"] + held == sum(round(n * 0.2) for n in (
         sum(r["label"] == c for r in confident) for c in ("ants", "bees")))
     assert (tmp_path / "runs" / "relabeled" / "predictions.png").stat().st_size > 0

@@ -83,8 +83,6 @@ def test_a_class_that_cannot_be_certified_accepts_nothing_and_says_what_it_needs
 
 @pytest.mark.parametrize(("args", "named"), [
     (["--calibration", "x"], "--calibration only sets the thresholds of --target-precision"),
-    (["--target-precision", "0.9"], "--target-precision needs held-out scores to set its thresholds: pass "
-                                    "--calibration DIR"),
     (["--target-precision", "1", "--calibration", "x"], "--target-precision 1.0: Input should be less than 1"),
 ])
 def test_mistakes_are_one_line_and_exit_2(args, named, capsys, tmp_path):
@@ -112,12 +110,18 @@ def test_training_on_labels_can_take_the_accepted_rows_only(tmp_path):
 CLASSES = ["blue", "red"]
 
 
-def test_target_precision_from_a_calibration_tree(ray_local, tmp_path, capsys):  # noqa: PLR0915 (one story)
-    # A checkpoint that calls every image blue, sure of it: blue images are right and red ones wrong.
+def sure_of_blue(folder, val: dict | None = None) -> str:
+    """A checkpoint that calls every image blue, sure of it (a score of 1 in float32): blue images are right and red
+    ones wrong. `val`: what training keeps of val in it."""
     state = random_weight_state("mobilenet_v3_small", CLASSES, input_size=64)
     state["model_state"]["classifier.3.bias"][:] = torch.tensor([30.0, 0.0])
-    (tmp_path / "ckpt").mkdir()
-    ckpt = checkpoint.save(state, str(tmp_path / "ckpt"))
+    state["val"] = val
+    folder.mkdir()
+    return checkpoint.save(state, str(folder))
+
+
+def test_target_precision_from_a_calibration_tree(ray_local, tmp_path, capsys):  # noqa: PLR0915 (one story)
+    ckpt = sure_of_blue(tmp_path / "ckpt")
     calibration = make_image_folder(tmp_path / "cal", CLASSES, train_per_class=0, val_per_class=40) / "val"
     shutil.rmtree(calibration / "red")
     make_image_folder(tmp_path / "cal2", ["red"], train_per_class=0, val_per_class=1)
@@ -184,3 +188,31 @@ DRAWN = ("<script>addEventListener('load', () => { const dots = [...document.que
          "document.title = `svgs=${document.querySelectorAll('svg').length} dots=${dots.length} "
          "drawn=${dots.filter(d => d.getBBox().width > 0).length} "
          "lines=${document.querySelectorAll('svg line').length}`; });</script>")
+
+
+def test_target_precision_from_the_checkpoints_calibration_share(ray_local, tmp_path, capsys):
+    # What training keeps of its val's calibration share (tests/test_train_job.py checks that it does): 40 blue
+    # images right and 1 red one wrong, all scored 1.
+    kept = held_out({"blue": [(1.0, 40, 1)], "red": []}).as_dict() | {"fraction": 0.5, "seed": 0, "images": 41}
+    ckpt = sure_of_blue(tmp_path / "ckpt", {"confusion": [[0, 0], [0, 0]], "examples": [], "calibration": kept})
+    images = make_image_folder(tmp_path / "imgs", CLASSES, train_per_class=0, val_per_class=2) / "val"
+    out = tmp_path / "out"
+    assert main(["label", "--checkpoint", ckpt, "--input", str(images), "--output", str(out),
+                 "--target-precision", "0.85"]) == 0
+    printed = capsys.readouterr().out
+    assert f"thresholds set from 41 held-out images, the calibration share of val kept in {ckpt}" in printed
+    rows = read_output(out)
+    assert len(rows) == 4 and all(r["accepted"] for r in rows)
+    provenance = json.loads(pq.read_schema(label_files(out)[0]).metadata[b"imgjobs"])
+    assert provenance["thresholds"] == {"blue": EDGES[-1], "red": None}
+    assert (provenance["held_out"]["classes"]["blue"]["right"], provenance["held_out"]["classes"]["blue"]["wrong"]) \
+        == (40, 1)
+
+    # A checkpoint that kept none (imgjobs 0.3, or data.calibration_fraction=0), and no --calibration: one line.
+    other = sure_of_blue(tmp_path / "old")
+    assert main(["label", "--checkpoint", other, "--input", str(images), "--output", str(tmp_path / "o2"),
+                 "--target-precision", "0.85"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--target-precision needs held-out scores to set its thresholds, and {other} keeps none" in err
+            and "pass --calibration DIR" in err and "train again with data.calibration_fraction above 0" in err)
+    assert err.count("\n") == 1, err

@@ -12,6 +12,7 @@ certified for images drawn like the held-out ones.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,15 @@ CONFIDENCE = 0.95
 # Score bins: hundredths up to 0.9, then a tenth of a decade at a time up to 1 - 1e-6, where fine-tuned networks put
 # most of their scores and where high targets are decided.
 EDGES = np.array([i / 100 for i in range(90)] + [1 - 0.1 * 10 ** (-j / 10) for j in range(51)])
+
+
+def calibration_share(keys: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Which of `keys` are in the calibration share of val (training's data.calibration_fraction): a seeded hash of
+    each key, so the same images on every epoch, worker and rerun, whatever order they come in."""
+    salt = str(seed).encode()
+    return np.array([int.from_bytes(hashlib.blake2b(key.encode(errors="surrogatepass"), digest_size=8,
+                                                    key=salt).digest(), "little") < fraction * 2**64
+                     for key in keys], dtype=bool)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     from pipeline.label import plan  # Ray and torch: imported once the checks above passed
 
     actors = start_actors(opts, model, plan.actor_plan(opts.batch_size, opts.max_actors, opts.precision), console)
-    acceptance = calibrate(opts, actors, held_out, model.state["classes"], console) if held_out else None
+    acceptance = accept(opts, actors, held_out, model, console) if opts.target_precision is not None else None
     actors = actors.accepting(acceptance)
     provenance = run_provenance(opts, model, actors.plan, acceptance)
     # Fails first if it cannot write there, another job holds the output, or the output holds other labels.
@@ -135,6 +135,11 @@ def load_model(opts: LabelOptions, path: str, roots: list[str], new_local_ray: b
     top_k = check_top_k(opts.top_k, state["classes"])
     if opts.evaluate:
         check_class_folders(roots, state["classes"], "--evaluate")
+    if opts.target_precision is not None and not opts.calibration and not calibration_of(state):
+        raise UsageError(f"--target-precision needs held-out scores to set its thresholds, and {path} keeps none (it "
+                         "was trained with data.calibration_fraction=0, or by imgjobs 0.3): pass --calibration DIR, "
+                         "a class-folder tree of hand-checked images drawn like the ones you label, or train again "
+                         "with data.calibration_fraction above 0")
     size = embedding_size(model, state) if opts.embeddings else None
     payload = None
     if new_local_ray and not torch.cuda.is_available():
@@ -235,9 +240,29 @@ class Acceptance:
         return tuple(math.inf if t is None else t for t in self.by_class.values())
 
 
-def calibrate(opts: LabelOptions, actors: Actors, held_out: Listing, classes: list[str],
-              console: Console) -> Acceptance:
-    """Label the --calibration tree without writing, and set each class's threshold from its held-out scores."""
+def accept(opts: LabelOptions, actors: Actors, held_out: Listing | None, model: Model,
+           console: Console) -> Acceptance:
+    """Each class's threshold for --target-precision, from the held-out scores of the --calibration tree (labeled
+    now, without writing) or else of the checkpoint's calibration share of val."""
+    classes = model.state["classes"]
+    if held_out:
+        found, source = label_held_out(opts, actors, held_out, classes), opts.calibration
+    else:
+        found = HeldOut.of_dict(calibration_of(model.state))
+        source = f"the calibration share of val kept in {model.path}"
+    target = opts.target_precision
+    chosen = thresholds(found, target)
+    console.line(f"label: --target-precision {target:g}: thresholds set from {found.count} held-out images, "
+                 f"{source} (each class's at the end)")
+    record = {"source": source, "confidence": CONFIDENCE, "images": found.count,
+              "classes": {name: asdict(t) | {"accepted_share": round(t.accepted_share, 6)}
+                          for name, t in chosen.items()},
+              "histograms": found.as_dict()}
+    return Acceptance({name: t.threshold for name, t in chosen.items()}, record)
+
+
+def label_held_out(opts: LabelOptions, actors: Actors, held_out: Listing, classes: list[str]) -> HeldOut:
+    """The top-1 scores of the --calibration tree's images, labeled by the actors as the job's are."""
     check_class_folders(held_out.roots, classes, "--calibration")
     found = HeldOut.empty(classes)
     work = units.plan(held_out.archives.to_pylist(), held_out.files, units.Records())
@@ -246,15 +271,13 @@ def calibrate(opts: LabelOptions, actors: Actors, held_out: Listing, classes: li
         inside = (truth >= 0) & (predicted >= 0)
         scores = table.column("score").to_numpy(zero_copy_only=False)
         found = found.add(predicted[inside], scores[inside], truth[inside])
-    target = opts.target_precision
-    chosen = thresholds(found, target)
-    console.line(f"label: --target-precision {target:g}: thresholds set from {found.count} held-out images in "
-                 f"{opts.calibration} (each class's at the end)")
-    record = {"source": opts.calibration, "confidence": CONFIDENCE, "images": found.count,
-              "classes": {name: asdict(t) | {"accepted_share": round(t.accepted_share, 6)}
-                          for name, t in chosen.items()},
-              "histograms": found.as_dict()}
-    return Acceptance({name: t.threshold for name, t in chosen.items()}, record)
+    return found
+
+
+def calibration_of(state: dict) -> dict | None:
+    """The held-out histograms a checkpoint keeps of its val's calibration share; none in checkpoints of imgjobs
+    0.3 or trained with data.calibration_fraction=0."""
+    return (state.get("val") or {}).get("calibration")
 
 
 def check_top_k(top_k: int | None, classes: list[str]) -> int:

@@ -47,13 +47,10 @@ class LabelOptions(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _target_and_calibration(self) -> LabelOptions:
+    def _calibration_serves_a_target(self) -> LabelOptions:
         if self.calibration and self.target_precision is None:
             raise UsageError("--calibration only sets the thresholds of --target-precision; add --target-precision P "
                              "or leave --calibration out")
-        if self.target_precision is not None and not self.calibration:
-            raise UsageError("--target-precision needs held-out scores to set its thresholds: pass --calibration DIR, "
-                             "a class-folder tree of hand-checked images drawn like the ones you label")
         return self
 
     @property

@@ -27,6 +27,9 @@ class DataConfig(_Section):
     min_score: LaxFloat = Field(0.0, ge=0, le=1, description="labels Parquet: leave out rows scored below this")
     accepted_only: bool = Field(False, description="labels Parquet: keep only rows whose `accepted` is true "
                                                    "(imgjobs label --target-precision)")
+    calibration_fraction: LaxFloat = Field(0.5, ge=0, lt=1, description="the share of val, picked by a seeded "
+                                           "hash of each image's key, kept for `imgjobs label --target-precision` "
+                                           "and never used to choose the best epoch; 0 keeps none")
     val_fraction: LaxFloat = Field(0.2, gt=0, lt=1, description="labels Parquet without a split column: the share of "
                                                                "each class held out for val")
     split_seed: int = Field(0, description="labels Parquet: the seed of that split")

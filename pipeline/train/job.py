@@ -183,6 +183,8 @@ def summarise(job: TrainingJob, dataset: TrainingData, result: ray.train.Result,
         "skipped_files": sum(map(len, latest["skipped"].values())),
         "skipped": {key: why for keys in latest["skipped"].values() for key, why in keys.items()},
         "confusion_matrix": best["val"]["confusion"],
+        # The best checkpoint's calibration share of val: images held out for imgjobs label --target-precision.
+        "calibration_images": (best["val"].get("calibration") or {}).get("images", 0),
         "epochs": latest["history"],
         "interruptions": latest["interruptions"],
         "config": job.config.model_dump(mode="json"),

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.confusion import confusion_matrix
+from pipeline.formats.calibration import HeldOut, calibration_share
 from pipeline.formats.model_spec import ModelSpec
 from pipeline.models import build_model, configure_trainable, head_from_imagenet, set_train_mode
 from pipeline.train import distributed, shared_storage
@@ -91,11 +92,10 @@ def train_loop_per_worker(config: dict) -> None:
         train_sums, first_step_at = train_one_epoch(run, train_loader, epoch, clock)
         trained_at = time.perf_counter()
         run.trainee.scheduler.step()
-        val_sums, confusion, examples = evaluate(run, val_loader)
+        val_sums, confusion, examples, held = evaluate(run, val_loader)
 
         train_sums, val_sums = distributed.sum_over_workers(train_sums), distributed.sum_over_workers(val_sums)
-        confusion = distributed.sum_over_workers(torch.from_numpy(confusion))
-        examples = [e for part in distributed.merge_dicts({worker.rank: examples}).values() for e in part]
+        val = val_over_workers(confusion, examples, held, cfg, worker.rank)
         skipped = {split: distributed.merge_dicts(keys) for split, keys in worker.skipped.items()}
         metrics = epoch_metrics(epoch, train_sums, val_sums, trained_at, worker.world, nodes)
         if index == progress.epoch and first_step_at is not None:
@@ -108,7 +108,6 @@ def train_loop_per_worker(config: dict) -> None:
         for key in sorted(new_skips):
             reporter.line(f"warning: skipped {key}: {new_skips[key]}")
         reporter.line(epoch_line(metrics, reporter.epochs))
-        val = {"confusion": confusion, "examples": examples}
         report(metrics, checkpoint_state(run.trainee, cfg, progress, val), worker)
         reporter.end_epoch(metrics)
 
@@ -212,29 +211,34 @@ def checkpoint_if_preempted(run: WorkerRun, epoch: int, step: int, sums: torch.T
 
 
 @torch.no_grad()
-def evaluate(run: WorkerRun, loader: DataLoader) -> tuple[torch.Tensor, np.ndarray, list]:
-    """Sums of (loss, correct, count) over this worker's share of val (up to train.max_steps_per_epoch batches),
-    its confusion matrix, and a few (key, true, predicted) examples for the prediction grid: misclassified ones
-    first, then correct ones of every class."""
-    worker, classes = run.worker, len(run.trainee.classes)
+def evaluate(run: WorkerRun, loader: DataLoader) -> tuple[torch.Tensor, np.ndarray, list, HeldOut]:
+    """Over this worker's share of val (up to train.max_steps_per_epoch batches): for the images outside the
+    calibration share, sums of (loss, correct, count), the confusion matrix, and a few (key, true, predicted)
+    examples for the prediction grid (misclassified ones first, then correct ones of every class); for those in
+    it, their top-1 scores (HeldOut), which never choose the best epoch."""
+    worker, classes, cfg = run.worker, run.trainee.classes, run.job.config
     run.model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=worker.device)  # on the device, as in train_one_epoch
-    confusion = np.zeros((classes, classes), dtype=np.int64)
-    wrong, right, per_class = [], {}, -(-GRID // classes)
-    for _, images, targets, keys, _ in worker.batches(loader, "val", limit=run.job.config.train.max_steps_per_epoch):
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    held = HeldOut.empty(classes)
+    wrong, right, per_class = [], {}, -(-GRID // len(classes))
+    for _, images, targets, keys, _ in worker.batches(loader, "val", limit=cfg.train.max_steps_per_epoch):
         with worker.autocast():
-            logits = run.model(images)
-        preds = logits.argmax(1)
-        sums[0] += run.criterion(logits.float(), targets)
-        sums[1] += (preds == targets).sum()
-        sums[2] += len(targets)
-        truth, predicted = targets.cpu().numpy(), preds.cpu().numpy()
-        confusion += confusion_matrix(truth, predicted, classes)
-        for key, true, pred in zip(keys, truth.tolist(), predicted.tolist()):
+            logits = run.model(images).float()
+        kept = ~calibration_share(keys, cfg.data.calibration_fraction, cfg.train.seed)
+        scores, preds = logits.softmax(1).max(1)
+        truth, predicted, scores = targets.cpu().numpy(), preds.cpu().numpy(), scores.cpu().numpy()
+        held = held.add(predicted[~kept], scores[~kept], truth[~kept])
+        mask = torch.from_numpy(kept).to(worker.device)
+        sums[0] += run.criterion(logits[mask], targets[mask])
+        sums[1] += (preds[mask] == targets[mask]).sum()
+        sums[2] += int(kept.sum())
+        confusion += confusion_matrix(truth[kept], predicted[kept], len(classes))
+        for key, true, pred in zip(np.array(keys)[kept].tolist(), truth[kept].tolist(), predicted[kept].tolist()):
             shown, room = (wrong, GRID // 2) if true != pred else (right.setdefault(true, []), per_class)
             if len(shown) < room:
                 shown.append((key, true, pred))
-    return sums, confusion, wrong + [e for examples in right.values() for e in examples]
+    return sums, confusion, wrong + [e for examples in right.values() for e in examples], held
 
 
 def too_many_unreadable(skipped: dict, data: TrainingData, max_share: float) -> str | None:
@@ -248,6 +252,21 @@ def too_many_unreadable(skipped: dict, data: TrainingData, max_share: float) -> 
                     f"data.max_unreadable={max_share:g} of them (first: {first}: {failed[first]}); check that "
                     "the workers can read data.root, or raise data.max_unreadable")
     return None
+
+
+def val_over_workers(confusion: np.ndarray, examples: list, held: HeldOut, cfg: Config, rank: int) -> dict:
+    """What a checkpoint keeps of the epoch's val, over all workers: the confusion matrix, the grid's examples,
+    and the calibration share's held-out histograms (calibration.HeldOut.as_dict, with the share's fraction and
+    seed), which `imgjobs label --target-precision` sets its thresholds from."""
+    val = {"confusion": distributed.sum_over_workers(torch.from_numpy(confusion)),
+           "examples": [e for part in distributed.merge_dicts({rank: examples}).values() for e in part],
+           "calibration": None}
+    if cfg.data.calibration_fraction:
+        right, wrong = (np.array(distributed.sum_over_workers(torch.from_numpy(h)), dtype=np.int64)
+                        for h in (held.right, held.wrong))
+        val["calibration"] = HeldOut(held.classes, right, wrong).as_dict() | {
+            "fraction": cfg.data.calibration_fraction, "seed": cfg.train.seed, "images": int(right.sum() + wrong.sum())}
+    return val
 
 
 def epoch_metrics(epoch: Epoch, train: list[float], val: list[float], trained_at: float, world: int,
