@@ -56,13 +56,12 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
     listed_in = time.time() - started
     # The model loads on a thread while Ray starts on this one (it must: Ray's processes end with the thread that
     # started them). Each takes seconds of imports and start-up, and on 2 CPUs they overlap.
-    from pipeline import ray_internals
-    from pipeline.cluster import init_ray
+    from pipeline import cluster, ray_internals
 
-    new_local_ray = ray_internals.existing_cluster_address() is None
     with ThreadPoolExecutor(1) as pool:
+        new_local_ray = ray_internals.existing_cluster_address() is None  # asked before this job starts one
         loading = pool.submit(load_model, opts, checkpoint_path, listing.roots, new_local_ray, console.line)
-        init_ray()
+        cluster.init_ray()
         model = loading.result()
     from pipeline.label import plan  # Ray and torch: imported once the checks above passed
 
@@ -80,6 +79,8 @@ def label(opts: LabelOptions, started_at: float | None = None, console: Console 
         console.line(f"label: {len(listing.files)} image files and {len(listing.archives)} archives listed in "
                      f"{listed_in:.1f}s; {skipped} already in {opts.output}"
                      + (f" ({work.finished} finished units skipped unopened)" if work.finished else ""))
+        if work.units and acceptance is None:  # with a target, said before the calibration pass
+            announce(opts, actors.plan, console)
         progress = RunCounter(console, work.files, work.archives)
         if work.units:
             for table, cpu_decoded in run(opts, actors, work, listing.options, opts.output):
@@ -194,20 +195,24 @@ class Actors:
 
 
 def start_actors(opts: LabelOptions, model: Model, actors: ActorPlan, console: Console) -> Actors:
-    """Say what the plan chose or waits for, and build the actors' model payload (unless load_model did)."""
+    """The actors' model payload (unless load_model built it), and how they make a row."""
     from pipeline.label import plan  # Ray and torch, as in label()
 
+    payload = model.cpu_payload
+    if actors.gpu or payload is None or payload.precision != actors.precision:
+        payload = plan.model_payload(model.state, model.model, actors.precision, gpu=actors.gpu,
+                                     embeddings=opts.embeddings, log=console.line)
+    return Actors(actors, payload, RowRules(model.top_k, opts.min_confidence))
+
+
+def announce(opts: LabelOptions, actors: ActorPlan, console: Console) -> None:
+    """Before the first pass through the actors: what the plan waits for, and what precision auto chose."""
     if actors.waiting:
         console.line("label: waiting for a worker node with CPUs: none is up yet, and the autoscaler adds one as the "
                      f"job asks for it; the pool grows to {actors.max_actors} actor(s) (--max-actors)")
     if opts.precision == "auto":
         console.line(f"label: precision auto: {actors.precision} ({actors.precision_reason}; --precision fp32 or bf16 "
                      "forces one)")
-    payload = model.cpu_payload
-    if actors.gpu or payload is None or payload.precision != actors.precision:
-        payload = plan.model_payload(model.state, model.model, actors.precision, gpu=actors.gpu,
-                                     embeddings=opts.embeddings, log=console.line)
-    return Actors(actors, payload, RowRules(model.top_k, opts.min_confidence))
 
 
 def run(opts: LabelOptions, actors: Actors, work: units.Work, options: dict[str, str],
@@ -245,6 +250,7 @@ def accept(opts: LabelOptions, actors: Actors, held_out: Listing | None, model: 
     """Each class's threshold for --target-precision, from the held-out scores of the --calibration tree (labeled
     now, without writing) or else of the checkpoint's calibration share of val."""
     classes = model.state["classes"]
+    announce(opts, actors.plan, console)
     if held_out:
         found, source = label_held_out(opts, actors, held_out, classes), opts.calibration
     else:
