@@ -27,6 +27,8 @@ EDGES = np.array([i / 100 for i in range(90)] + [1 - 0.1 * 10 ** (-j / 10) for j
 def calibration_share(keys: list[str], fraction: float, seed: int) -> np.ndarray:
     """Which of `keys` are in the calibration share of val (training's data.calibration_fraction): a seeded hash of
     each key, so the same images on every epoch, worker and rerun, whatever order they come in."""
+    if not fraction:  # no share: no key need be hashed
+        return np.zeros(len(keys), dtype=bool)
     salt = str(seed).encode()
     return np.array([int.from_bytes(hashlib.blake2b(key.encode(errors="surrogatepass"), digest_size=8,
                                                     key=salt).digest(), "little") < fraction * 2**64

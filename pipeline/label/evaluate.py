@@ -65,8 +65,9 @@ def evaluate(tables: Iterable[pa.Table], roots: list[str], classes: list[str]) -
     passes every file of the output, earlier runs' included, so a resumed job reports the whole collection."""
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     errors = 0
-    accepted = None  # per predicted class: the accepted rows, and those of them that are right
-    accepted_right = np.zeros(len(classes), dtype=np.int64)
+    marked = False  # the labels have an `accepted` column (--target-precision)
+    accepted = np.zeros(len(classes), dtype=np.int64)  # per predicted class: the accepted rows
+    accepted_right = np.zeros(len(classes), dtype=np.int64)  # and those of them that are right
     for rows in tables:
         truth, predicted = truth_and_prediction(rows, roots, classes)
         inside = truth >= 0
@@ -74,8 +75,9 @@ def evaluate(tables: Iterable[pa.Table], roots: list[str], classes: list[str]) -
         labeled = inside & (predicted >= 0)
         matrix += confusion_matrix(truth[labeled], predicted[labeled], len(classes))
         if "accepted" in rows.column_names:
+            marked = True
             taken = labeled & rows.column("accepted").to_numpy(zero_copy_only=False)
-            accepted = np.bincount(predicted[taken], minlength=len(classes)) + (0 if accepted is None else accepted)
+            accepted += np.bincount(predicted[taken], minlength=len(classes))
             accepted_right += np.bincount(predicted[taken & (truth == predicted)], minlength=len(classes))
     evaluated = int(matrix.sum())
     found = {
@@ -85,7 +87,7 @@ def evaluate(tables: Iterable[pa.Table], roots: list[str], classes: list[str]) -
         "evaluated_roots": roots,
         "confusion_matrix": matrix.tolist(),
     }
-    if accepted is not None:
+    if marked:
         found |= realized(accepted, accepted_right, matrix, classes)
     return found
 
