@@ -1,4 +1,5 @@
-"""The `imgjobs` command: `imgjobs train ...`, `imgjobs label ...`, `imgjobs report ...`, `imgjobs submit ...`."""
+"""The `imgjobs` command: `imgjobs train ...`, `imgjobs label ...`, `imgjobs report ...`, `imgjobs audit ...`,
+`imgjobs submit ...`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ COMMANDS = {
     "submit": "run train or label on a Ray cluster through the Ray Jobs API",
     "label": "label an image collection into Parquet with a trained checkpoint (Ray Data)",
     "report": "build OUTPUT/_report.html, a page to review the labels of an imgjobs label output",
+    "audit": "find likely wrong training labels by K-fold cross-validation and confident learning",
 }
 
 

@@ -13,20 +13,30 @@ from pipeline.console import printable
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("-c", "--config", required=True, help="YAML config, e.g. configs/train.yaml")
+    add_config_arguments(parser)
     parser.add_argument("--fresh", action="store_true",
                         help="start the run over instead of resuming it; the earlier run is moved aside, not deleted")
+
+
+def add_config_arguments(parser) -> None:
+    """A training config and its overrides: imgjobs train's and imgjobs audit's."""
+    parser.add_argument("-c", "--config", required=True, help="YAML config, e.g. configs/train.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, values parsed as YAML")
 
 
-def run(args) -> int:
+def checked_config(args):
+    """(Config, TrainingData): the config and the paths checked before torch and Ray load, which takes seconds."""
     from pipeline.train.config import check_weights_file, load_config
     from pipeline.train.data import scan
 
-    # The config and the paths are checked before torch and Ray load, which takes seconds.
     cfg = load_config(args.config, args.overrides)
     dataset = scan(cfg.data)
     check_weights_file(cfg.model.weights)
+    return cfg, dataset
+
+
+def run(args) -> int:
+    cfg, dataset = checked_config(args)
     from pipeline.train.job import TrainingFailed, train
 
     try:

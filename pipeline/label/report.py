@@ -11,8 +11,6 @@ reads the columns it needs one labels file at a time, and keeps counts and the f
 
 from __future__ import annotations
 
-import base64
-import io
 import time
 
 import jinja2
@@ -29,13 +27,12 @@ from pipeline.errors import UsageError
 from pipeline.formats.calibration import EDGES, HeldOut
 from pipeline.formats.keys import Reader
 from pipeline.formats.labels_file import part_paths, provenance_of, read_table
-from pipeline.images import decode_image
 from pipeline.label.evaluate import truth_and_prediction
 from pipeline.label.output import LEGACY_REPORT, read_runs
+from pipeline.thumbnails import Thumbnails
 
 REPORT = "_report.html"
 COLUMNS = ["path", "label", "label_index", "score", "topk_labels", "topk_scores", "uncertain", "error", "error_kind"]
-THUMB_PX = 128
 PER_CLASS = 12  # least confident images shown per class...
 CLASS_THUMBNAILS = 240  # ...and in all classes together: fewer per class, and only the largest, past 20 classes
 UNCERTAIN_SHOWN = 48
@@ -61,7 +58,7 @@ def write_report(output: str, log=print) -> str:
     for part in parts:
         tally.add(read_table(fs, part, columns))
     path, query = storage.split_query(output)
-    thumbnails = Thumbnails({storage.host(path): query} if storage.is_uri(path) and query else {})
+    thumbnails = Thumbnails(Reader({storage.host(path): query} if storage.is_uri(path) and query else {}))
     page = render(Page(path, tally, provenance, runs, thumbnails))  # no query: it may hold credentials
     target = f"{base}/{REPORT}"
     storage.write_bytes(fs, target, page.encode())
@@ -142,26 +139,6 @@ def _lowest_per_class(rows: pa.Table, n: int) -> pa.Table:
     labels = rows.column("label_index").to_numpy()
     rank = np.arange(len(labels)) - np.searchsorted(labels, labels)  # position within its class
     return rows.filter(pa.array(rank < n))
-
-
-class Thumbnails:
-    """JPEG data: URIs of the images the page shows, THUMB_PX on the long side, read the way labeling reads."""
-
-    def __init__(self, options: dict[str, str]):
-        self.reader = Reader(options)
-        self.count = 0
-
-    def of(self, key: str) -> dict:
-        """{"src": a data: URI, "error": None} or, for an image that cannot be read now, {"src": None, "error": why}."""
-        try:
-            image = decode_image(self.reader.read_key(key), draft_size=THUMB_PX)
-        except Exception as e:  # moved, deleted, or in a compressed archive: the row still shows, without a picture
-            return {"src": None, "error": str(e)[:200]}
-        image.thumbnail((THUMB_PX, THUMB_PX))
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=75)
-        self.count += 1
-        return {"src": f"data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}", "error": None}
 
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.label"), autoescape=True,

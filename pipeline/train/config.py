@@ -39,12 +39,15 @@ class DataConfig(_Section):
                                 "shuffle the members it streams (WebDataset's buffer); 0 or 1: stored order")
     exact_decode: bool = Field(False, description="decode every JPEG at full size; by default a big one decodes at "
                                                   "a reduced scale that still gives every crop its full pixels")
+    exclude: str | None = Field(None, description="an imgjobs audit folder (<storage.path>/<name>/audit): leave out "
+                                "the images it marks as suspects")
 
-    @field_validator("root")
+    @field_validator("root", "exclude")
     @classmethod
-    def _no_credentials(cls, value: str) -> str:
+    def _no_credentials(cls, value: str | None, info: ValidationInfo) -> str | None:
         # A UsageError, which pydantic passes on as it is: a ValidationError's line would quote the secret.
-        storage.refuse_credentials(value, "config error: data.root")
+        if value is not None:
+            storage.refuse_credentials(value, f"config error: data.{info.field_name}")
         return value
 
 
@@ -91,6 +94,15 @@ class TrainConfig(_Section):
                                                "notice comes 30 s to 2 min before the reclaim); 0: after every step")
 
 
+class AuditConfig(_Section):
+    folds: int = Field(5, ge=2, description="imgjobs audit: the K of its K-fold out-of-fold probabilities")
+    checkpoint: str | None = Field(None, description="imgjobs audit: a checkpoint of imgjobs train whose backbone "
+                                   "gives the features; by default model.arch with model.weights")
+    batch_size: int = Field(32, gt=0, description="imgjobs audit: images per batch of its feature pass")
+    part_images: int = Field(1024, gt=0, description="imgjobs audit: images per task of its feature pass, each "
+                             "written once: the most a killed audit's rerun redoes, and the unit run in parallel")
+
+
 class ScalingConfig(_Section):
     num_workers: int = Field(1, gt=0)
     use_gpu: Literal["auto"] | bool = "auto"
@@ -120,6 +132,7 @@ class Config(_Section):
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:

@@ -19,14 +19,21 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import UsageError
+from pipeline.formats import audit_file
 from pipeline.formats.keys import Keys, archive_kind
 from pipeline.images import is_image_name
 from pipeline.train import from_labels, shards
-from pipeline.train.splits import SPLITS, Split, TrainingData
+from pipeline.train.splits import SPLITS, Layout, Split, TrainingData
 
 
 def scan(data, line: Callable[[str], None] = print) -> TrainingData:
-    """The training data that data.root names (a DataConfig): the one place that tells which kind it is."""
+    """The training data that data.root names (a DataConfig), less data.exclude's suspects."""
+    found = scan_root(data, line)
+    return without_suspects(found, data.exclude, line) if data.exclude else found
+
+
+def scan_root(data, line: Callable[[str], None]) -> TrainingData:
+    """The training data that data.root names: the one place that tells which kind it is."""
     if from_labels.is_labels(data.root):
         return from_labels.scan_labels(data.root, data.min_score, data.val_fraction, data.split_seed,
                                        data.accepted_only)
@@ -38,6 +45,22 @@ def scan(data, line: Callable[[str], None] = print) -> TrainingData:
                 f"in {data.root}/{split}/, or a labels Parquet"
             )
     return scan_image_folder(data.root) or scan_shard_folders(data.root, line)
+
+
+def without_suspects(found: TrainingData, audit_dir: str, line: Callable[[str], None]) -> TrainingData:
+    """The data less the images that the audit in `audit_dir` marks as suspects (imgjobs audit)."""
+    suspects = audit_file.suspect_keys(audit_dir)
+    if any(getattr(found, split).layout is Layout.SHARD_FOLDERS for split in SPLITS):
+        raise UsageError(f"data.exclude: the shard folders of {found.root} name no image one by one; relabel the "
+                         "suspects instead (docs/training.md#auditing-the-labels) and train on that labels table")
+    kept = {split: getattr(found, split).without(suspects) for split in SPLITS}
+    left_out = {split: len(getattr(found, split)) - len(kept[split]) for split in SPLITS}
+    if len(suspects) and not sum(left_out.values()):
+        raise UsageError(f"data.exclude: none of the {len(suspects)} suspects of {audit_dir} is in {found.root}; "
+                         "name the audit of this data.root")
+    line(f"data.exclude: left out {left_out['train']} train and {left_out['val']} val images that {audit_dir} marks "
+         "as suspects")
+    return TrainingData(found.root, found.classes, kept["train"], kept["val"])
 
 
 def scan_shard_folders(root: str, line: Callable[[str], None]) -> TrainingData:

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from pipeline.formats.keys import Reader, reason
 from pipeline.images import decode_image
 from pipeline.train.shards import member_class, shard_folder
-from pipeline.train.splits import Layout, Split
+from pipeline.train.splits import Layout, Split, TrainingData
 
 
 class Samples:
@@ -235,3 +235,15 @@ def collate_skipping(samples):
         return None, None, None, skipped
     images, targets, keys = zip(*good)
     return torch.stack(images), torch.tensor(targets), list(keys), skipped
+
+
+def split_loader(data: TrainingData, split: str, transform, draft_size: int | None, share: Share, **loader_args):
+    """(DataLoader, what orders its epochs) over rank `share.rank`'s share of a split: a split of files read file
+    by file (EpochSampler), one of archives streamed (ShardStream)."""
+    samples = getattr(data, split)
+    args = dict(batch_size=share.batch_size, collate_fn=collate_skipping, **loader_args)
+    if samples.layout is Layout.FILES:
+        order = EpochSampler(len(samples), share.rank, share.world, share.seed, shuffle=share.shuffle)
+        return DataLoader(ImageDataset(data.root, samples, transform, draft_size), sampler=order, **args), order
+    stream = ShardStream(data.root, samples, transform, draft_size, data.classes, share)
+    return DataLoader(stream, **args), stream

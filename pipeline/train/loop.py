@@ -26,12 +26,12 @@ from pipeline.formats.model_spec import ModelSpec
 from pipeline.models import build_model, configure_trainable, head_from_imagenet, set_train_mode
 from pipeline.train import distributed, shared_storage
 from pipeline.train.config import Config
-from pipeline.train.dataset import EpochSampler, ImageDataset, ShardStream, Share, collate_skipping
+from pipeline.train.dataset import Share, split_loader
 from pipeline.train.description import TrainingJob
 from pipeline.train.preemption import PreemptionClock
 from pipeline.train.progress import Reporter
 from pipeline.train.run_state import RunState, Trainee, checkpoint_state, report, restore
-from pipeline.train.splits import SPLITS, Layout, TrainingData
+from pipeline.train.splits import SPLITS, TrainingData
 from pipeline.train.transforms import decode_sizes, eval_transform, train_transform
 from pipeline.train.worker import Worker
 
@@ -143,21 +143,14 @@ def set_up(job: TrainingJob, worker: Worker, classes: list[str]) -> WorkerRun:
 
 def loader(cfg: Config, data: TrainingData, split: str, spec: ModelSpec, worker: Worker):
     """(DataLoader, what orders its epochs) over this worker's share of a split: train reshuffled every epoch and
-    padded so that every rank takes the same steps, val unpadded, so every val image is counted exactly once. A
-    split of files is read file by file (EpochSampler), one of archives streamed (ShardStream)."""
+    padded so that every rank takes the same steps, val unpadded, so every val image is counted exactly once."""
     train = split == "train"
     transform = train_transform(spec) if train else eval_transform(spec)
     draft = None if cfg.data.exact_decode else decode_sizes(spec)[0 if train else 1]
-    samples = getattr(data, split)
-    args = dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.num_data_workers,
-                collate_fn=collate_skipping, pin_memory=worker.device.type == "cuda")
-    if samples.layout is Layout.FILES:
-        order = EpochSampler(len(samples), worker.rank, worker.world, cfg.train.seed, shuffle=train)
-        return DataLoader(ImageDataset(data.root, samples, transform, draft), sampler=order, **args), order
     share = Share(worker.rank, worker.world, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_buffer,
                   shuffle=train)
-    stream = ShardStream(data.root, samples, transform, draft, data.classes, share)
-    return DataLoader(stream, **args), stream
+    return split_loader(data, split, transform, draft, share, num_workers=cfg.train.num_data_workers,
+                        pin_memory=worker.device.type == "cuda")
 
 
 def train_one_epoch(run: WorkerRun, loader: DataLoader, epoch: Epoch,

@@ -52,15 +52,19 @@ def earlier_config(fs: pafs.FileSystem, base: str) -> dict | None:
 def check_continuable(before: dict | None, now: dict, run_dir: str) -> None:
     if before is None:
         return
-    changed = {key: (old, new) for key, (old, new) in diff(before, now).items() if key not in CONTINUABLE}
+    changed = {key: (old, new) for key, (old, new) in diff(before, now).items()
+               if key not in CONTINUABLE and not key.startswith("audit.")}  # imgjobs audit's keys, not training's
     epochs = changed.get("train.epochs")
     if epochs and epochs[0] is not None and epochs[1] is not None and epochs[1] >= epochs[0]:
         del changed["train.epochs"]  # more epochs: the run goes on from where it stopped
     if changed:
-        listed = ", ".join(f"{key}: {json.dumps(old)} -> {json.dumps(new)}"
-                           for key, (old, new) in sorted(changed.items()))
-        raise UsageError(f"run {run_dir} was started with another config ({listed}); rerun with its config to resume "
-                         "it, pick another name, or pass --fresh to start over (the earlier run is moved aside)")
+        raise UsageError(f"run {run_dir} was started with another config ({listed(changed)}); rerun with its config to "
+                         "resume it, pick another name, or pass --fresh to start over (the earlier run is moved aside)")
+
+
+def listed(changed: dict[str, tuple]) -> str:
+    """A diff's changes on one line: `key: before -> now, ...`."""
+    return ", ".join(f"{key}: {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in sorted(changed.items()))
 
 
 def diff(before: dict, now: dict, prefix: str = "") -> dict[str, tuple]:

@@ -1,0 +1,188 @@
+"""`imgjobs audit`: confident learning on known probabilities, stratified folds, and the whole job on a tiny real set
+with moved images: found, written as a dataset and a page, resumed after kill -9, refused with another config, and
+left out by data.exclude."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs.cli import main
+from pipeline.audit.confident_learning import find_label_issues, stratified_folds
+from pipeline.errors import UsageError
+from pipeline.train.config import load_config
+from pipeline.train.data import scan
+from pipeline.train.rerun import check_continuable
+from tests.helpers import CHROMIUM, REPO, fresh_env, make_image_folder, write_config
+
+
+def noisy_probabilities(n: int, classes: int, flipped_share: float, seed: int = 0):
+    """(given labels, true labels, probabilities): a model that is right about the true class with a margin, and
+    a share of given labels moved to another class."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, classes, n)
+    logits = rng.normal(0, 1, (n, classes))
+    logits[np.arange(n), truth] += 4
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    given = truth.copy()
+    moved = rng.choice(n, int(flipped_share * n), replace=False)
+    given[moved] = (truth[moved] + rng.integers(1, classes, len(moved))) % classes
+    return given, truth, probs
+
+
+def test_confident_learning_finds_moved_labels_and_spares_the_rest():
+    given, truth, probs = noisy_probabilities(2000, 3, 0.1)
+    found = find_label_issues(given, probs)
+    moved = given != truth
+    precision = (found.suspect & moved).sum() / found.suspect.sum()
+    recall = (found.suspect & moved).sum() / moved.sum()
+    assert precision > 0.9 and recall > 0.8, (precision, recall)
+    # The calibrated joint estimates the counts: its off-diagonal is about the number moved.
+    assert abs(found.joint.sum() - len(given)) < 1e-6
+    assert abs(found.joint.sum() - np.trace(found.joint) - moved.sum()) < 0.25 * moved.sum()
+    assert np.allclose(found.self_confidence, probs[np.arange(len(given)), given])
+    assert not (found.suspect & (found.suggested == given)).any()  # a likeliest class that is the given one: never
+
+
+def test_clean_labels_give_no_suspect():
+    given, truth, probs = noisy_probabilities(500, 2, 0.0)
+    assert not find_label_issues(given, probs).suspect.any()
+
+
+def test_folds_are_stratified_and_seeded():
+    labels = np.repeat([0, 1, 2], [50, 31, 7])
+    folds = stratified_folds(labels, 5, seed=3)
+    for c in range(3):
+        per_fold = np.bincount(folds[labels == c], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1, (c, per_fold)
+    assert np.array_equal(folds, stratified_folds(labels, 5, seed=3))
+    assert not np.array_equal(folds, stratified_folds(labels, 5, seed=4))
+
+
+def test_audit_config_errors_are_one_line_exit_2(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    config = write_config(tmp_path / "c.json", "a", folder, tmp_path / "runs")
+    assert main(["audit", "-c", str(config), "audit.folds=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "audit.folds" in err, err
+    assert main(["audit", "-c", str(config), f"data.exclude={tmp_path / 'nothing'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no finished audit" in err, err
+
+
+def wait_until_gone(session: int, timeout: float = 120) -> None:
+    """Until no process of session `session` (a process started with start_new_session, and its Ray) is left."""
+    deadline = time.time() + timeout
+    while session in {session_of(int(pid)) for pid in os.listdir("/proc") if pid.isdigit()}:
+        assert time.time() < deadline, f"processes of session {session} outlived kill -9 by {timeout}s"
+        time.sleep(0.1)
+
+
+def session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:  # gone meanwhile
+        return None
+
+
+MOVED = {"train": [("blue", "red", 3), ("red", "blue", 5)], "val": [("blue", "red", 1)]}
+
+
+def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(ray_local, tmp_path, capsys):
+    """Colour classes that ImageNet's features tell apart; three images moved to the other class's folder. A first
+    audit, a process with its own Ray, is killed (-9) once a part of its feature pass is written; the rerun (on the
+    session's Ray) keeps that part and finishes."""
+    folder = make_image_folder(tmp_path / "data", train_per_class=24, val_per_class=8, size=64)
+    moved = []
+    for split, entries in MOVED.items():
+        for source, target, index in entries:
+            name = f"{source}_{index:03d}.jpg"
+            shutil.move(folder / split / source / name, folder / split / target / name)
+            moved.append(str(folder / split / target / name))
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "c.json", "noisy", folder, runs,
+                          model={"arch": "efficientnet_lite0", "weights": "imagenet"},
+                          audit={"folds": 2, "part_images": 8}, train={"num_data_workers": 0})
+    audit_dir = runs / "noisy" / "audit"
+    command = [sys.executable, "-m", "jobs.cli", "audit", "-c", str(config)]
+
+    killed = subprocess.Popen(command, cwd=REPO, env=fresh_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while killed.poll() is None and not list((audit_dir / "_features").glob("*.parquet")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    wait_until_gone(killed.pid)  # a task the kill caught mid-write may still finish its file until its process goes
+    early = {p: p.stat().st_mtime_ns for p in (audit_dir / "_features").glob("*.parquet")}
+    assert early and len(early) < 8, early  # 48 train and 16 val images in parts of 8: 8 parts, not all done
+
+    capsys.readouterr()
+    assert main(["audit", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in early} == early  # the finished parts were not redone
+    assert out.count("features of") == 9 - len(early), out  # the first line, and each part left
+
+    rows = pd.read_parquet(audit_dir)  # the folder reads as one dataset
+    assert len(rows) == 64 and rows["path"].is_unique
+    # The moved images are the worst three, and suspects; the colour blobs of a clean image or two may fool ImageNet's
+    # features as well.
+    worst = rows.sort_values("self_confidence")
+    assert set(worst["path"][:3]) == set(moved), worst.head(6)
+    suspects = set(rows.loc[rows["suspect"], "path"])
+    assert set(moved) <= suspects and len(suspects) <= 2 * len(moved), worst.head(8)
+    flagged = rows[rows["suspect"]]
+    assert (flagged["suggested_label"] != flagged["label"]).all()
+    assert duckdb.sql(f"select count(*) from '{audit_dir}/*.parquet' where suspect").fetchall() == [(len(suspects),)]
+    summary = json.loads((audit_dir / "_summary.json").read_text())
+    assert summary["suspects"] == len(suspects) and summary["images"] == 64
+
+    page = (audit_dir / "_report.html").read_text()
+    if CHROMIUM is not None:  # what a browser shows: three suspects, each with its picture
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                              f"file://{audit_dir / '_report.html'}"], capture_output=True, text=True,
+                             timeout=120).stdout
+        assert dom.count('<img class="thumb"') == len(suspects), dom[:500]
+    assert all(path in page for path in moved)
+
+    # A fold whose file is gone is fitted again, and only that one; the result is the same.
+    folds = sorted((audit_dir / "_folds").glob("*.parquet"))
+    kept = folds[0].stat().st_mtime_ns
+    folds[1].unlink()
+    assert main(["audit", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "fold 2/2" in out and "fold 1/2" not in out and "part" not in out, out
+    assert folds[0].stat().st_mtime_ns == kept
+    assert pd.read_parquet(audit_dir).equals(rows)
+
+    assert main(["audit", "-c", str(config), "audit.folds=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "audit.folds: 2 -> 3" in err, err
+
+    lines = []
+    cfg = load_config(str(config), [f"data.exclude={audit_dir}"])
+    data = scan(cfg.data, lines.append)
+    kept = set(data.train.keys()) | set(data.val.keys())
+    assert len(kept) == 64 - len(suspects) and not suspects & kept
+    left_out = [sum(f"/{split}/" in path for path in suspects) for split in ("train", "val")]
+    assert lines == [f"data.exclude: left out {left_out[0]} train and {left_out[1]} val images that {audit_dir} marks "
+                     "as suspects"]
+
+
+def test_a_training_rerun_ignores_the_audit_keys_only(tmp_path):
+    folder = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    before = load_config(str(write_config(tmp_path / "c.json", "a", folder, tmp_path / "runs"))).model_dump(mode="json")
+    check_continuable(before, {**before, "audit": {**before["audit"], "folds": 3}}, "runs/a")
+    with pytest.raises(UsageError, match="train.seed: 0 -> 1"):
+        check_continuable(before, {**before, "train": {**before["train"], "seed": 1}}, "runs/a")
