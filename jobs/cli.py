@@ -13,7 +13,7 @@ from pipeline.errors import UsageError
 
 COMMANDS = {
     "train": "fine-tune a pretrained classifier with Ray Train",
-    "submit": "run train or label on a Ray cluster through the Ray Jobs API",
+    "submit": "run train, label or audit on a Ray cluster through the Ray Jobs API",
     "label": "label an image collection into Parquet with a trained checkpoint (Ray Data)",
     "report": "build OUTPUT/_report.html, a page to review the labels of an imgjobs label output",
     "audit": "find likely wrong training labels by K-fold cross-validation and confident learning",

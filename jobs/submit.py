@@ -1,4 +1,5 @@
-"""`imgjobs submit [--address URL] [--no-wait] -- train|label ...`: run a job on a Ray cluster via the Jobs API.
+"""`imgjobs submit [--address URL] [--no-wait] -- train|label|audit|report ...`: run a job on a Ray cluster via the
+Jobs API.
 
 Prints the job id, streams the job's logs and exits with the job's status (0 when it succeeded).
 """
@@ -23,7 +24,8 @@ USAGE = "name the job after --, e.g. imgjobs submit -- train -c configs/train.ya
 def add_arguments(parser) -> None:
     parser.add_argument("--address", help=f"Ray dashboard URL (default: $RAY_ADDRESS, else {submit.DEFAULT_ADDRESS})")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return without following it")
-    parser.add_argument("job", nargs=argparse.REMAINDER, metavar="-- JOB ...", help="train ... or label ...")
+    parser.add_argument("job", nargs=argparse.REMAINDER, metavar="-- JOB ...",
+                        help="train ..., label ..., audit ... or report ...")
 
 
 def run(args) -> int:
