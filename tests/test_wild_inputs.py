@@ -31,6 +31,7 @@ from pipeline.label.reading import ReadSettings, read_units
 from pipeline.label.sources import list_inputs
 from pipeline.label.units import UNIT_TOTAL, Unit
 from pipeline.train import data as train_data
+from pipeline.train.config import DataConfig
 from tests.helpers import read_output
 from tests.memory_limit import bounded_json
 
@@ -211,8 +212,7 @@ def test_shards_packed_with_tar_c_dot_train_by_their_class_folders(tmp_path):
         (tmp_path / split).mkdir()
         (tmp_path / split / "000.tar").write_bytes(tar_bytes(
             [(f"./{cls}/{i}.jpg", jpeg()) for cls in ("ants", "bees") for i in range(2)]))
-    data = SimpleNamespace(root=str(tmp_path), min_score=0, accepted_only=False, val_fraction=0, split_seed=0)
-    found = train_data.scan(data, lambda line: None)
+    found = train_data.scan(DataConfig(root=str(tmp_path)), lambda line: None)
     assert found.classes == ["ants", "bees"] and len(found.train) == 4
 
 

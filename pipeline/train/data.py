@@ -50,12 +50,15 @@ def scan_root(data, line: Callable[[str], None]) -> TrainingData:
 def without_suspects(found: TrainingData, audit_dir: str, line: Callable[[str], None]) -> TrainingData:
     """The data less the images that the audit in `audit_dir` marks as suspects (imgjobs audit)."""
     suspects = audit_file.suspect_keys(audit_dir)
+    if not len(suspects):
+        line(f"data.exclude: {audit_dir} marks no image as a suspect; nothing left out")
+        return found
     if any(getattr(found, split).layout is Layout.SHARD_FOLDERS for split in SPLITS):
         raise UsageError(f"data.exclude: the shard folders of {found.root} name no image one by one; relabel the "
                          "suspects instead (docs/training.md#auditing-the-labels) and train on that labels table")
     kept = {split: getattr(found, split).without(suspects) for split in SPLITS}
     left_out = {split: len(getattr(found, split)) - len(kept[split]) for split in SPLITS}
-    if len(suspects) and not sum(left_out.values()):
+    if not sum(left_out.values()):
         raise UsageError(f"data.exclude: none of the {len(suspects)} suspects of {audit_dir} is in {found.root}; "
                          "name the audit of this data.root")
     line(f"data.exclude: left out {left_out['train']} train and {left_out['val']} val images that {audit_dir} marks "
