@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.hardware import cpu_model  # noqa: E402
 
 TARGETS = (0.9, 0.95)
-SPREAD = 0.3  # of the hue's standard deviation, in units of the gap between neighbouring classes
+SPREAD = 0.25  # of the hue's standard deviation, in units of the gap between neighbouring classes
 
 
 def hue_images(root: Path, classes: int, per_class: int, seed: int) -> None:
