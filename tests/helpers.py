@@ -137,6 +137,18 @@ def write_config(path: Path, name: str, data_root: Path, storage: Path, **sectio
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 
+def session_processes(session: int) -> list[psutil.Process]:
+    """The processes of session `session`: a process started with start_new_session, and what it started."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == session:
+                found.append(proc)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return found
+
+
 def listening_sockets(processes) -> list[tuple[str, str, int]]:
     """(process name, address, port) of every TCP socket these psutil processes listen on."""
     import psutil

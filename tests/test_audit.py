@@ -23,7 +23,7 @@ from pipeline.errors import UsageError
 from pipeline.train.config import load_config
 from pipeline.train.data import scan
 from pipeline.train.rerun import check_continuable
-from tests.helpers import CHROMIUM, REPO, fresh_env, make_image_folder, write_config
+from tests.helpers import CHROMIUM, REPO, fresh_env, make_image_folder, session_processes, write_config
 
 
 def noisy_probabilities(n: int, classes: int, flipped_share: float, seed: int = 0):
@@ -83,16 +83,9 @@ def test_audit_config_errors_are_one_line_exit_2(tmp_path, capsys):
 def wait_until_gone(session: int, timeout: float = 120) -> None:
     """Until no process of session `session` (a process started with start_new_session, and its Ray) is left."""
     deadline = time.time() + timeout
-    while session in {session_of(int(pid)) for pid in os.listdir("/proc") if pid.isdigit()}:
+    while session_processes(session):
         assert time.time() < deadline, f"processes of session {session} outlived kill -9 by {timeout}s"
         time.sleep(0.1)
-
-
-def session_of(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except ProcessLookupError:  # gone meanwhile
-        return None
 
 
 MOVED = {"train": [("blue", "red", 3), ("red", "blue", 5)], "val": [("blue", "red", 1)]}

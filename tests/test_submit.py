@@ -23,7 +23,7 @@ from jobs.cli import main
 from pipeline import submit
 from pipeline.formats import checkpoint
 from pipeline.ray_internals import LOCAL_ONLY_ENV
-from tests.helpers import DEMO_DATA, LOOPBACK, REPO, free_port, listening_sockets
+from tests.helpers import DEMO_DATA, LOOPBACK, REPO, free_port, listening_sockets, session_processes
 
 BIN = Path(sys.executable).parent
 CLIENT_VARIABLES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -82,17 +82,6 @@ def wait_for_jobs_api(address: str, token: str, process: subprocess.Popen, log: 
             pass
         time.sleep(1)
     pytest.fail(f"the Jobs API at {address} did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def session_processes(session: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == session:
-                found.append(proc)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return found
 
 
 def stop_session(process: subprocess.Popen) -> None:
