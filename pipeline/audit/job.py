@@ -137,7 +137,7 @@ def read_features(place: Place) -> pa.Table:
         if entry.base_name.endswith(".parquet"):
             table = pq.read_table(entry.path, filesystem=place.fs)
             split = entry.base_name.split("-", 1)[0]
-            tables.append(table.append_column("split", pa.array([split] * len(table), pa.string())))
+            tables.append(table.append_column("split", pa.repeat(split, len(table))))
     rows = pa.concat_tables(tables)
     return rows.take(pc.sort_indices(rows, [("path", "ascending")]))
 

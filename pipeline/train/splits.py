@@ -67,21 +67,17 @@ class Split:
     def keys(self) -> Iterator[str]:
         return map(self.key, range(len(self)))
 
-    def key_array(self) -> pa.Array:
-        """Every sample's key, as `key` gives it, in one Arrow array."""
-        separators = pa.array([MEMBER_SEPARATOR if archive_kind(s) else "/" for s in self.sources.to_pylist()])
-        source = np.repeat(np.arange(len(self.counts)), self.counts)
-        parts = [self.sources.take(source), separators.take(source), self.names]
-        return pc.binary_join_element_wise(*(part.cast(pa.large_string()) for part in parts),
-                                           pa.scalar("", pa.large_string()))
-
     def without(self, keys: pa.Array) -> Split:
         """This split less the samples whose keys are in `keys` (a named split: shard folders name none)."""
-        kept = pc.invert(pc.is_in(self.key_array(), keys))
-        source = pa.DictionaryArray.from_arrays(np.repeat(np.arange(len(self.counts), dtype=np.int32), self.counts),
-                                                self.sources)
-        table = pa.table({"source": source, "name": self.names, "target": self.targets}).filter(kept)
-        return replace(Split.from_table(table), layout=self.layout, folder=self.folder)
+        source = np.repeat(np.arange(len(self.counts), dtype=np.int32), self.counts)  # each sample's, in `sources`
+        separators = pa.array([MEMBER_SEPARATOR if archive_kind(s) else "/" for s in self.sources.to_pylist()])
+        parts = [self.sources.take(source), separators.take(source), self.names]
+        own = pc.binary_join_element_wise(*(part.cast(pa.large_string()) for part in parts),
+                                          pa.scalar("", pa.large_string()))  # every sample's key, as `key` gives it
+        table = pa.table({"source": pa.DictionaryArray.from_arrays(source, self.sources), "name": self.names,
+                          "target": self.targets})
+        kept = table.filter(pc.invert(pc.is_in(own, keys)))
+        return replace(Split.from_table(kept), layout=self.layout, folder=self.folder)
 
     @classmethod
     def from_keys(cls, keys: pa.Array, targets: np.ndarray) -> Split:
