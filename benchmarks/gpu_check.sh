@@ -182,7 +182,7 @@ fi
 step train-demo 90 "$PY" -m jobs.cli train -c configs/demo.yaml name=gpu-check "data.root=$REPO/data/hymenoptera" \
     "storage.path=$WORK/runs" scaling.use_gpu=true train.amp=auto
 grep "train.amp auto" "$WORK/train-demo.log" || fail "training did not say what train.amp auto chose"
-step train-resnet18 150 "$PY" benchmarks/train_throughput.py --gpu --cases 64x1 --epochs 2 --loader-workers 8 --rounds 1 \
+step train-resnet18 150 "$PY" benchmarks/train_throughput.py --gpu --cases 64x1 --copies 5 --epochs 2 --loader-workers 8 --rounds 1 \
     --data "$REPO/data/hymenoptera"
 cat "$WORK/train-resnet18.log"
 

@@ -3,13 +3,15 @@
 The notebook's loop is torchvision's ImageFolder and a DataLoader with the same loader processes, transforms and
 model (ResNet18, random weights) in one process. imgjobs trains on the same images as an image folder tree and as
 shard folders (.tar of 64 members, streamed). Each side reports its second epoch's images/s (the first warms up
-caches and allocators) over at least 1,000 images: train/ is repeated (as links) until it holds that many. Rounds
-alternate the sides, and each side's median is compared; Ray's start-up is left out of the ratio and reported on its
-own (command start to first training step). The ceiling is training steps of the model alone on ready tensors; it is
-measured again beside an idle local Ray holding as many idle actors as a training job's helpers, which shows what
-Ray's own processes take from a small machine before imgjobs does anything.
+caches and allocators) on two sets: the seed's own train/ (245 ants/bees photos), where what is paid once per epoch
+weighs most, and train/ repeated 5 times (as links, 1,225 photos). Rounds alternate the sides, and each side's median
+is compared; Ray's start-up is left out of the ratio and reported on its own (command start to first training step).
 
-    .venv/bin/python benchmarks/train_throughput.py [--data ../shared/data/hymenoptera] [--cases 4x1,32x1]
+The ceiling is training steps of the model alone on ready tensors. It is measured again beside an idle local Ray
+holding as many idle actors as a training job's helpers: their ratio is Ray's floor, what Ray's own processes take
+from a small machine before imgjobs does anything. Each imgjobs side prints how far under that floor it falls.
+
+    .venv/bin/python benchmarks/train_throughput.py [--data DIR] [--cases 4x1,32x1] [--copies 1,5] [--rounds 3]
 
 With --exact-decode-too, imgjobs on loose files also runs with data.exact_decode=true: on big photos that shows what
 reduced-size decoding gives (the notebook's loop decodes at full size, as PyTorch does).
@@ -107,15 +109,14 @@ def plain_loop(data_root: str, batch_size: int, epochs: int, loader_workers: int
     return rate
 
 
-def training_copies(data_root: str, work: Path, minimum: int = 1000, per_shard: int = 64) -> tuple[str, str]:
-    """data_root with train/ repeated (as links) until it holds at least `minimum` images, as an image folder
-    tree and as shard folders of `per_shard` members in class folders."""
+def training_copies(data_root: str, work: Path, copies: int, per_shard: int = 64) -> tuple[str, str]:
+    """data_root with train/ repeated `copies` times (as links), as an image folder tree and as shard folders of
+    `per_shard` members in class folders."""
     loose, shards = work / "loose", work / "shards"
     for split in ("train", "val"):
         files = sorted(p for p in Path(data_root, split).rglob("*") if p.is_file() and not p.name.startswith("."))
-        copies = -(-minimum // len(files)) if split == "train" else 1
         members = []
-        for copy in range(copies):
+        for copy in range(copies if split == "train" else 1):
             for path in files:
                 member = path.relative_to(Path(data_root, split)).with_stem(f"{path.stem}-{copy}")
                 (loose / split / member).parent.mkdir(parents=True, exist_ok=True)
@@ -187,11 +188,38 @@ def median_and_range(rates: list[float]) -> str:
     return f"{statistics.median(rates):.1f} ({min(rates):.1f}-{max(rates):.1f})"
 
 
+def compare(loose: str, shards: str, batch: int, workers: int, floor: float, args, device: Device) -> None:
+    """One case on one set: the sides in alternating rounds, each side's median against the plain loop's, and
+    what is left of the gap once Ray's floor (the ceiling beside an idle Ray over the ceiling) is taken off."""
+    sides = {"plain": lambda: plain_loop(loose, batch, args.epochs, args.loader_workers, device)}
+    for name, root, overrides in [("imgjobs", loose, ()), ("imgjobs, shards", shards, ())] + [
+            ("imgjobs, exact decode", loose, ("data.exact_decode=true",))] * args.exact_decode_too:
+        sides[name] = lambda root=root, overrides=overrides: imgjobs_train(
+            root, batch, workers, args.epochs, args.loader_workers, args.gpu, *overrides)
+    rates, startups = {name: [] for name in sides}, {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, run in sides.items():
+            result = run()
+            rates[name].append(result if name == "plain" else result["images_per_s"])
+            if name != "plain":
+                startups[name].append(result["startup_s"])
+    plain = statistics.median(rates["plain"])
+    print(f"  batch {batch}, {workers} worker(s): plain {median_and_range(rates['plain'])} img/s", flush=True)
+    for name in list(sides)[1:]:
+        ratio = statistics.median(rates[name]) / plain
+        print(f"    {name}: {median_and_range(rates[name])} img/s, {ratio:.2f}x plain, {max(0, floor - ratio):.2f} "
+              f"under Ray's floor of {floor:.2f}x; start-up {statistics.median(startups[name]):.1f} s", flush=True)
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"    shards vs loose files: {medians['imgjobs, shards'] / medians['imgjobs']:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hymenoptera"))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--cases", default="4x1,32x1", help="BATCHxWORKERS, comma-separated")
+    parser.add_argument("--copies", default="1,5", help="train/ repeated this many times (1: the seed's own set), "
+                                                        "comma-separated")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each side; medians compared")
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--exact-decode-too", action="store_true",
@@ -203,36 +231,24 @@ def main() -> None:
     if args.gpu:
         amp, why = gpu_half_precision(gpu_capability())
         where = f"{torch.cuda.get_device_name(0)} ({amp}: {why}) beside {where}"
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {where}, torch {torch.__version__}", flush=True)
-    with tempfile.TemporaryDirectory() as work:
-        loose, shards = training_copies(args.data, Path(work))
-        print(f"{len(scan_image_folder(loose).train)} train images from {args.data}; medians of {args.rounds} "
-              "alternating rounds (range)", flush=True)
-        for case in args.cases.split(","):
-            batch, workers = map(int, case.split("x"))
-            sides = {"plain": lambda: plain_loop(loose, batch, args.epochs, args.loader_workers, device)}
-            for name, root, overrides in [("imgjobs", loose, ()), ("imgjobs, shards", shards, ())] + [
-                    ("imgjobs, exact decode", loose, ("data.exact_decode=true",))] * args.exact_decode_too:
-                sides[name] = lambda root=root, overrides=overrides: imgjobs_train(
-                    root, batch, workers, args.epochs, args.loader_workers, args.gpu, *overrides)
-            rates, startups = {name: [] for name in sides}, {name: [] for name in sides}
-            for _ in range(args.rounds):
-                for name, run in sides.items():
-                    result = run()
-                    rates[name].append(result if name == "plain" else result["images_per_s"])
-                    if name != "plain":
-                        startups[name].append(result["startup_s"])
-            plain = statistics.median(rates["plain"])
-            ceiling = model_only(batch, device)
-            beside = model_only_beside_ray(batch, device)
-            print(f"batch {batch}, {workers} worker(s): ceiling {ceiling:.1f} img/s, {beside:.1f} beside an idle "
-                  f"local Ray with {RAY_TRAIN_HELPERS} idle actors ({beside / ceiling:.2f}x); plain "
-                  f"{median_and_range(rates['plain'])} img/s", flush=True)
-            for name in list(sides)[1:]:
-                print(f"  {name}: {median_and_range(rates[name])} img/s, {statistics.median(rates[name]) / plain:.2f}x "
-                      f"plain; start-up {statistics.median(startups[name]):.1f} s", flush=True)
-            medians = {name: statistics.median(r) for name, r in rates.items()}
-            print(f"  shards vs loose files: {medians['imgjobs, shards'] / medians['imgjobs']:.2f}x", flush=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {where}, torch {torch.__version__}; medians of {args.rounds} "
+          "alternating rounds (range)", flush=True)
+    cases = [tuple(map(int, case.split("x"))) for case in args.cases.split(",")]
+    floors = {}  # batch -> what Ray's idle processes leave of the ceiling
+    for batch in sorted({batch for batch, _ in cases}):
+        alone, beside = [], []
+        for _ in range(args.rounds):
+            alone.append(model_only(batch, device))
+            beside.append(model_only_beside_ray(batch, device))
+        floors[batch] = min(1.0, statistics.median(beside) / statistics.median(alone))
+        print(f"batch {batch}: ceiling {median_and_range(alone)} img/s, {median_and_range(beside)} beside an idle "
+              f"local Ray with {RAY_TRAIN_HELPERS} idle actors: Ray's floor {floors[batch]:.2f}x", flush=True)
+    for copies in map(int, args.copies.split(",")):
+        with tempfile.TemporaryDirectory() as work:
+            loose, shards = training_copies(args.data, Path(work), copies)
+            print(f"{len(scan_image_folder(loose).train)} train images: {args.data}/train x {copies}", flush=True)
+            for batch, workers in cases:
+                compare(loose, shards, batch, workers, floors[batch], args, device)
 
 
 if __name__ == "__main__":
