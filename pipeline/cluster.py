@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -64,6 +65,16 @@ def setup_worker() -> None:
     tells them which one is theirs."""
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     ray_output.quiet_worker()
+
+
+def use_gpus(setting: bool | str, say: Callable[[str], None], who: str) -> bool:
+    """scaling.use_gpu as a job on the connected Ray runs it: `auto` chosen by gpu_choice, and said in one line
+    that starts with `who` (the run's name, or the command)."""
+    if setting != "auto":
+        return bool(setting)
+    chosen, why = gpu_choice()
+    say(f"{who}: scaling.use_gpu auto: {'GPU' if chosen else 'CPU'} workers ({why})")
+    return chosen
 
 
 def gpu_choice() -> tuple[bool, str]:

@@ -105,7 +105,8 @@ def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(r
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "c.json", "noisy", folder, runs,
                           model={"arch": "efficientnet_lite0", "weights": "imagenet"},
-                          audit={"folds": 2, "part_images": 8}, train={"num_data_workers": 0})
+                          audit={"folds": 2, "part_images": 8}, train={"num_data_workers": 0},
+                          scaling={"num_workers": 1, "use_gpu": "auto"})
     audit_dir = runs / "noisy" / "audit"
     command = [sys.executable, "-m", "jobs.cli", "audit", "-c", str(config)]
 
@@ -125,6 +126,7 @@ def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(r
     out = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in early} == early  # the finished parts were not redone
     assert out.count("features of") == 9 - len(early), out  # the first line, and each part left
+    assert "audit: scaling.use_gpu auto: CPU workers (no GPU up" in out, out  # the session's Ray has none
 
     rows = pd.read_parquet(audit_dir)  # the folder reads as one dataset
     assert len(rows) == 64 and rows["path"].is_unique

@@ -101,7 +101,7 @@ def extract_features(place: Place, cfg: Config, data: TrainingData, model, spec,
     todo = [part for part in parts(cfg, data) if not exists(place, features_name(part))]
     if not todo:
         return
-    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu != "auto" else cluster.gpu_choice()[0]
+    use_gpu = cluster.use_gpus(cfg.scaling.use_gpu, line, "audit")
     task = work.extract_part.options(num_gpus=1 if use_gpu else 0)
     model_ref, data_ref = ray.put(model), ray.put(data)
     pending = {task.remote(model_ref, spec, data_ref, part, cfg, place.file(features_name(part))): part

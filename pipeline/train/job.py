@@ -17,7 +17,7 @@ import ray
 
 import pipeline
 from pipeline import storage
-from pipeline.cluster import gpu_choice, init_ray
+from pipeline.cluster import init_ray, use_gpus
 from pipeline.console import Console, timestamp
 from pipeline.errors import UsageError
 from pipeline.formats import checkpoint
@@ -56,10 +56,7 @@ def train(cfg: Config, dataset: TrainingData, started_at: float, fresh: bool = F
             if connected:
                 ray.shutdown()
             raise
-    use_gpu = cfg.scaling.use_gpu
-    if use_gpu == "auto":
-        use_gpu, why = gpu_choice()
-        console.line(f"{cfg.name}: scaling.use_gpu auto: {'GPU' if use_gpu else 'CPU'} workers ({why})")
+    use_gpu = use_gpus(cfg.scaling.use_gpu, console.line, cfg.name)
     kind = "GPU" if use_gpu else "CPU"
     up = ray.cluster_resources().get(kind, 0)
     if up < cfg.scaling.num_workers:  # Ray Train asks for them and waits; the autoscaler adds nodes
