@@ -27,7 +27,7 @@ from pipeline.formats.labels_file import Decoding, Provenance, RowRules, io_erro
 from pipeline.label import isolation, units
 from pipeline.label.evaluate import check_class_folders, evaluate, truth_and_prediction
 from pipeline.label.options import LabelOptions
-from pipeline.label.output import SUMMARY, CommitPolicy, LabelWriter, read_runs
+from pipeline.label.output import SUMMARY, CommitPolicy, LabelWriter, read_runs, refuse_other_labels_early
 from pipeline.label.report import write_report
 from pipeline.label.sources import Listing, list_inputs
 
@@ -248,7 +248,11 @@ class Acceptance:
 def accept(opts: LabelOptions, actors: Actors, held_out: Listing | None, model: Model,
            console: Console) -> Acceptance:
     """Each class's threshold for --target-precision, from the held-out scores of the --calibration tree (labeled
-    now, without writing) or else of the checkpoint's calibration share of val."""
+    now, without writing) or else of the checkpoint's calibration share of val. An output labeled otherwise, with
+    another target for one, is refused before that pass."""
+    if not opts.overwrite:
+        refuse_other_labels_early(opts.output, run_provenance(opts, model, actors.plan, None).as_dict()
+                                  | {"target_precision": opts.target_precision})
     classes = model.state["classes"]
     announce(opts, actors.plan, console)
     if held_out:

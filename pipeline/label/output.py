@@ -166,11 +166,7 @@ class LabelWriter:
         return False
 
     def _footer(self, path: str) -> pa.Schema | None:
-        """The schema of the Parquet file `path`; None where it is no Parquet file, though named one."""
-        try:
-            return pq.read_schema(path, filesystem=self.folder.fs)
-        except pa.ArrowInvalid:
-            return None
+        return read_footer(self.folder.fs, path)
 
     def close(self) -> None:
         """Commit the last, partly filled file, and give the output's lock back, even when that commit fails."""
@@ -239,10 +235,34 @@ def check_writable(out_dir: str) -> Folder:
     return Folder(out_dir, fs, base)
 
 
-def check_same_labels(found: dict, wanted: dict, path: str, out_dir: str) -> None:
+def read_footer(fs: pafs.FileSystem, path: str) -> pa.Schema | None:
+    """The schema of the Parquet file `path`; None where it is no Parquet file, though named one."""
+    try:
+        return pq.read_schema(path, filesystem=fs)
+    except pa.ArrowInvalid:
+        return None
+
+
+def refuse_other_labels_early(out_dir: str, wanted: dict) -> None:
+    """Before slow work that the provenance waits on (--target-precision's calibration pass): refuse an output
+    whose first labels file was made differently in anything known before the thresholds. Changes nothing; the
+    writer checks every file again under the output's lock, and reports what this cannot read."""
+    try:
+        fs, base = storage.resolve(out_dir)
+        first = part_paths(fs, base)[:1]
+        schemas = [read_footer(fs, path) for path in first]
+    except OSError:
+        return
+    for path, schema in zip(first, schemas, strict=True):
+        if schema is not None and PROVENANCE_KEY in (schema.metadata or {}):
+            check_same_labels(provenance_of(schema, path), wanted, path, out_dir,
+                              [key for key in LABEL_DEFINING if key != "thresholds"])
+
+
+def check_same_labels(found: dict, wanted: dict, path: str, out_dir: str, keys=LABEL_DEFINING) -> None:
     """Refuse to resume into labels that another checkpoint, other classes or other label options made."""
     differences = [f"{key} {_short(found.get(key))} there, {_short(wanted.get(key))} now"
-                   for key in LABEL_DEFINING if found.get(key) != wanted.get(key)]
+                   for key in keys if found.get(key) != wanted.get(key)]
     if differences:
         raise UsageError(f"output {out_dir} holds labels made differently ({'; '.join(differences)}; first in "
                          f"{path.rsplit('/', 1)[-1]}); rerun with the same checkpoint and options to resume, use "
