@@ -9,7 +9,9 @@ is compared; Ray's start-up is left out of the ratio and reported on its own (co
 
 The ceiling is training steps of the model alone on ready tensors. It is measured again beside an idle local Ray
 holding as many idle actors as a training job's helpers: their ratio is Ray's floor, what Ray's own processes take
-from a small machine before imgjobs does anything. Each imgjobs side prints how far under that floor it falls.
+from a small machine before imgjobs does anything. The plain loop too runs beside an idle Ray, in its own rounds:
+that ratio is Ray's floor for the loop, which loads images in processes of its own and so loses more to Ray's
+wakeups than the model alone does. Each imgjobs side prints how far under either floor it falls.
 
     .venv/bin/python benchmarks/train_throughput.py [--data DIR] [--cases 4x1,32x1] [--copies 1,5] [--rounds 3]
 
@@ -24,6 +26,7 @@ with train.amp=auto and train.channels_last=true (benchmarks/gpu_check.sh).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -40,7 +43,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import ray_output  # noqa: E402
+from pipeline import cluster  # noqa: E402
 from pipeline.hardware import cpu_model, gpu_capability, gpu_half_precision  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train.data import scan_image_folder  # noqa: E402
@@ -149,9 +152,10 @@ def model_only(batch_size: int, device: Device, seconds: float = 10.0) -> float:
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def model_only_beside_ray(batch_size: int, device: Device, actors: int = RAY_TRAIN_HELPERS) -> float:
-    """The ceiling again, in a Ray driver beside a local Ray (dashboard included, as training starts it) holding
-    `actors` idle actors: what Ray's own processes cost the training process before it does anything else."""
+@contextlib.contextmanager
+def idle_ray(actors: int = RAY_TRAIN_HELPERS):
+    """For the block, a local Ray as `imgjobs train` starts its own (pipeline.cluster.init_ray: nice-0 workers, a
+    dashboard), holding `actors` idle actors: what Ray's own processes cost before the job does anything."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -159,14 +163,19 @@ def model_only_beside_ray(batch_size: int, device: Device, actors: int = RAY_TRA
         def ready(self) -> bool:
             return True
 
-    ray_output.quiet_driver()
-    ray.init(include_dashboard=True, logging_level="WARNING")
+    cluster.init_ray(training=True)
     try:
         idle = [Idle.remote() for _ in range(actors)]
         ray.get([actor.ready.remote() for actor in idle])
-        return model_only(batch_size, device)
+        yield
     finally:
         ray.shutdown()
+
+
+def beside_idle_ray(measure):
+    """What `measure()` returns when run beside an idle Ray."""
+    with idle_ray():
+        return measure()
 
 
 def imgjobs_train(data_root: str, batch_size: int, workers: int, epochs: int, loader_workers: int, gpu: bool,
@@ -190,8 +199,12 @@ def median_and_range(rates: list[float]) -> str:
 
 def compare(loose: str, shards: str, batch: int, workers: int, floor: float, args, device: Device) -> None:
     """One case on one set: the sides in alternating rounds, each side's median against the plain loop's, and
-    what is left of the gap once Ray's floor (the ceiling beside an idle Ray over the ceiling) is taken off."""
-    sides = {"plain": lambda: plain_loop(loose, batch, args.epochs, args.loader_workers, device)}
+    what is left of the gap once Ray's floor (the ceiling beside an idle Ray over the ceiling) or the loop's (the
+    plain loop beside an idle Ray over the plain loop) is taken off."""
+    def plain():
+        return plain_loop(loose, batch, args.epochs, args.loader_workers, device)
+
+    sides = {"plain": plain, "plain beside an idle Ray": lambda: beside_idle_ray(plain)}
     for name, root, overrides in [("imgjobs", loose, ()), ("imgjobs, shards", shards, ())] + [
             ("imgjobs, exact decode", loose, ("data.exact_decode=true",))] * args.exact_decode_too:
         sides[name] = lambda root=root, overrides=overrides: imgjobs_train(
@@ -200,15 +213,19 @@ def compare(loose: str, shards: str, batch: int, workers: int, floor: float, arg
     for _ in range(args.rounds):
         for name, run in sides.items():
             result = run()
-            rates[name].append(result if name == "plain" else result["images_per_s"])
-            if name != "plain":
+            rates[name].append(result if name.startswith("plain") else result["images_per_s"])
+            if not name.startswith("plain"):
                 startups[name].append(result["startup_s"])
     plain = statistics.median(rates["plain"])
-    print(f"  batch {batch}, {workers} worker(s): plain {median_and_range(rates['plain'])} img/s", flush=True)
-    for name in list(sides)[1:]:
+    loop_floor = min(1.0, statistics.median(rates["plain beside an idle Ray"]) / plain)
+    print(f"  batch {batch}, {workers} worker(s): plain {median_and_range(rates['plain'])} img/s, beside an idle "
+          f"Ray {median_and_range(rates['plain beside an idle Ray'])}: Ray's floor for the loop {loop_floor:.2f}x",
+          flush=True)
+    for name in list(sides)[2:]:
         ratio = statistics.median(rates[name]) / plain
         print(f"    {name}: {median_and_range(rates[name])} img/s, {ratio:.2f}x plain, {max(0, floor - ratio):.2f} "
-              f"under Ray's floor of {floor:.2f}x; start-up {statistics.median(startups[name]):.1f} s", flush=True)
+              f"under Ray's floor of {floor:.2f}x, {max(0, loop_floor - ratio):.2f} under the loop's; start-up "
+              f"{statistics.median(startups[name]):.1f} s", flush=True)
     medians = {name: statistics.median(r) for name, r in rates.items()}
     print(f"    shards vs loose files: {medians['imgjobs, shards'] / medians['imgjobs']:.2f}x", flush=True)
 
@@ -239,7 +256,7 @@ def main() -> None:
         alone, beside = [], []
         for _ in range(args.rounds):
             alone.append(model_only(batch, device))
-            beside.append(model_only_beside_ray(batch, device))
+            beside.append(beside_idle_ray(lambda: model_only(batch, device)))
         floors[batch] = min(1.0, statistics.median(beside) / statistics.median(alone))
         print(f"batch {batch}: ceiling {median_and_range(alone)} img/s, {median_and_range(beside)} beside an idle "
               f"local Ray with {RAY_TRAIN_HELPERS} idle actors: Ray's floor {floors[batch]:.2f}x", flush=True)
