@@ -248,9 +248,9 @@ class Acceptance:
 def accept(opts: LabelOptions, actors: Actors, held_out: Listing | None, model: Model,
            console: Console) -> Acceptance:
     """Each class's threshold for --target-precision, from the held-out scores of the --calibration tree (labeled
-    now, without writing) or else of the checkpoint's calibration share of val. An output labeled otherwise, with
-    another target for one, is refused before that pass."""
-    if not opts.overwrite:
+    now, without writing) or else of the checkpoint's calibration share of val. Before the tree's pass, an output
+    labeled otherwise (with another target, for one) is refused; without a pass, the writer refuses it next."""
+    if held_out and not opts.overwrite:
         refuse_other_labels_early(opts.output, run_provenance(opts, model, actors.plan, None).as_dict()
                                   | {"target_precision": opts.target_precision})
     classes = model.state["classes"]
