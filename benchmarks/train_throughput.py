@@ -53,6 +53,7 @@ from pipeline.train.transforms import train_transform  # noqa: E402
 # placement-group cleaner, synchronization actor, preemption watcher, dataset manager and autoscaling coordinator,
 # the job's line queue, and an idle worker that Ray keeps started.
 RAY_TRAIN_HELPERS = 8
+PLAIN = ("plain", "plain beside an idle Ray")  # compare()'s sides that return images/s alone
 
 
 class Device:
@@ -204,7 +205,7 @@ def compare(loose: str, shards: str, batch: int, workers: int, floor: float, arg
     def plain():
         return plain_loop(loose, batch, args.epochs, args.loader_workers, device)
 
-    sides = {"plain": plain, "plain beside an idle Ray": lambda: beside_idle_ray(plain)}
+    sides = dict(zip(PLAIN, (plain, lambda: beside_idle_ray(plain)), strict=True))
     for name, root, overrides in [("imgjobs", loose, ()), ("imgjobs, shards", shards, ())] + [
             ("imgjobs, exact decode", loose, ("data.exact_decode=true",))] * args.exact_decode_too:
         sides[name] = lambda root=root, overrides=overrides: imgjobs_train(
@@ -213,15 +214,15 @@ def compare(loose: str, shards: str, batch: int, workers: int, floor: float, arg
     for _ in range(args.rounds):
         for name, run in sides.items():
             result = run()
-            rates[name].append(result if name.startswith("plain") else result["images_per_s"])
-            if not name.startswith("plain"):
+            rates[name].append(result if name in PLAIN else result["images_per_s"])
+            if name not in PLAIN:
                 startups[name].append(result["startup_s"])
     plain = statistics.median(rates["plain"])
     loop_floor = min(1.0, statistics.median(rates["plain beside an idle Ray"]) / plain)
     print(f"  batch {batch}, {workers} worker(s): plain {median_and_range(rates['plain'])} img/s, beside an idle "
           f"Ray {median_and_range(rates['plain beside an idle Ray'])}: Ray's floor for the loop {loop_floor:.2f}x",
           flush=True)
-    for name in list(sides)[2:]:
+    for name in [name for name in sides if name not in PLAIN]:
         ratio = statistics.median(rates[name]) / plain
         print(f"    {name}: {median_and_range(rates[name])} img/s, {ratio:.2f}x plain, {max(0, floor - ratio):.2f} "
               f"under Ray's floor of {floor:.2f}x, {max(0, loop_floor - ratio):.2f} under the loop's; start-up "
