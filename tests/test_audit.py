@@ -102,6 +102,8 @@ def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(r
             name = f"{source}_{index:03d}.jpg"
             shutil.move(folder / split / source / name, folder / split / target / name)
             moved.append(str(folder / split / target / name))
+    broken = folder / "train" / "red" / "truncated.jpg"  # keeps a row with its given label, and is never a suspect
+    broken.write_bytes((folder / "train" / "red" / "red_000.jpg").read_bytes()[:300])
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "c.json", "noisy", folder, runs,
                           model={"arch": "efficientnet_lite0", "weights": "imagenet"},
@@ -119,17 +121,20 @@ def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(r
     killed.wait()
     wait_until_gone(killed.pid)  # a task the kill caught mid-write may still finish its file until its process goes
     early = {p: p.stat().st_mtime_ns for p in (audit_dir / "_features").glob("*.parquet")}
-    assert early and len(early) < 8, early  # 48 train and 16 val images in parts of 8: 8 parts, not all done
+    assert early and len(early) < 9, early  # 49 train and 16 val images in parts of 8: 9 parts, not all done
 
     capsys.readouterr()
     assert main(["audit", "-c", str(config)]) == 0
     out = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in early} == early  # the finished parts were not redone
-    assert out.count("features of") == 9 - len(early), out  # the first line, and each part left
+    assert out.count("features of") == 10 - len(early), out  # the first line, and each part left
     assert "audit: scaling.use_gpu auto: CPU workers (no GPU up" in out, out  # the session's Ray has none
 
     rows = pd.read_parquet(audit_dir)  # the folder reads as one dataset
-    assert len(rows) == 64 and rows["path"].is_unique
+    assert len(rows) == 65 and rows["path"].is_unique
+    [unreadable] = rows[rows["error"].notna()].itertuples()
+    assert (unreadable.path, unreadable.label, unreadable.suspect) == (str(broken), "red", False), unreadable
+    assert pd.isna(unreadable.suggested_label) and pd.isna(unreadable.self_confidence), unreadable
     # The moved images are the worst three, and suspects; the colour blobs of a clean image or two may fool ImageNet's
     # features as well.
     worst = rows.sort_values("self_confidence")
@@ -140,7 +145,7 @@ def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(r
     assert (flagged["suggested_label"] != flagged["label"]).all()
     assert duckdb.sql(f"select count(*) from '{audit_dir}/*.parquet' where suspect").fetchall() == [(len(suspects),)]
     summary = json.loads((audit_dir / "_summary.json").read_text())
-    assert summary["suspects"] == len(suspects) and summary["images"] == 64
+    assert summary["suspects"] == len(suspects) and (summary["images"], summary["unreadable"]) == (65, 1)
 
     page = (audit_dir / "_report.html").read_text()
     if CHROMIUM is not None:  # what a browser shows: three suspects, each with its picture
@@ -169,7 +174,7 @@ def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(r
     cfg = load_config(str(config), [f"data.exclude={audit_dir}"])
     data = scan(cfg.data, lines.append)
     kept = set(data.train.keys()) | set(data.val.keys())
-    assert len(kept) == 64 - len(suspects) and not suspects & kept
+    assert len(kept) == 65 - len(suspects) and not suspects & kept
     left_out = [sum(f"/{split}/" in path for path in suspects) for split in ("train", "val")]
     assert lines == [f"data.exclude: left out {left_out[0]} train and {left_out[1]} val images that {audit_dir} marks "
                      "as suspects"]

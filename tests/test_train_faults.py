@@ -41,8 +41,9 @@ def test_a_file_that_vanishes_after_listing_is_skipped(tmp_path):
     folder = scan_image_folder(str(root))
     os.remove(folder.val.key(0))
     transform = eval_transform(build_model("efficientnet_lite0", 2)[1])
-    image, path, reason = ImageDataset(str(root), folder.val, transform)[0]
+    image, path, reason, target = ImageDataset(str(root), folder.val, transform)[0]
     assert image is None and path == folder.val.key(0) and "FileNotFoundError" in reason
+    assert target == folder.val.target(0)  # its given label, for the audit's row
 
 
 def test_a_worker_that_cannot_see_the_run_folder_raises_a_usage_error_that_survives_the_trip(tmp_path):

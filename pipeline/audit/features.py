@@ -48,7 +48,7 @@ def feature_model(cfg: Config, classes: list[str]) -> tuple[WithEmbedding, Model
 def extract_part(model: WithEmbedding, spec: ModelSpec, data: TrainingData, part: tuple[str, int, int],
                  cfg: Config, path: str) -> int:
     """Write the features of part `part` ((split, index, parts)) of a split to `path`; its images that do not
-    read or decode get a row with their error and no features. Returns the rows written."""
+    read or decode get a row with their given label, their error and no features. Returns the rows written."""
     split, index, parts = part
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
@@ -69,10 +69,10 @@ def extract_part(model: WithEmbedding, spec: ModelSpec, data: TrainingData, part
     values = np.concatenate(features) if features else np.zeros((0, width), dtype=np.float32)
     rows = pa.table({
         "path": pa.array(keys + list(errors), pa.string()),
-        "target": pa.array(np.concatenate([*targets, np.full(len(errors), -1)]).astype(np.int16)),
+        "target": pa.array(np.concatenate([*targets, [target for _, target in errors.values()]]).astype(np.int16)),
         "feature": pa.FixedSizeListArray.from_arrays(
             np.concatenate([values, np.zeros((len(errors), width), np.float32)]).ravel(), width),
-        "error": pa.array([None] * len(keys) + list(errors.values()), pa.string()),
+        "error": pa.array([None] * len(keys) + [why for why, _ in errors.values()], pa.string()),
     })
     write_once(rows, path)
     return len(rows)

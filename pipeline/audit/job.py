@@ -177,7 +177,7 @@ def output_table(rows: pa.Table, usable: np.ndarray, found: Audit, classes: list
     return pa.table({
         "path": rows["path"],
         "split": rows["split"],
-        "label": names.take(pa.array(targets, mask=targets < 0)),  # unknown for an image that did not decode
+        "label": names.take(pa.array(targets)),
         "suggested_label": names.take(pa.array(suggested, mask=~usable)),
         "self_confidence": pa.array(confidence, mask=~usable),
         "suspect": suspect,

@@ -26,7 +26,8 @@ from pipeline.train.splits import Layout, Split, TrainingData
 
 class Samples:
     """What both datasets share: a reader per process (DataLoader workers fork, and must not share open files),
-    and turning bytes into (tensor, target, key), or (None, key, reason) for a sample that does not decode."""
+    and turning bytes into (tensor, target, key), or (None, key, reason, target) for a sample that does not read or
+    decode."""
 
     def __init__(self, root: str, split: Split, transform, draft_size: int | None = None):
         """`draft_size`: big JPEGs decode at a reduced scale that keeps this many pixels on the short side."""
@@ -41,11 +42,11 @@ class Samples:
 
     def sample(self, key: str, target: int, data: bytes | None, error: str | None = None):
         if data is None:
-            return None, key, error
+            return None, key, error, target
         try:
             image = decode_image(data, self.draft_size)
         except Exception as e:  # one bad file must never stop training
-            return None, key, reason(e)
+            return None, key, reason(e), target
         return self.transform(image), target, key
 
 
@@ -60,7 +61,7 @@ class ImageDataset(Samples, Dataset):
         try:
             data = self.reader.read_key(key)
         except Exception as e:
-            return self.sample(key, -1, None, reason(e))
+            return self.sample(key, self.split.target(index), None, reason(e))
         return self.sample(key, self.split.target(index), data)
 
 
@@ -228,9 +229,10 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 
 def collate_skipping(samples):
-    """Batch the good samples; hand back the skipped ones as {key: reason}."""
+    """Batch the good samples; hand back the skipped ones as {key: (reason, target)}: the audit keeps a row, with its
+    given label, for every image that did not read or decode."""
     good = [s for s in samples if s[0] is not None]
-    skipped = {s[1]: s[2] for s in samples if s[0] is None}
+    skipped = {s[1]: (s[2], s[3]) for s in samples if s[0] is None}
     if not good:
         return None, None, None, skipped
     images, targets, keys = zip(*good)

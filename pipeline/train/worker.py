@@ -66,7 +66,7 @@ class Worker:
         for position, (images, targets, keys, skipped) in enumerate(batches, start=start + 1):
             if limit is not None and position > limit:
                 return
-            self.skipped[split].update(skipped)
+            self.skipped[split].update((key, why) for key, (why, _) in skipped.items())
             ok, look = (images is not None, False) if clock is None else distributed.agree(
                 images is not None, clock.wants(position))
             if not ok:
