@@ -27,7 +27,7 @@ from pipeline.formats.archives import Limits
 from pipeline.formats.keys import Reader, escape, unescape
 from pipeline.label import isolation
 from pipeline.label.isolation import Attempts, Crashed, in_child
-from pipeline.label.reading import ReadSettings, read_units
+from pipeline.label.reading import CountedBy, Preprocess, ReadSettings, read_units
 from pipeline.label.sources import list_inputs
 from pipeline.label.units import UNIT_TOTAL, Unit
 from pipeline.train import data as train_data
@@ -261,8 +261,9 @@ def archive_unit(path: Path) -> pa.Table:
     return pa.Table.from_pylist([Unit(str(path), str(path), start=0, end=0, prior=0, parts=()).row()])
 
 
-def read_unit(path: Path, output: Path) -> list[dict]:
-    blocks = read_units(archive_unit(path), ReadSettings(SPEC, str(output), max_pixels=10**8), [None])
+def read_unit(path: Path, output: Path | None, **settings) -> list[dict]:
+    reading = ReadSettings(SPEC, output and str(output), max_pixels=10**8, **settings)
+    blocks = read_units(archive_unit(path), reading, [None])
     return [row for block in blocks for row in pa.table({k: v for k, v in block.items() if k != "pixels"}).to_pylist()]
 
 
@@ -282,24 +283,57 @@ def crash(_):
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
-def test_a_native_crash_costs_its_file_one_row_once_the_unit_crashed_twice(tmp_path):
+CRASHES = b"bytes that crash the decoder"
+
+
+def crash_on(monkeypatch, data: bytes) -> None:
+    """Preprocess's decoder, made to crash its process on `data` as a codec's native fault would."""
+    decode = Preprocess.__call__
+    monkeypatch.setattr(Preprocess, "__call__",
+                        lambda self, given: crash(given) if given == data else decode(self, given))
+
+
+def crashing_shard(tmp_path: Path) -> Path:
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(tar_bytes([("a.jpg", jpeg()), ("b.jpg", b"not an image"), ("c.jpg", CRASHES)]))
+    return shard
+
+
+def careful_rows(rows: list[dict]) -> list[tuple[str, str, bool]]:
+    return [(row["path"].rpartition("!")[2], row["error_kind"], "crashed its process" in row["error"]) for row in rows]
+
+
+CAREFUL = [("a.jpg", "", False), ("b.jpg", "decode", False), ("c.jpg", "decode", True)]
+
+
+def test_a_native_crash_costs_its_file_one_row_once_the_unit_crashed_twice(tmp_path, monkeypatch):
     with pytest.raises(Crashed, match=r"crashed its process \(signal 11\)"):
         in_child(crash, b"")
     assert in_child(len, b"abc") == 3
     with pytest.raises(ValueError, match="in the child"):
         in_child(lambda _: (_ for _ in ()).throw(ValueError("in the child")), b"")
 
-    output, shard = tmp_path / "out", tmp_path / "s.tar"
-    shard.write_bytes(tar_bytes([("a.jpg", jpeg()), ("b.jpg", b"not an image")]))
-    attempts = Attempts(*storage.resolve(str(output)), str(shard))
-    assert [attempts.start(), attempts.start()] == [False, False]  # two attempts that never finished: crashes
+    crash_on(monkeypatch, CRASHES)
+    output, shard = tmp_path / "out", crashing_shard(tmp_path)
+    attempts = Attempts(*storage.resolve(str(output)))
+    assert [attempts.start(str(shard)), attempts.start(str(shard))] == [False, False]  # two crashed attempts
     rows = read_unit(shard, output)  # the third is careful: each file decoded in a child of its own
-    assert [(row["path"].rpartition("!")[2], row["error_kind"]) for row in rows] == [("a.jpg", ""),
-                                                                                      ("b.jpg", "decode")]
-    assert not attempts.start()  # the careful attempt finished: its count is gone
+    assert careful_rows(rows) == CAREFUL
+    assert not attempts.start(str(shard))  # the careful attempt finished: its count is gone
     isolation.clear(*storage.resolve(str(output)))
     assert not (output / isolation.ATTEMPTS).exists()
 
+
+def test_a_pass_that_writes_nothing_counts_its_crashes_in_an_actor(ray_local, tmp_path, monkeypatch):
+    """--calibration's pass has no output folder to count in: a PassAttempts actor counts, as label() runs it."""
+    crash_on(monkeypatch, CRASHES)
+    shard = crashing_shard(tmp_path)
+    actor = ray_local.remote(num_cpus=0)(isolation.PassAttempts).remote()
+    attempts = CountedBy(actor)
+    assert [attempts.start(str(shard)), attempts.start(str(shard))] == [False, False]
+    assert careful_rows(read_unit(shard, None, attempts=actor)) == CAREFUL
+    assert not attempts.start(str(shard))
+    ray_local.kill(actor)
 
 
 # All of it in one `imgjobs label` run.

@@ -1,11 +1,12 @@
 """Units that crash their read task: a decoder's native crash (a segfault in a codec) ends the whole process, which
 no `except` catches, and Ray Data runs a failed read task again without end. So each read task counts its
-attempts at a unit in the output folder (ATTEMPTS/, which Parquet readers skip), and once a unit has been started
-CAREFUL_AFTER times without finishing, its files are decoded one by one in forked children: a crash then costs its
-own file a `decode` row, and the unit finishes and is recorded as done.
+attempts at a unit, and once a unit has been started CAREFUL_AFTER times without finishing, its files are decoded
+one by one in forked children: a crash then costs its own file a `decode` row, and the unit finishes.
 
-The counts are a run's own: the next run, which holds the output's lock, clears them before it starts (clear), so
-a job that was killed twice does not make its rerun careful.
+A labeling pass counts in the output folder (ATTEMPTS/, which Parquet readers skip). The counts are a run's own:
+the next run, which holds the output's lock, clears them before it starts (clear), so a job that was killed twice
+does not make its rerun careful. A pass that writes no output (--calibration's) counts in a PassAttempts actor,
+which lasts as long as the pass.
 """
 
 from __future__ import annotations
@@ -32,31 +33,44 @@ class Crashed(Refused):
 
 
 class Attempts:
-    """The count of started, unfinished attempts at one unit of the output folder `base` in `fs`; none counted
-    where `fs` is None (a pass that writes no output: --calibration's)."""
+    """The count of started, unfinished attempts at the units of the output folder `base` in `fs`."""
 
-    def __init__(self, fs: pafs.FileSystem | None, base: str | None, unit: str):
-        self.fs = fs
-        self.path = f"{base}/{ATTEMPTS}/{hashlib.blake2b(unit.encode(), digest_size=16).hexdigest()}"
+    def __init__(self, fs: pafs.FileSystem, base: str):
+        self.fs, self.base = fs, base
 
-    def start(self) -> bool:
-        """Count this attempt; whether it must be careful (the earlier ones crashed)."""
-        if self.fs is None:
-            return False
+    def start(self, unit: str) -> bool:
+        """Count this attempt at `unit`; whether it must be careful (the earlier ones crashed)."""
         try:
-            earlier = int(storage.read_bytes(self.fs, self.path))
+            earlier = int(storage.read_bytes(self.fs, self._path(unit)))
         except (FileNotFoundError, ValueError):
             earlier = 0
-        storage.write_bytes(self.fs, self.path, str(earlier + 1).encode())
+        storage.write_bytes(self.fs, self._path(unit), str(earlier + 1).encode())
         return earlier >= CAREFUL_AFTER
 
-    def finish(self) -> None:
-        if self.fs is None:
-            return
+    def finish(self, unit: str) -> None:
         try:
-            self.fs.delete_file(self.path)
+            self.fs.delete_file(self._path(unit))
         except FileNotFoundError:
             pass
+
+    def _path(self, unit: str) -> str:
+        return f"{self.base}/{ATTEMPTS}/{hashlib.blake2b(unit.encode(), digest_size=16).hexdigest()}"
+
+
+class PassAttempts:
+    """Attempts as Attempts counts them, for a pass that writes no output, as a Ray actor (pipeline.label.job.run)
+    that read tasks call through reading.CountedBy. Only the unfinished units are held."""
+
+    def __init__(self):
+        self.started: dict[str, int] = {}
+
+    def start(self, unit: str) -> bool:
+        earlier = self.started.get(unit, 0)
+        self.started[unit] = earlier + 1
+        return earlier >= CAREFUL_AFTER
+
+    def finish(self, unit: str) -> None:
+        self.started.pop(unit, None)
 
 
 def clear(fs: pafs.FileSystem, base: str) -> None:

@@ -220,17 +220,24 @@ def run(opts: LabelOptions, actors: Actors, work: units.Work, options: dict[str,
     """Stream the work's units through the actors, on the Ray that label() joined or started: each labeled block,
     and how many of its files GPU actors decoded on their CPUs instead. `options` are the inputs' filesystem
     options by host (Listing.options); `output` is the labels folder, None for a pass that writes nothing."""
+    import ray
+
     from pipeline.label import plan  # Ray and torch, as in label()
     from pipeline.label.reading import ReadSettings
     from pipeline.ray_output import driver_notices_dropped
 
+    attempts = None if output else ray.remote(num_cpus=0)(isolation.PassAttempts).remote()
     reading = ReadSettings(actors.payload.spec, output, options, opts.limits, opts.max_pixels, opts.exact_decode,
-                           encoded=actors.plan.gpu)
+                           encoded=actors.plan.gpu, attempts=attempts)
     dataset = plan.dataset(work, reading, actors.plan, actors.payload, actors.rules)
-    with driver_notices_dropped():
-        # No prefetch: with it, the stream's latest block waits for the next one, which a slow unit may hold back.
-        for block in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-            yield plan.split_cpu_decoded(block)
+    try:
+        with driver_notices_dropped():
+            # No prefetch: with it, the stream's latest block waits for the next one, which a slow unit may hold back.
+            for block in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+                yield plan.split_cpu_decoded(block)
+    finally:
+        if attempts is not None:
+            ray.kill(attempts)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.actor import ActorHandle
 
 from pipeline import storage
 from pipeline.formats.archives import Limits
@@ -43,13 +44,14 @@ class ReadSettings:
 
     spec: ModelSpec  # the checkpoint's model spec: sizes and interpolation
     # The labels folder: a unit in progress finds its done keys there, and attempts are counted there. None for a
-    # pass that writes nothing (--calibration's): its units are new, and a unit that crashes twice fails the job.
+    # pass that writes nothing (--calibration's): its units are new, and `attempts` counts theirs.
     output: str | None
     options: dict[str, str] = field(default_factory=dict)  # the inputs' filesystem options by host (Listing.options)
     limits: Limits = Limits()
     max_pixels: int = MAX_PIXELS
     exact_decode: bool = False
     encoded: bool = False  # rows carry the files' bytes, for GPU actors to decode (encoded_rows), not crops
+    attempts: ActorHandle | None = None  # an isolation.PassAttempts, where `output` is None
 
 
 class Preprocess:
@@ -122,11 +124,10 @@ def read_units(batch: pa.Table, reading: ReadSettings, files_ref: list) -> Itera
     carries its unit, and a unit's last row its total."""
     preprocess = Preprocess(reading.spec, reading.exact_decode, reading.max_pixels)
     # Once per task: a filesystem can cost a request.
-    attempts_fs, attempts_dir = storage.resolve(reading.output) if reading.output else (None, None)
+    attempts = Attempts(*storage.resolve(reading.output)) if reading.output else CountedBy(reading.attempts)
     reader = Reader(reading.options, reading.limits)
     for unit in map(Unit.of_row, batch.to_pylist()):
-        attempts = Attempts(attempts_fs, attempts_dir, unit.name)
-        careful = attempts.start()
+        careful = attempts.start(unit.name)
         rows = encoded_rows if reading.encoded else functools.partial(preprocess.rows, careful=careful)
         held = AllButLast(_items(unit, reader, reading.output, files_ref))
         yield from _with_unit(rows(held), unit.name)
@@ -134,7 +135,20 @@ def read_units(batch: pa.Table, reading: ReadSettings, files_ref: list) -> Itera
             held.last = Item(unit.archive, None, "no image members in it", "empty")  # its unit's total needs a row
         if held.last is not None:  # the unit's last row, in a block of its own: the unit's end rides on it
             yield from _with_unit(rows(iter([held.last])), unit.name, total=unit.prior + held.count + 1)
-        attempts.finish()
+        attempts.finish(unit.name)
+
+
+class CountedBy:
+    """A pass's isolation.PassAttempts actor, called as an isolation.Attempts is."""
+
+    def __init__(self, actor: ActorHandle):
+        self.actor = actor
+
+    def start(self, unit: str) -> bool:
+        return ray.get(self.actor.start.remote(unit))
+
+    def finish(self, unit: str) -> None:
+        ray.get(self.actor.finish.remote(unit))
 
 
 def _items(unit: Unit, reader: Reader, output: str | None, files_ref: list) -> Iterator[Item]:
