@@ -10,6 +10,7 @@ import os
 import subprocess
 import tarfile
 
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
@@ -31,7 +32,7 @@ def s3_run(ray_local, s3_server, tmp_path_factory) -> dict:
     fs = s3_server.filesystem()
     with fs.open_input_stream("runs/s3run/summary.json") as f:
         summary = json.loads(f.read())
-    return {"summary": summary, "folder": folder, "data": data}
+    return {"summary": summary, "folder": folder, "data": data, "config": config}
 
 
 def test_training_from_s3_into_s3(s3_run, s3_server):
@@ -70,6 +71,30 @@ def test_labeling_an_s3_prefix_and_tar_into_s3_exactly_once(s3_run, s3_server, t
     with s3_server.filesystem().open_input_stream("labels/colours/_summary.json") as f:
         summary = json.loads(f.read())["runs"][-1]
     assert summary["skipped_existing"] == len(rows) and summary["evaluated"] == len(val)
+
+
+def test_an_audit_of_s3_data_into_s3_resumes_from_its_files_there(s3_run, s3_server, capsys):
+    """imgjobs audit reading S3 and writing its parts, folds and outputs to S3 (no rename there: each object is
+    uploaded whole), and a rerun that finds them all and redoes none."""
+    args = ["audit", "-c", str(s3_run["config"]), f"data.root={s3_run['data']}",
+            f"storage.path={s3_server.uri('runs')}", f"audit.checkpoint={s3_run['summary']['best_checkpoint']}",
+            "audit.folds=2", "audit.part_images=8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("features of") == 1 + 3 and out.count("audit: fold") == 2, out  # 16 train and 8 val images
+    fs = s3_server.filesystem()
+    rows = pq.read_table("runs/s3run/audit", filesystem=fs).to_pylist()
+    folder = s3_run["folder"]
+    images = {f"s3://data/colours/{p.relative_to(folder)}": p.parent.name for p in folder.rglob("*.jpg")}
+    assert {row["path"]: row["label"] for row in rows} == images and len(rows) == len(images) == 24
+    assert {row["split"] for row in rows} == {"train", "val"} and not [row for row in rows if row["error"]]
+    for name in ("_summary.json", "_report.html"):
+        assert fs.get_file_info(f"runs/s3run/audit/{name}").size > 0
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "features of" in out and "part" not in out and "audit: fold" not in out, out  # nothing redone
+    assert pq.read_table("runs/s3run/audit", filesystem=fs).to_pylist() == rows
 
 
 def test_endpoint_from_the_environment(s3_run, s3_server, ray_local, tmp_path):

@@ -45,7 +45,12 @@ class Place:
     base: str
 
     def file(self, *parts: str) -> str:
+        """A file's path inside `fs`, for this process."""
         return "/".join([self.base, *parts])
+
+    def uri(self, *parts: str) -> str:
+        """A file as `path` names it, for a task: on another node, or a URI's filesystem, `fs` is not there."""
+        return storage.join(self.path, *parts)
 
 
 def audit(cfg: Config, data: TrainingData, started_at: float, line: Callable[[str], None] = print) -> str:
@@ -104,7 +109,7 @@ def extract_features(place: Place, cfg: Config, data: TrainingData, model, spec,
     use_gpu = cluster.use_gpus(cfg.scaling.use_gpu, line, "audit")
     task = work.extract_part.options(num_gpus=1 if use_gpu else 0)
     model_ref, data_ref = ray.put(model), ray.put(data)
-    pending = {task.remote(model_ref, spec, data_ref, part, cfg, place.file(features_name(part))): part
+    pending = {task.remote(model_ref, spec, data_ref, part, cfg, place.uri(features_name(part))): part
                for part in todo}
     done, started = 0, time.time()
     while pending:
@@ -151,7 +156,7 @@ def out_of_fold(place: Place, cfg: Config, rows: pa.Table, folds: np.ndarray, cl
     if todo:
         features = rows["feature"].combine_chunks().flatten().to_numpy().reshape(len(rows), -1)
         refs = [ray.put(features), ray.put(rows["target"].to_numpy()), ray.put(folds)]
-        pending = {work.fit_fold.remote(*refs, fold, classes, place.file(names[fold])): fold for fold in todo}
+        pending = {work.fit_fold.remote(*refs, fold, classes, place.uri(names[fold])): fold for fold in todo}
         while pending:
             [ready], _ = ray.wait(list(pending))
             fold = pending.pop(ready)
