@@ -136,6 +136,26 @@ def test_a_labels_table_of_archive_members_streams_compressed_tars_too(folders, 
 
 
 @pytest.mark.ray
+def test_a_shard_cut_short_after_indexing_still_gives_every_rank_its_steps(tmp_path):
+    """A shard that ends early once indexed (a disk error, a copy still being written): its members past the cut
+    are failed samples, so every rank takes the steps it was counted for (DDP's ranks must never fall out of
+    step) and each sample is still good or skipped once."""
+    images = make_image_folder(tmp_path / "images", train_per_class=11, val_per_class=2)
+    root = pack_shards(images, tmp_path / "shards", per_shard=4, suffixes=(".tar",))
+    data = scan(DataConfig(root=str(root)))
+    cut = sorted((root / "train").glob("0*"))[1]
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 3])
+    left = [key for key, data, *_ in Reader().archive_members(str(cut), set()) if data]
+    assert len(left) < 4
+    for world in (1, 2):
+        ranks = epoch(data, "train", world, 0)  # asserts each rank's loader length: the steps it was counted for
+        assert len({len(batches) for batches in ranks}) == 1
+        assert len({key for batches in ranks for batch in batches for key, _ in batch}) == 22 - 4 + len(left)
+    stream = ShardStream(data.root, data.train, lambda image: 0, None, data.classes, Share(0, 1, 1, shuffle=False))
+    failed = [(key.removeprefix(f"{cut}!"), target) for _, key, _, target in (s for s in stream if s[0] is None)]
+    assert failed == [(f"(indexed member {n}, not read)", -1) for n in range(len(left) + 1, 5)]
+
+
 def test_train_on_a_shard_folder(ray_local, folders, tmp_path):
     """Two workers on shards of the three kinds: every train sample once, every val sample once, the prediction
     grid read from the shards."""

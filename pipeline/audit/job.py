@@ -182,7 +182,7 @@ def output_table(rows: pa.Table, usable: np.ndarray, found: Audit, classes: list
     return pa.table({
         "path": rows["path"],
         "split": rows["split"],
-        "label": names.take(pa.array(targets)),
+        "label": names.take(pa.array(targets, mask=targets < 0)),  # unknown: a shard that broke after indexing
         "suggested_label": names.take(pa.array(suggested, mask=~usable)),
         "self_confidence": pa.array(confidence, mask=~usable),
         "suspect": suspect,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from pipeline.formats.keys import Reader, reason
+from pipeline.formats.keys import MEMBER_SEPARATOR, Reader, reason
 from pipeline.images import decode_image
 from pipeline.train.shards import member_class, shard_folder
 from pipeline.train.splits import Layout, Split, TrainingData
@@ -181,11 +181,16 @@ class ShardStream(Samples, IterableDataset):
 
     def _class_members(self, source: int, begin: int, end: int) -> Iterator[tuple]:
         """Samples [begin, end) of a shard of shard folders, in one pass over it: the image members of the
-        classes, in stored order."""
+        classes, in stored order. A shard that yields fewer than its index counted (it broke, or changed, after it
+        was indexed) gives failed samples of unknown class for the rest, so that every rank still takes the steps
+        it was counted for: DDP's ranks must never fall out of step."""
         archive = self.split.sources[source].as_py()
-        folder, seen = shard_folder(self.split.folder, archive), 0
+        folder, seen, broken = shard_folder(self.split.folder, archive), 0, None
         for key, data, error, _ in self.reader.archive_members(archive, set()):
-            target = self.classes.get(member_class(folder, key)) if key != archive else None
+            if key == archive:
+                broken = error
+                continue
+            target = self.classes.get(member_class(folder, key))
             if target is None:
                 continue
             if seen >= begin:
@@ -193,6 +198,9 @@ class ShardStream(Samples, IterableDataset):
             seen += 1
             if seen == end:
                 return
+        for position in range(max(seen, begin), end):
+            yield (f"{archive}{MEMBER_SEPARATOR}(indexed member {position + 1}, not read)", -1, None,
+                   broken or "the shard holds fewer members than its index counted; it changed since")
 
     def _named_members(self, source: int, begin: int, end: int) -> Iterator[tuple]:
         """Samples [begin, end) of an archive whose members the split names, in one pass over it."""
