@@ -27,7 +27,7 @@ from pipeline.train.splits import Layout, Split, TrainingData
 class Samples:
     """What both datasets share: a reader per process (DataLoader workers fork, and must not share open files),
     and turning bytes into (tensor, target, key), or (None, key, reason, target) for a sample that does not read or
-    decode."""
+    decode (target -1 where its class is unknown)."""
 
     def __init__(self, root: str, split: Split, transform, draft_size: int | None = None):
         """`draft_size`: big JPEGs decode at a reduced scale that keeps this many pixels on the short side."""
@@ -57,12 +57,12 @@ class ImageDataset(Samples, Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int):
-        key = self.split.key(index)
+        key, target = self.split.key(index), self.split.target(index)
         try:
             data = self.reader.read_key(key)
         except Exception as e:
-            return self.sample(key, self.split.target(index), None, reason(e))
-        return self.sample(key, self.split.target(index), data)
+            return self.sample(key, target, None, reason(e))
+        return self.sample(key, target, data)
 
 
 class EpochSampler(Sampler):
