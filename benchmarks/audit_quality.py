@@ -1,14 +1,16 @@
 """`imgjobs audit` against known label errors. A share of each set's train images (10%, seeded) is moved to another
-class's folder; the audit of the noisy set is scored against the moves (precision and recall of `suspect` among the
-train images), and its time is put beside one `imgjobs train` of the same config. Then the same recipe trains on
-the clean labels, on the noisy ones, and on the noisy ones less the audit's suspects (data.exclude), and each run's
-best checkpoint labels the same clean val folder with --evaluate: the accuracies compare on the same images.
+class's folder; the audit of the noisy set, by each audit.method asked for (linear heads on frozen features, or the
+config's own training per fold), is scored against the moves (precision and recall of `suspect` among the train
+images), and its time is put beside one `imgjobs train` of the same config. Then the same recipe trains on the clean
+labels, on the noisy ones, and on the noisy ones less each audit's suspects (data.exclude), and each run's best
+checkpoint labels the same clean val folder with --evaluate: the accuracies compare on the same images.
 
 Sets: the full-resolution ants/bees photos (../shared/data/hymenoptera) with configs/demo.yaml's recipe, and a
 generated set of five colour classes (tests.helpers.make_image_folder) with the same backbone and a random head.
 Every command is the user's: subprocesses of `python -m jobs.cli`, each with its own local Ray.
 
-    .venv/bin/python benchmarks/audit_quality.py [--share 0.1] [--folds 5] [--work /tmp/audit-quality]
+    .venv/bin/python benchmarks/audit_quality.py [--share 0.1] [--folds 5] [--methods linear,train]
+        [--sets ants,colours] [--work /tmp/audit-quality]
 """
 
 from __future__ import annotations
@@ -69,10 +71,10 @@ def command(*args: str) -> tuple[float, str]:
     return time.perf_counter() - started, done.stdout
 
 
-def write_config(path: Path, name: str, root: Path, runs: Path, recipe: dict, folds: int) -> Path:
+def write_config(path: Path, name: str, root: Path, runs: Path, recipe: dict, audit: dict) -> Path:
     config = json.loads(json.dumps(recipe))
     config.update(name=name, data={**config.get("data", {}), "root": str(root)}, storage={"path": str(runs)},
-                  audit={"folds": folds})
+                  audit=audit)
     path.write_text(json.dumps(config))
     return path
 
@@ -82,47 +84,53 @@ def accuracy(run: Path, val: Path, out: Path) -> float:
     return json.loads((out / "_summary.json").read_text())["runs"][-1]["accuracy"]
 
 
-def measure(name: str, clean: Path, recipe: dict, work: Path, share: float, folds: int) -> dict:
+def measure(name: str, clean: Path, recipe: dict, work: Path, share: float, folds: int, methods: list[str]) -> dict:
     work = work / name.split(",")[0].replace("/", "-").replace(" ", "-")
     noisy = work / "noisy"
     moved = move_labels(linked_tree(clean, noisy), share, seed=0)
     runs = work / "runs"
-    configs = {kind: write_config(work / f"{kind}.json", kind, root, runs, recipe, folds)
-               for kind, root in (("clean", clean), ("noisy", noisy), ("audited", noisy))}
-    audit_seconds, _ = command("audit", "-c", str(configs["noisy"]))
-    rows = pd.read_parquet(runs / "noisy" / "audit")
-    train = rows[rows["split"] == "train"]
-    suspects = set(train.loc[train["suspect"], "path"])
-    found = len(suspects & moved)
-    seconds = {}
-    for kind in configs:
-        extra = [f"data.exclude={runs / 'noisy' / 'audit'}"] if kind == "audited" else []
-        seconds[kind], _ = command("train", "-c", str(configs[kind]), *extra)
-    return {
-        "set": name, "train images": len(train), "moved": len(moved), "suspects in train": len(suspects),
-        "suspects in val": int(rows.loc[rows["split"] == "val", "suspect"].sum()),
-        "precision": round(found / max(1, len(suspects)), 3), "recall": round(found / len(moved), 3),
-        **{f"val acc, {kind} labels": accuracy(runs / kind, clean / "val", work / f"eval-{kind}")
-           for kind in configs},
-        "audit s": round(audit_seconds, 1), "train s (noisy)": round(seconds["noisy"], 1),
-    }
+    configs = {kind: write_config(work / f"{kind}.json", kind, root, runs, recipe, {"folds": folds, "method": method})
+               for kind, root, method in (("clean", clean, "linear"), ("noisy", noisy, "linear"),
+                                          *((f"audit-{m}", noisy, m) for m in methods))}
+    result = {"set": name, "moved": len(moved)}
+    trains = {"clean": [], "noisy": []}
+    for method in methods:
+        seconds, _ = command("audit", "-c", str(configs[f"audit-{method}"]))
+        rows = pd.read_parquet(runs / f"audit-{method}" / "audit")
+        train = rows[rows["split"] == "train"]
+        suspects = set(train.loc[train["suspect"], "path"])
+        found = len(suspects & moved)
+        result |= {"train images": len(train), f"{method}: suspects in train": len(suspects),
+                   f"{method}: suspects in val (nothing moved there)": int(rows.loc[rows["split"] == "val",
+                                                                                    "suspect"].sum()),
+                   f"{method}: precision": round(found / max(1, len(suspects)), 3),
+                   f"{method}: recall": round(found / len(moved), 3), f"{method}: audit s": round(seconds, 1)}
+        trains[f"audit-{method}"] = [f"data.exclude={runs / f'audit-{method}' / 'audit'}"]
+    seconds = {kind: command("train", "-c", str(configs[kind]), *extra)[0] for kind, extra in trains.items()}
+    result |= {f"val acc, {kind} labels": accuracy(runs / kind, clean / "val", work / f"eval-{kind}")
+               for kind in trains}
+    return result | {"one `imgjobs train` of the noisy set, s": round(seconds["noisy"], 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--share", type=float, default=0.1, help="share of train images moved to a wrong class")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--methods", default="linear,train", help="audit.method values to compare")
+    parser.add_argument("--sets", default="ants,colours", help="ants (full-resolution photos), colours (generated)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/audit-quality"))
     args = parser.parse_args()
+    methods, sets = args.methods.split(","), args.sets.split(",")
     shutil.rmtree(args.work, ignore_errors=True)
     demo = json.loads(json.dumps(__import__("yaml").safe_load((REPO / "configs" / "demo.yaml").read_text())))
     colours = make_image_folder(args.work / "colours" / "clean", classes=("blue", "red", "green", "yellow", "purple"),
                                 train_per_class=60, val_per_class=20, size=96)
     colour_recipe = {**demo, "model": {**demo["model"], "head_from_imagenet": None}}
-    print(f"# {time.strftime('%Y-%m-%d')}, {cpu_model()}; {args.share:.0%} of train moved, {args.folds} folds, "
-          f"features of {demo['model']['arch']} ({demo['model']['weights']})")
-    results = [measure("ants/bees, full resolution", PHOTOS, demo, args.work, args.share, args.folds),
-               measure("5 colours, generated", colours, colour_recipe, args.work, args.share, args.folds)]
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {cpu_model()}; {args.share:.0%} of train moved, {args.folds} folds, "
+          f"audit.method {args.methods}; configs/demo.yaml's recipe on {demo['model']['arch']}")
+    results = [measure(*chosen, args.work, args.share, args.folds, methods) for key, *chosen in (
+        ("ants", "ants/bees, full resolution", PHOTOS, demo),
+        ("colours", "5 colours, generated", colours, colour_recipe)) if key in sets]
     print(f"| | {' | '.join(r['set'] for r in results)} |\n|---|{'---|' * len(results)}")
     for key in list(results[0])[1:]:
         print(f"| {key} | {' | '.join(str(r[key]) for r in results)} |")

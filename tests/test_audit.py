@@ -78,6 +78,9 @@ def test_audit_config_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["audit", "-c", str(config), f"data.exclude={tmp_path / 'nothing'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no finished audit" in err, err
+    assert main(["audit", "-c", str(config), "audit.method=train", "audit.checkpoint=x.pt"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "audit.checkpoint: only audit.method linear uses it" in err, err
 
 
 def wait_until_gone(session: int, timeout: float = 120) -> None:
@@ -91,11 +94,10 @@ def wait_until_gone(session: int, timeout: float = 120) -> None:
 MOVED = {"train": [("blue", "red", 3), ("red", "blue", 5)], "val": [("blue", "red", 1)]}
 
 
-def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(ray_local, tmp_path, capsys):
-    """Colour classes that ImageNet's features tell apart; three images moved to the other class's folder. A first
-    audit, a process with its own Ray, is killed (-9) once a part of its feature pass is written; the rerun (on the
-    session's Ray) keeps that part and finishes."""
-    folder = make_image_folder(tmp_path / "data", train_per_class=24, val_per_class=8, size=64)
+def moved_folder(root, size: int = 64):
+    """Two colour classes, MOVED's images in the other class's folder, and a truncated JPEG; (folder, moved paths,
+    the truncated one)."""
+    folder = make_image_folder(root, train_per_class=24, val_per_class=8, size=size)
     moved = []
     for split, entries in MOVED.items():
         for source, target, index in entries:
@@ -104,6 +106,14 @@ def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(r
             moved.append(str(folder / split / target / name))
     broken = folder / "train" / "red" / "truncated.jpg"  # keeps a row with its given label, and is never a suspect
     broken.write_bytes((folder / "train" / "red" / "red_000.jpg").read_bytes()[:300])
+    return folder, moved, broken
+
+
+def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(ray_local, tmp_path, capsys):
+    """Colour classes that ImageNet's features tell apart; three images moved to the other class's folder. A first
+    audit, a process with its own Ray, is killed (-9) once a part of its feature pass is written; the rerun (on the
+    session's Ray) keeps that part and finishes."""
+    folder, moved, broken = moved_folder(tmp_path / "data")
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "c.json", "noisy", folder, runs,
                           model={"arch": "efficientnet_lite0", "weights": "imagenet"},
@@ -178,6 +188,49 @@ def test_audit_finds_moved_images_resumes_after_kill_and_excludes_its_suspects(r
     left_out = [sum(f"/{split}/" in path for path in suspects) for split in ("train", "val")]
     assert lines == [f"data.exclude: left out {left_out[0]} train and {left_out[1]} val images that {audit_dir} marks "
                      "as suspects"]
+
+
+def test_the_train_method_predicts_each_fold_by_a_run_that_never_saw_it(ray_local, tmp_path, capsys):
+    """audit.method train: one imgjobs train run per fold, on the other fold, holding this one out as its val; its
+    last checkpoint predicts the fold. A rerun keeps finished runs and redoes only a missing fold file."""
+    folder, moved, broken = moved_folder(tmp_path / "data")
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "c.json", "noisy", folder, runs,
+                          model={"arch": "efficientnet_lite0", "weights": "imagenet", "mode": "feature_extraction"},
+                          train={"epochs": 5, "step_size": 7, "lr": 0.003, "batch_size": 4, "num_data_workers": 0},
+                          audit={"folds": 2, "method": "train"})
+    audit_dir = runs / "noisy" / "audit"
+    assert main(["audit", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+
+    rows = pd.read_parquet(audit_dir)
+    assert len(rows) == 65 and rows["path"].is_unique
+    [unreadable] = rows[rows["error"].notna()].itertuples()
+    assert (unreadable.path, unreadable.label, unreadable.suspect) == (str(broken), "red", False), unreadable
+    assert rows["self_confidence"].notna().sum() == 64
+    folds = [pd.read_parquet(audit_dir / "_folds" / f"fold-{k}-of-2.parquet") for k in (1, 2)]
+    assert set(folds[0]["path"]).isdisjoint(folds[1]["path"])
+    assert set(folds[0]["path"]) | set(folds[1]["path"]) == set(rows["path"])
+    for k, fold in enumerate(folds, 1):
+        # The fold's run trained on the other fold's images and held this one out as its val split, and its last
+        # checkpoint, not its best, predicted them.
+        assert f"fold-{k}-of-2: {65 - len(fold)} train / {len(fold)} val images" in out, out
+        latest = json.loads((audit_dir / "_runs" / f"fold-{k}-of-2" / "summary.json").read_text())["latest_checkpoint"]
+        assert f"audit: fold {k}/2: {len(fold)} images predicted by {latest}" in out, out
+    # Frozen ImageNet features and 5 epochs tell the colours apart: the two worst are moved images.
+    worst = rows.sort_values("self_confidence")
+    assert set(worst["path"][:2]) <= set(moved), worst.head(6)
+    assert json.loads((audit_dir / "_summary.json").read_text())["method"] == "train"
+
+    (audit_dir / "_folds" / "fold-2-of-2.parquet").unlink()
+    assert main(["audit", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "fold 2/2" in out and "fold 1/2" not in out and "train /" not in out, out  # no run trained again
+    assert pd.read_parquet(audit_dir).equals(rows)
+
+    assert main(["audit", "-c", str(config), "train.lr=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.lr: 0.003 -> 0.01" in err, err
 
 
 def test_a_training_rerun_ignores_the_audit_keys_only(tmp_path):

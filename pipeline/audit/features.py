@@ -50,32 +50,40 @@ def extract_part(model: WithEmbedding, spec: ModelSpec, data: TrainingData, part
     """Write the features of part `part` ((split, index, parts)) of a split to `path`; its images that do not
     read or decode get a row with their given label, their error and no features. Returns the rows written."""
     split, index, parts = part
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    draft = None if cfg.data.exact_decode else decode_sizes(spec)[1]
     share = Share(index, parts, cfg.audit.batch_size, shuffle=False)
+    keys, targets, values, errors = forward(model.backbone, spec, data, split, share, cfg)
+    width = model.head.in_features
+    rows = pa.table({
+        "path": pa.array(keys + list(errors), pa.string()),
+        "target": pa.array(np.concatenate([targets, [target for _, target in errors.values()]]).astype(np.int16)),
+        "feature": pa.FixedSizeListArray.from_arrays(
+            np.concatenate([values.reshape(-1, width), np.zeros((len(errors), width), np.float32)]).ravel(), width),
+        "error": pa.array([None] * len(keys) + [why for why, _ in errors.values()], pa.string()),
+    })
+    write_once(rows, path)
+    return len(rows)
+
+
+def forward(model: nn.Module, spec: ModelSpec, data: TrainingData, split: str, share: Share,
+            cfg: Config) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, tuple[str, int]]]:
+    """`model`'s outputs over `share` of a split, as val sees its images, on this task's device: (keys, targets,
+    outputs as float32 rows, {key: (reason, target)} of the images that did not read or decode)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.eval().to(device)
+    draft = None if cfg.data.exact_decode else decode_sizes(spec)[1]
     loader, _ = split_loader(data, split, eval_transform(spec), draft, share, num_workers=cfg.train.num_data_workers,
                              pin_memory=device.type == "cuda")
-    keys, targets, features, errors = [], [], [], {}
+    keys, targets, outputs, errors = [], [], [], {}
     with torch.no_grad():
         for images, batch_targets, batch_keys, skipped in loader:
             errors.update(skipped)
             if images is None:
                 continue
-            features.append(model(images.to(device, non_blocking=True))[0].float().cpu().numpy())
+            outputs.append(model(images.to(device, non_blocking=True)).float().cpu().numpy())
             keys += batch_keys
             targets.append(batch_targets.numpy())
-    width = model.head.in_features
-    values = np.concatenate(features) if features else np.zeros((0, width), dtype=np.float32)
-    rows = pa.table({
-        "path": pa.array(keys + list(errors), pa.string()),
-        "target": pa.array(np.concatenate([*targets, [target for _, target in errors.values()]]).astype(np.int16)),
-        "feature": pa.FixedSizeListArray.from_arrays(
-            np.concatenate([values, np.zeros((len(errors), width), np.float32)]).ravel(), width),
-        "error": pa.array([None] * len(keys) + [why for why, _ in errors.values()], pa.string()),
-    })
-    write_once(rows, path)
-    return len(rows)
+    values = np.concatenate(outputs) if outputs else np.zeros((0,), dtype=np.float32)
+    return keys, np.concatenate(targets) if targets else np.zeros(0, np.int16), values, errors
 
 
 @ray.remote(num_cpus=1)

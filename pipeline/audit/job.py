@@ -1,10 +1,15 @@
 """`imgjobs audit`: which training labels are likely wrong (pipeline.audit.confident_learning), from K-fold
-out-of-fold probabilities of linear heads on a backbone's frozen features (pipeline.audit.features).
+out-of-fold probabilities. The folds split train and val together, stratified by the given label and seeded by
+train.seed. Each fold's probabilities come from (audit.method):
 
-In order: check a rerun's config, extract the features of every part of train and val (Ray tasks, in parallel
-where the cluster has room, skipping the parts a killed run finished), deal the images into folds stratified by
-their given label and seeded by train.seed, fit each unfinished fold's head (Ray tasks), then rank the labels and
-write the Parquet, _summary.json and _report.html (pipeline.formats.audit_file).
+- linear: a linear head fitted on the other folds' frozen features. The features of every part of train and val
+  are extracted first (Ray tasks, in parallel where the cluster has room), then each fold's head is fitted (Ray
+  tasks); pipeline.audit.features.
+- train: the config's own training on the other folds, one imgjobs train run per fold; pipeline.audit.trained_folds.
+
+Either way a killed audit's rerun skips what a run finished: feature parts, fold runs and fold files are each
+written once. Then the labels are ranked and the Parquet, _summary.json and _report.html written
+(pipeline.formats.audit_file).
 """
 
 from __future__ import annotations
@@ -12,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -24,40 +27,49 @@ import ray
 
 from pipeline import cluster, storage
 from pipeline.audit import features as work
+from pipeline.audit import trained_folds
 from pipeline.audit.confident_learning import Audit, find_label_issues, stratified_folds
+from pipeline.audit.place import Place
 from pipeline.audit.report import write_report
+from pipeline.console import Console
 from pipeline.errors import UsageError
 from pipeline.formats import audit_file
 from pipeline.train import rerun
 from pipeline.train.config import Config
 from pipeline.train.splits import SPLITS, TrainingData
 
-# Keys an audit may be rerun with, changed: none of them changes a feature or a probability.
+# Keys an audit may be rerun with, changed: none of them changes a feature or a probability. The train method
+# also takes those a training run may continue with.
 CONTINUABLE = {"audit.batch_size", "data.max_unreadable", "data.shuffle_buffer"}
 
 
-@dataclass(frozen=True)
-class Place:
-    """Where the audit writes: `path` as the user names it, `fs` and `base` as pyarrow reaches it."""
-
-    path: str
-    fs: pafs.FileSystem
-    base: str
-
-    def file(self, *parts: str) -> str:
-        """A file's path inside `fs`, for this process."""
-        return "/".join([self.base, *parts])
-
-    def uri(self, *parts: str) -> str:
-        """A file as `path` names it, for a task: on another node, or a URI's filesystem, `fs` is not there."""
-        return storage.join(self.path, *parts)
-
-
-def audit(cfg: Config, data: TrainingData, started_at: float, line: Callable[[str], None] = print) -> str:
+def audit(cfg: Config, data: TrainingData, started_at: float, console: Console | None = None) -> str:
     """Audit the labels of `data` into <storage.path>/<name>/audit; returns that folder."""
-    path = storage.join(cfg.storage.path, cfg.name, "audit")
-    place = Place(path, *storage.resolve(path))
+    console = console or Console()
+    line = console.line
+    if cfg.audit.method == "train":
+        trained_folds.check(data)
+    place = Place.of(storage.join(cfg.storage.path, cfg.name, "audit"))
     check_rerun(place, cfg)
+    if cfg.audit.method == "train":
+        line(f"audit: {len(data.train)} train and {len(data.val)} val images, {cfg.audit.folds} folds, each trained "
+             f"with this config ({cfg.model.arch}, {cfg.train.epochs} epochs)")
+        rows, probs = trained_folds.out_of_fold(place, cfg, data, started_at, console)
+    else:
+        rows, probs = linear_heads(place, cfg, data, line)
+    usable = pc.is_null(rows["error"]).to_numpy(zero_copy_only=False)
+    found = find_label_issues(rows["target"].to_numpy()[usable], probs[usable])
+    table = output_table(rows, usable, found, data.classes)
+    pq.write_table(table, place.file(audit_file.FILE), filesystem=place.fs)
+    summary = summarize(cfg, data, table, found, time.time() - started_at)
+    storage.write_bytes(place.fs, place.file(audit_file.SUMMARY), json.dumps(summary, indent=2).encode())
+    write_report(place, data.root, table, summary, line)
+    return place.path
+
+
+def linear_heads(place: Place, cfg: Config, data: TrainingData, line) -> tuple[pa.Table, np.ndarray]:
+    """(rows: path, target, error, split, feature; their out-of-fold probabilities, NaN for the rows without
+    features), from linear heads on frozen features."""
     cluster.init_ray()
     model, spec = work.feature_model(cfg, data.classes)
     line(f"audit: {len(data.train)} train and {len(data.val)} val images, {cfg.audit.folds} folds, features of "
@@ -66,16 +78,9 @@ def audit(cfg: Config, data: TrainingData, started_at: float, line: Callable[[st
     rows = read_features(place)
     usable = pc.is_null(rows["error"]).to_numpy(zero_copy_only=False)
     targets = rows["target"].to_numpy()
-    folds = np.full(len(rows), -1, dtype=np.int16)
-    folds[usable] = stratified_folds(targets[usable], cfg.audit.folds, cfg.train.seed)
-    probs = out_of_fold(place, cfg, rows, folds, len(data.classes), line)
-    found = find_label_issues(targets[usable], probs[usable])
-    table = output_table(rows, usable, found, data.classes)
-    pq.write_table(table, place.file(audit_file.FILE), filesystem=place.fs)
-    summary = summarize(cfg, data, table, found, time.time() - started_at)
-    storage.write_bytes(place.fs, place.file(audit_file.SUMMARY), json.dumps(summary, indent=2).encode())
-    write_report(place, data.root, table, summary, line)
-    return path
+    fold_of = np.full(len(rows), -1, dtype=np.int16)
+    fold_of[usable] = stratified_folds(targets[usable], cfg.audit.folds, cfg.train.seed)
+    return rows, out_of_fold(place, cfg, rows, fold_of, len(data.classes), line)
 
 
 def check_rerun(place: Place, cfg: Config) -> None:
@@ -88,8 +93,9 @@ def check_rerun(place: Place, cfg: Config) -> None:
     except OSError as e:  # the first access to storage.path
         raise UsageError(f"storage.path {cfg.storage.path} cannot be read: {str(e).splitlines()[0]}") from None
     if before is not None:
+        continuable = CONTINUABLE | (rerun.CONTINUABLE if cfg.audit.method == "train" else set())
         changed = {key: change for key, change in rerun.diff(defining(before), defining(now)).items()
-                   if key not in CONTINUABLE}
+                   if key not in continuable}
         if changed:
             raise UsageError(f"audit {place.path} was started with another config ({rerun.listed(changed)}); rerun "
                              "with its config to resume it, or pick another name")
@@ -97,13 +103,16 @@ def check_rerun(place: Place, cfg: Config) -> None:
 
 
 def defining(config: dict) -> dict:
-    """The parts of a config that decide an audit's result: the data, the model, the audit and the fold seed."""
+    """The parts of a config that decide an audit's result: the data, the model, the audit and the fold seed; and
+    for the train method, the whole recipe and its workers."""
+    if config["audit"].get("method", "linear") == "train":
+        return {key: config.get(key) for key in ("data", "model", "audit", "train", "scaling")}
     return {**{key: config.get(key) for key in ("data", "model", "audit")}, "seed": config["train"]["seed"]}
 
 
 def extract_features(place: Place, cfg: Config, data: TrainingData, model, spec, line) -> None:
     """One Ray task per part of each split whose features file is not there yet."""
-    todo = [part for part in parts(cfg, data) if not exists(place, features_name(part))]
+    todo = [part for part in parts(cfg, data) if not place.exists(features_name(part))]
     if not todo:
         return
     use_gpu = cluster.use_gpus(cfg.scaling.use_gpu, line, "audit")
@@ -131,10 +140,6 @@ def features_name(part: tuple[str, int, int]) -> str:
     return f"{audit_file.FEATURES}/{split}-{index:05d}-of-{count:05d}.parquet"
 
 
-def exists(place: Place, name: str) -> bool:
-    return place.fs.get_file_info(place.file(name)).type == pafs.FileType.File
-
-
 def read_features(place: Place) -> pa.Table:
     """Every part's rows, with their split, sorted by path: the order folds and fold files count rows in."""
     tables = []
@@ -150,9 +155,8 @@ def read_features(place: Place) -> pa.Table:
 def out_of_fold(place: Place, cfg: Config, rows: pa.Table, folds: np.ndarray, classes: int, line) -> np.ndarray:
     """Every row's out-of-fold probabilities (NaN for rows without features): each fold's head fitted where its
     file is not there yet, every fold's file read back."""
-    names = {fold: f"{audit_file.FOLDS}/fold-{fold + 1}-of-{cfg.audit.folds}.parquet"
-             for fold in range(cfg.audit.folds)}
-    todo = [fold for fold, name in names.items() if not exists(place, name)]
+    names = {fold: audit_file.fold_file(fold, cfg.audit.folds) for fold in range(cfg.audit.folds)}
+    todo = [fold for fold, name in names.items() if not place.exists(name)]
     if todo:
         features = rows["feature"].combine_chunks().flatten().to_numpy().reshape(len(rows), -1)
         refs = [ray.put(features), ray.put(rows["target"].to_numpy()), ray.put(folds)]
@@ -197,6 +201,7 @@ def summarize(cfg: Config, data: TrainingData, table: pa.Table, found: Audit, se
         "data_root": data.root,
         "classes": data.classes,
         "folds": cfg.audit.folds,
+        "method": cfg.audit.method,
         "images": len(table),
         "unreadable": len(table) - table["error"].null_count,
         "suspects": len(suspects),

@@ -20,7 +20,7 @@ TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.audit"), au
 
 
 def write_report(place, root: str, table: pa.Table, summary: dict, line=print) -> str:
-    """Write the page beside the audit's Parquet (`place`: pipeline.audit.job.Place); returns its path."""
+    """Write the page beside the audit's Parquet (`place`: pipeline.audit.place.Place); returns its path."""
     suspects = table.filter(pc.field("suspect")).sort_by([("self_confidence", "ascending"), ("path", "ascending")])
     thumbnails = Thumbnails(Reader.for_root(root))
     cards = [{**row, "thumb": thumbnails.of(row["path"])} for row in suspects.slice(0, SHOWN).to_pylist()]

@@ -1,6 +1,6 @@
 """The output of `imgjobs audit`, <storage.path>/<name>/audit/: one Parquet file with a row per training image,
-`_summary.json` and `_report.html` beside it, and its work in `_features/` and `_folds/`, which Parquet readers
-(pandas, pyarrow, DuckDB) pass over, as they pass over every name starting with `_`.
+`_summary.json` and `_report.html` beside it, and its work in `_features/`, `_runs/` and `_folds/`, which Parquet
+readers (pandas, pyarrow, DuckDB) pass over, as they pass over every name starting with `_`.
 
 Training reads it back for `data.exclude`: the keys of the suspects. No torch or Ray here.
 """
@@ -20,6 +20,7 @@ REPORT = "_report.html"
 CONFIG = "_config.json"  # what the audit was started with: a rerun with another is refused
 FEATURES = "_features"  # one file per part of the feature pass, each written once
 FOLDS = "_folds"  # one file per fold's out-of-fold probabilities, each written once
+RUNS = "_runs"  # audit.method train: one imgjobs train run per fold
 
 SCHEMA = pa.schema([
     ("path", pa.string()),  # the image's key, as training names it (FOLDER/NAME or ARCHIVE!MEMBER)
@@ -30,6 +31,11 @@ SCHEMA = pa.schema([
     ("suspect", pa.bool_()),  # confident learning says the given label is likely wrong
     ("error", pa.string()),  # why the image could not be read or decoded; null for the others
 ])
+
+
+def fold_file(fold: int, folds: int) -> str:
+    """Fold `fold`'s (from 0) file of out-of-fold probabilities."""
+    return f"{FOLDS}/fold-{fold + 1}-of-{folds}.parquet"
 
 
 def suspect_keys(audit_dir: str) -> pa.Array:

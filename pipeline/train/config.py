@@ -96,11 +96,22 @@ class TrainConfig(_Section):
 
 class AuditConfig(_Section):
     folds: int = Field(5, ge=2, description="imgjobs audit: the K of its K-fold out-of-fold probabilities")
+    method: Literal["linear", "train"] = Field("linear", description="imgjobs audit: how each fold predicts the "
+                                               "images it holds out: linear, a linear head fitted on frozen "
+                                               "features of the others; train, this config's own training on them")
     checkpoint: str | None = Field(None, description="imgjobs audit: a checkpoint of imgjobs train whose backbone "
-                                   "gives the features; by default model.arch with model.weights")
+                                   "gives the linear method's features; by default model.arch with model.weights")
     batch_size: int = Field(32, gt=0, description="imgjobs audit: images per batch of its feature pass")
     part_images: int = Field(1024, gt=0, description="imgjobs audit: images per task of its feature pass, each "
                              "written once: the most a killed audit's rerun redoes, and the unit run in parallel")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _linear_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("method") == "train":
+            raise ValueError("only audit.method linear uses it, as its features' backbone (train trains model.* per "
+                             "fold); drop it, or set audit.method=linear")
+        return value
 
 
 class ScalingConfig(_Section):

@@ -10,7 +10,6 @@ Paths are what labeling writes: local paths, URIs, and `ARCHIVE!MEMBER` for memb
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +21,7 @@ from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.formats.keys import archive_kind
 from pipeline.formats.labels_file import PROVENANCE_KEY, is_part
-from pipeline.train.splits import Layout, Split, TrainingData, sort_by_source, split_keys
+from pipeline.train.splits import Layout, Split, TrainingData, sort_by_source, split_keys, with_layout
 
 REQUIRED = ("path", "label")
 OPTIONAL = ("score", "error", "split", "accepted")
@@ -53,7 +52,7 @@ def scan_labels(root: str, min_score: float, val_fraction: float, seed: int,
         raise UsageError(f"data.root: {root} needs rows of at least two classes after filtering, found {classes}")
     table = table.set_column(table.schema.get_field_index("label"), "target",
                              pc.index_in(labels, pa.array(classes)).cast(pa.int16()))
-    by_split = {name: _with_layout(Split.from_table(rows)) for name, rows in _split(table, classes, val_fraction,
+    by_split = {name: with_layout(Split.from_table(rows)) for name, rows in _split(table, classes, val_fraction,
                                                                                       seed, root).items()}
     for name, split in by_split.items():
         missing = sorted(set(range(len(classes))) - set(np.unique(split.targets).tolist()))
@@ -67,15 +66,6 @@ def scan_labels(root: str, min_score: float, val_fraction: float, seed: int,
                              f"its {name} split; compressed tars are streamed whole, which needs every {name} row to "
                              "be an archive member: label the loose files into an archive, or train on them apart")
     return TrainingData(root, classes, by_split["train"], by_split["val"])
-
-
-def _with_layout(split: Split) -> Split:
-    """A split whose rows are all archive members is streamed shard by shard, which compressed tars need; one with
-    loose files among them is read file by file."""
-    sources = split.sources.to_pylist()
-    if sources and all(archive_kind(s) for s in sources):
-        return replace(split, layout=Layout.LABELED_MEMBERS)
-    return split
 
 
 def _parquet_files(fs: pafs.FileSystem, base: str) -> list[str]:

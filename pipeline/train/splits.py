@@ -67,24 +67,31 @@ class Split:
     def keys(self) -> Iterator[str]:
         return map(self.key, range(len(self)))
 
-    def without(self, keys: pa.Array) -> Split:
-        """This split less the samples whose keys are in `keys` (a named split: shard folders name none)."""
-        source = np.repeat(np.arange(len(self.counts), dtype=np.int32), self.counts)  # each sample's, in `sources`
+    def key_array(self) -> pa.Array:
+        """Every sample's key, as `key` gives it, in one Arrow array (a named split: shard folders name none)."""
+        source = self._source_indices()
         separators = pa.array([MEMBER_SEPARATOR if archive_kind(s) else "/" for s in self.sources.to_pylist()])
         parts = [self.sources.take(source), separators.take(source), self.names]
-        own = pc.binary_join_element_wise(*(part.cast(pa.large_string()) for part in parts),
-                                          pa.scalar("", pa.large_string()))  # every sample's key, as `key` gives it
-        table = pa.table({"source": pa.DictionaryArray.from_arrays(source, self.sources), "name": self.names,
-                          "target": self.targets})
-        kept = table.filter(pc.invert(pc.is_in(own, keys)))
+        return pc.binary_join_element_wise(*(part.cast(pa.large_string()) for part in parts),
+                                           pa.scalar("", pa.large_string()))
+
+    def without(self, keys: pa.Array) -> Split:
+        """This split less the samples whose keys are in `keys` (a named split: shard folders name none)."""
+        table = pa.table({"source": pa.DictionaryArray.from_arrays(self._source_indices(), self.sources),
+                          "name": self.names, "target": self.targets})
+        kept = table.filter(pc.invert(pc.is_in(self.key_array(), keys)))
         return replace(Split.from_table(kept), layout=self.layout, folder=self.folder)
+
+    def _source_indices(self) -> np.ndarray:
+        """Each sample's source, as its index in `sources`."""
+        return np.repeat(np.arange(len(self.counts), dtype=np.int32), self.counts)
 
     @classmethod
     def from_keys(cls, keys: pa.Array, targets: np.ndarray) -> Split:
-        """A split of keys (loose paths and ARCHIVE!MEMBER keys)."""
+        """A split of keys (loose paths and ARCHIVE!MEMBER keys), read as `with_layout` decides."""
         parts = split_keys(keys)
-        return cls.from_table(pa.table({"source": parts.field("source"), "name": parts.field("name"),
-                                        "target": np.asarray(targets, dtype=np.int16)}))
+        return with_layout(cls.from_table(pa.table({"source": parts.field("source"), "name": parts.field("name"),
+                                                    "target": np.asarray(targets, dtype=np.int16)})))
 
     @classmethod
     def from_table(cls, table: pa.Table) -> Split:
@@ -108,6 +115,15 @@ class TrainingData:
     classes: list[str]
     train: Split
     val: Split
+
+
+def with_layout(split: Split) -> Split:
+    """A named split whose samples are all archive members is streamed shard by shard, which compressed tars need;
+    one with loose files among them is read file by file."""
+    sources = split.sources.to_pylist()
+    if sources and all(archive_kind(s) for s in sources):
+        return replace(split, layout=Layout.LABELED_MEMBERS)
+    return split
 
 
 def split_keys(keys: pa.Array) -> pa.StructArray:
