@@ -10,7 +10,7 @@ generated set of five colour classes (tests.helpers.make_image_folder) with the 
 Every command is the user's: subprocesses of `python -m jobs.cli`, each with its own local Ray.
 
     .venv/bin/python benchmarks/audit_quality.py [--share 0.1] [--folds 5] [--methods linear,train]
-        [--sets ants,colours] [--work /tmp/audit-quality]
+        [--sets ants,colours] [--finetune] [--audit-only] [--work /tmp/audit-quality]
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def accuracy(run: Path, val: Path, out: Path) -> float:
     return json.loads((out / "_summary.json").read_text())["runs"][-1]["accuracy"]
 
 
-def measure(name: str, clean: Path, recipe: dict, work: Path, share: float, folds: int, methods: list[str]) -> dict:
+def measure(name: str, clean: Path, recipe: dict, work: Path, share: float, folds: int, methods: list[str],
+            retrain: bool = True) -> dict:
     work = work / name.split(",")[0].replace("/", "-").replace(" ", "-")
     noisy = work / "noisy"
     moved = move_labels(linked_tree(clean, noisy), share, seed=0)
@@ -106,6 +107,8 @@ def measure(name: str, clean: Path, recipe: dict, work: Path, share: float, fold
                    f"{method}: precision": round(found / max(1, len(suspects)), 3),
                    f"{method}: recall": round(found / len(moved), 3), f"{method}: audit s": round(seconds, 1)}
         trains[f"audit-{method}"] = [f"data.exclude={runs / f'audit-{method}' / 'audit'}"]
+    if not retrain:
+        return result
     seconds = {kind: command("train", "-c", str(configs[kind]), *extra)[0] for kind, extra in trains.items()}
     result |= {f"val acc, {kind} labels": accuracy(runs / kind, clean / "val", work / f"eval-{kind}")
                for kind in trains}
@@ -118,17 +121,23 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--methods", default="linear,train", help="audit.method values to compare")
     parser.add_argument("--sets", default="ants,colours", help="ants (full-resolution photos), colours (generated)")
+    parser.add_argument("--finetune", action="store_true", help="the recipe with model.mode finetune: every layer")
+    parser.add_argument("--audit-only", action="store_true", help="leave out the trainings on clean, noisy and "
+                        "audited labels")
     parser.add_argument("--work", type=Path, default=Path("/tmp/audit-quality"))
     args = parser.parse_args()
     methods, sets = args.methods.split(","), args.sets.split(",")
     shutil.rmtree(args.work, ignore_errors=True)
     demo = json.loads(json.dumps(__import__("yaml").safe_load((REPO / "configs" / "demo.yaml").read_text())))
+    if args.finetune:
+        demo["model"]["mode"] = "finetune"
     colours = make_image_folder(args.work / "colours" / "clean", classes=("blue", "red", "green", "yellow", "purple"),
                                 train_per_class=60, val_per_class=20, size=96)
     colour_recipe = {**demo, "model": {**demo["model"], "head_from_imagenet": None}}
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {cpu_model()}; {args.share:.0%} of train moved, {args.folds} folds, "
-          f"audit.method {args.methods}; configs/demo.yaml's recipe on {demo['model']['arch']}")
-    results = [measure(*chosen, args.work, args.share, args.folds, methods) for key, *chosen in (
+          f"audit.method {args.methods}; configs/demo.yaml's recipe on {demo['model']['arch']}, model.mode "
+          f"{demo['model']['mode']}")
+    results = [measure(*chosen, args.work, args.share, args.folds, methods, not args.audit_only) for key, *chosen in (
         ("ants", "ants/bees, full resolution", PHOTOS, demo),
         ("colours", "5 colours, generated", colours, colour_recipe)) if key in sets]
     print(f"| | {' | '.join(r['set'] for r in results)} |\n|---|{'---|' * len(results)}")

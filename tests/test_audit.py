@@ -78,6 +78,9 @@ def test_audit_config_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["audit", "-c", str(config), f"data.exclude={tmp_path / 'nothing'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no finished audit" in err, err
+    assert main(["audit", "-c", str(config), "audit.folds=7"]) == 2  # 6 images
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "audit.folds 7 is more than the 6 images" in err, err
     assert main(["audit", "-c", str(config), "audit.method=train", "audit.checkpoint=x.pt"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "audit.checkpoint: only audit.method linear uses it" in err, err
@@ -221,6 +224,7 @@ def test_the_train_method_predicts_each_fold_by_a_run_that_never_saw_it(ray_loca
     worst = rows.sort_values("self_confidence")
     assert set(worst["path"][:2]) <= set(moved), worst.head(6)
     assert json.loads((audit_dir / "_summary.json").read_text())["method"] == "train"
+    assert "2 folds (a training run each)" in (audit_dir / "_report.html").read_text()
 
     (audit_dir / "_folds" / "fold-2-of-2.parquet").unlink()
     assert main(["audit", "-c", str(config)]) == 0

@@ -47,6 +47,10 @@ def audit(cfg: Config, data: TrainingData, started_at: float, console: Console |
     """Audit the labels of `data` into <storage.path>/<name>/audit; returns that folder."""
     console = console or Console()
     line = console.line
+    images = len(data.train) + len(data.val)
+    if images < cfg.audit.folds:
+        raise UsageError(f"audit.folds {cfg.audit.folds} is more than the {images} images of {data.root}; lower it "
+                         "(each fold needs images to predict)")
     if cfg.audit.method == "train":
         trained_folds.check(data)
     place = Place.of(storage.join(cfg.storage.path, cfg.name, "audit"))
