@@ -232,9 +232,13 @@ def test_the_train_method_predicts_each_fold_by_a_run_that_never_saw_it(ray_loca
     assert "fold 2/2" in out and "fold 1/2" not in out and "train /" not in out, out  # no run trained again
     assert pd.read_parquet(audit_dir).equals(rows)
 
-    assert main(["audit", "-c", str(config), "train.lr=0.01"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "train.lr: 0.003 -> 0.01" in err, err
+    # A training can go on with another failure budget, but not with another shuffle or learning rate.
+    assert main(["audit", "-c", str(config), "train.max_failures=5"]) == 0
+    capsys.readouterr()
+    for change, shown in (("train.lr=0.01", "train.lr: 0.003 -> 0.01"), ("data.shuffle_buffer=7", "shuffle_buffer")):
+        assert main(["audit", "-c", str(config), change]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and shown in err, err
 
 
 def test_a_training_rerun_ignores_the_audit_keys_only(tmp_path):

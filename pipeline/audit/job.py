@@ -38,9 +38,10 @@ from pipeline.train import rerun
 from pipeline.train.config import Config
 from pipeline.train.splits import SPLITS, TrainingData
 
-# Keys an audit may be rerun with, changed: none of them changes a feature or a probability. The train method
-# also takes those a training run may continue with.
-CONTINUABLE = {"audit.batch_size", "data.max_unreadable", "data.shuffle_buffer"}
+# Keys an audit may be rerun with, changed, by method: none of them changes a feature or a probability (linear),
+# or they are those a training run may continue with (train).
+CONTINUABLE = {"linear": {"audit.batch_size", "data.max_unreadable", "data.shuffle_buffer"},
+               "train": {"audit.batch_size", "audit.part_images", *rerun.CONTINUABLE}}
 
 
 def audit(cfg: Config, data: TrainingData, started_at: float, console: Console | None = None) -> str:
@@ -97,9 +98,8 @@ def check_rerun(place: Place, cfg: Config) -> None:
     except OSError as e:  # the first access to storage.path
         raise UsageError(f"storage.path {cfg.storage.path} cannot be read: {str(e).splitlines()[0]}") from None
     if before is not None:
-        continuable = CONTINUABLE | (rerun.CONTINUABLE if cfg.audit.method == "train" else set())
         changed = {key: change for key, change in rerun.diff(defining(before), defining(now)).items()
-                   if key not in continuable}
+                   if key not in CONTINUABLE[cfg.audit.method]}
         if changed:
             raise UsageError(f"audit {place.path} was started with another config ({rerun.listed(changed)}); rerun "
                              "with its config to resume it, or pick another name")
