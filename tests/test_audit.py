@@ -11,18 +11,22 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from jobs.cli import main
+from pipeline.audit import trained_folds
 from pipeline.audit.confident_learning import find_label_issues, stratified_folds
 from pipeline.errors import UsageError
 from pipeline.train.config import load_config
 from pipeline.train.data import scan
 from pipeline.train.rerun import check_continuable
+from pipeline.train.splits import Layout, Split
 from tests.helpers import CHROMIUM, REPO, fresh_env, make_image_folder, session_processes, write_config
 
 
@@ -239,6 +243,17 @@ def test_the_train_method_predicts_each_fold_by_a_run_that_never_saw_it(ray_loca
         assert main(["audit", "-c", str(config), change]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and shown in err, err
+
+
+def test_the_train_method_refuses_shard_folders_which_name_no_image(tmp_path):
+    named = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    data = scan(load_config(str(write_config(tmp_path / "c.json", "a", named, tmp_path / "runs"))).data)
+    assert data.names_each_image()
+    trained_folds.check(data)
+    shards = replace(data, train=Split(pa.array(["train/a.tar"]), np.array([4]), layout=Layout.SHARD_FOLDERS))
+    assert not shards.names_each_image()
+    with pytest.raises(UsageError, match="shard folders of .* name no image one by one.*audit.method=linear"):
+        trained_folds.check(shards)
 
 
 def test_a_training_rerun_ignores_the_audit_keys_only(tmp_path):

@@ -28,12 +28,12 @@ from pipeline.formats.model_spec import TrainedModel
 from pipeline.models import from_checkpoint
 from pipeline.train.config import Config, StorageConfig, TrackingConfig
 from pipeline.train.dataset import Share
-from pipeline.train.splits import SPLITS, Layout, Split, TrainingData
+from pipeline.train.splits import SPLITS, Split, TrainingData
 
 
 def check(data: TrainingData) -> None:
     """Only named images can be dealt into folds."""
-    if any(getattr(data, split).layout is Layout.SHARD_FOLDERS for split in SPLITS):
+    if not data.names_each_image():
         raise UsageError(f"audit.method train: the shard folders of {data.root} name no image one by one, so they "
                          "cannot be dealt into folds; use audit.method=linear")
 

@@ -23,7 +23,7 @@ from pipeline.formats import audit_file
 from pipeline.formats.keys import Keys, archive_kind
 from pipeline.images import is_image_name
 from pipeline.train import from_labels, shards
-from pipeline.train.splits import SPLITS, Layout, Split, TrainingData
+from pipeline.train.splits import SPLITS, Split, TrainingData
 
 
 def scan(data, line: Callable[[str], None] = print) -> TrainingData:
@@ -53,7 +53,7 @@ def without_suspects(found: TrainingData, audit_dir: str, line: Callable[[str], 
     if not len(suspects):
         line(f"data.exclude: {audit_dir} marks no image as a suspect; nothing left out")
         return found
-    if any(getattr(found, split).layout is Layout.SHARD_FOLDERS for split in SPLITS):
+    if not found.names_each_image():
         raise UsageError(f"data.exclude: the shard folders of {found.root} name no image one by one; relabel the "
                          "suspects instead (docs/training.md#auditing-the-labels) and train on that labels table")
     kept = {split: getattr(found, split).without(suspects) for split in SPLITS}

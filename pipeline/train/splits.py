@@ -116,6 +116,10 @@ class TrainingData:
     train: Split
     val: Split
 
+    def names_each_image(self) -> bool:
+        """Whether every image has a key of its own: shard folders name none (their members are read by class)."""
+        return all(getattr(self, split).layout is not Layout.SHARD_FOLDERS for split in SPLITS)
+
 
 def with_layout(split: Split) -> Split:
     """A named split whose samples are all archive members is streamed shard by shard, which compressed tars need;
