@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def init_ray(training: bool = False) -> bool:
     # Keep worker print() lines as plain stdout: Ray Train otherwise echoes each one twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = ray_internals.existing_cluster_address()
+    gone = ray_internals.gone_cluster_address()
+    if gone:
+        print(f"warning: the Ray cluster `ray start` left at {gone} no longer runs on this machine; starting a "
+              "local Ray instead (set RAY_ADDRESS to join another cluster)", file=sys.stderr, flush=True)
     ray_output.quiet_driver()
     if address is None:  # a new local Ray: on loopback only
         ray_internals.bind_to_loopback()
@@ -44,7 +49,8 @@ def init_ray(training: bool = False) -> bool:
         else:
             ray_internals.present_no_token()
     runtime_env = {"worker_process_setup_hook": setup_worker, "env_vars": storage_environment()}
-    ray.init(logging_level=logging.WARNING, log_to_driver=True,
+    # "local" skips a gone cluster's address; a live cluster Ray finds again itself, as one it joins by its token.
+    ray.init(address="local" if address is None else None, logging_level=logging.WARNING, log_to_driver=True,
              include_dashboard=training if address is None else None,
              runtime_env=runtime_env if address is not None or training else None)
     ray_output.drop_forwarded_notices()

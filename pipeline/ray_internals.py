@@ -28,9 +28,18 @@ def bind_to_loopback() -> None:
 
 
 def existing_cluster_address() -> str | None:
-    """What ray.init() would join: RAY_ADDRESS, or the cluster `ray start` left on this machine; None when it would
-    start a new Ray. Ray decides this inside ray.init and exposes no public way to ask first."""
-    return services.canonicalize_bootstrap_address(None)
+    """What imgjobs joins: RAY_ADDRESS, or the cluster `ray start` left on this machine while it still runs here;
+    None for a new Ray of its own. Ray decides this inside ray.init and exposes no public way to ask first."""
+    return None if gone_cluster_address() else services.canonicalize_bootstrap_address(None)
+
+
+def gone_cluster_address() -> str | None:
+    """The address `ray start` left in Ray's temp dir when no Ray process of that cluster runs here any more: a
+    cluster killed without `ray stop` (a crash, an OOM kill). ray.init() would wait minutes for its GCS and fail."""
+    if os.environ.get(ray_constants.RAY_ADDRESS_ENVIRONMENT_VARIABLE):
+        return None
+    address = services.find_bootstrap_address(None)
+    return address if address and not runs_on_this_machine(address) else None
 
 
 def runs_on_this_machine(address: str) -> bool:

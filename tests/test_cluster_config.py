@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import jsonschema
 import psutil
@@ -17,7 +18,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipeline.ray_internals import LOCAL_ONLY_ENV
-from tests.helpers import LOOPBACK, REPO, listening_sockets
+from tests.helpers import LOOPBACK, REPO, free_port, listening_sockets
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +71,24 @@ def test_a_typo_fails_validation(cluster_yaml, path, typo):
 
 @pytest.mark.ray
 def test_local_ray_from_init_ray_listens_on_loopback_only_and_runs_workers_at_nice_0():
-    """issue 5: a Ray that imgjobs starts itself (no RAY_ADDRESS, no `ray start` cluster) binds to 127.0.0.1, its
-    dashboard (training's) included. Its workers run at nice 0, where Ray's default is 15."""
+    """issue 5: a Ray that imgjobs starts itself (no RAY_ADDRESS, no live `ray start` cluster) binds to 127.0.0.1, its
+    dashboard (training's) included. Its workers run at nice 0, where Ray's default is 15. The address of a cluster
+    killed without `ray stop` is passed over with a warning: ray.init alone would wait minutes for its GCS."""
     script = ("import os, ray, sys\nfrom pipeline.cluster import init_ray\ninit_ray(training=True)\n"
               "print('ready', ray.get(ray.remote(lambda: os.nice(0)).remote()), flush=True)\nsys.stdin.read()\n")
-    # Its own Ray temp dir (short: socket paths), so it cannot find and join a `ray start` cluster of this machine.
+    # Its own Ray temp dir (short: socket paths), so it cannot find and join a `ray start` cluster of this machine;
+    # there, the address file of a cluster that is gone.
     tmp = tempfile.mkdtemp(prefix="imgjobs-ray-")
+    gone = f"127.0.0.1:{free_port()}"
+    Path(tmp, "ray").mkdir()
+    Path(tmp, "ray", "ray_current_cluster").write_text(gone)
     # Nor may it inherit the loopback setting from this process: init_ray has to make it.
     env = {**{k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "RAY_worker_niceness", *LOCAL_ONLY_ENV}},
            "RAY_TMPDIR": tmp}
     try:
-        with subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) as driver:
+        with tempfile.TemporaryFile("w+") as stderr, \
+                subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=stderr, text=True) as driver:
             try:
                 assert driver.stdout.readline().split() == ["ready", "0"]
                 root = psutil.Process(driver.pid)
@@ -89,8 +96,12 @@ def test_local_ray_from_init_ray_listens_on_loopback_only_and_runs_workers_at_ni
             finally:
                 driver.stdin.close()  # the driver then returns, and Ray stops what it started
                 driver.wait(timeout=60)
+            stderr.seek(0)
+            warnings = [line for line in stderr if line.startswith("warning:")]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    assert warnings == [f"warning: the Ray cluster `ray start` left at {gone} no longer runs on this machine; "
+                        "starting a local Ray instead (set RAY_ADDRESS to join another cluster)\n"]
     names = {name for name, _, _ in sockets}
     assert {"gcs_server", "raylet"} <= names, sockets
     assert [s for s in sockets if s[1] not in LOOPBACK] == []

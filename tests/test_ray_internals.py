@@ -44,6 +44,23 @@ def test_ray_address_is_what_ray_init_would_join(monkeypatch):
     assert ray_internals.existing_cluster_address() == "127.0.0.1:6390"
 
 
+def test_a_cluster_ray_start_left_is_joined_only_while_it_runs_here(monkeypatch, tmp_path, ray_local):
+    """Ray's address file outlives a cluster killed without `ray stop`; ray.init() would wait minutes for its GCS."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    address_file = tmp_path / "ray" / "ray_current_cluster"
+    address_file.write_text(ray_local.get_runtime_context().gcs_address)  # a Ray that runs on this machine
+    assert ray_internals.gone_cluster_address() is None
+    assert ray_internals.existing_cluster_address() == ray_local.get_runtime_context().gcs_address
+    address_file.write_text("127.0.0.1:1")  # no Ray process of it here
+    assert ray_internals.gone_cluster_address() == "127.0.0.1:1"
+    assert ray_internals.existing_cluster_address() is None
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # named by the user: joined, and a failure to join is Ray's
+    assert ray_internals.gone_cluster_address() is None
+    assert ray_internals.existing_cluster_address() == "127.0.0.1:1"
+
+
 def test_the_token_becomes_the_header_ray_s_dashboard_checks(monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "a" * 64)
     from ray._raylet import AuthenticationTokenLoader
