@@ -7,10 +7,12 @@ checkpoint labels the same clean val folder with --evaluate: the accuracies comp
 
 Sets: the full-resolution ants/bees photos (../shared/data/hymenoptera) with configs/demo.yaml's recipe, and a
 generated set of five colour classes (tests.helpers.make_image_folder) with the same backbone and a random head.
-Every command is the user's: subprocesses of `python -m jobs.cli`, each with its own local Ray.
+Every command is the user's: subprocesses of `python -m jobs.cli`, each with its own local Ray, or with --nodes N
+all on one local cluster of N worker nodes that share this machine's cores (where audit.method train runs its folds
+side by side).
 
     .venv/bin/python benchmarks/audit_quality.py [--share 0.1] [--folds 5] [--methods linear,train]
-        [--sets ants,colours] [--finetune] [--audit-only] [--work /tmp/audit-quality]
+        [--sets ants,colours] [--finetune] [--audit-only] [--nodes N] [--work /tmp/audit-quality]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.hardware import cpu_model  # noqa: E402
-from tests.helpers import make_image_folder  # noqa: E402
+from tests.helpers import LocalCluster, make_image_folder  # noqa: E402
 
 PHOTOS = REPO.parent / "shared" / "data" / "hymenoptera"
 
@@ -61,11 +64,14 @@ def move_labels(train: list[Path], share: float, seed: int) -> set[str]:
     return moved
 
 
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each command's: its own local Ray, or --nodes'
+
+
 def command(*args: str) -> tuple[float, str]:
     """Run `imgjobs ARGS`; (seconds, stdout). Fails loudly: a figure from a failed run is no figure."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+                          env=ENV)
     if done.returncode:
         sys.exit(f"imgjobs {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - started, done.stdout
@@ -124,8 +130,24 @@ def main() -> None:
     parser.add_argument("--finetune", action="store_true", help="the recipe with model.mode finetune: every layer")
     parser.add_argument("--audit-only", action="store_true", help="leave out the trainings on clean, noisy and "
                         "audited labels")
+    parser.add_argument("--nodes", type=int, default=0, help="run on a local cluster of this many worker nodes, "
+                        "which share the cores (0: each command starts its own local Ray)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/audit-quality"))
     args = parser.parse_args()
+    if args.nodes:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped, it still stops its cluster
+        cluster = LocalCluster({"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
+                               [{"num_cpus": max(1, os.cpu_count() // args.nodes)}] * args.nodes)
+        ENV.update(cluster.env())
+        try:
+            measure_all(args)
+        finally:
+            cluster.stop()
+    else:
+        measure_all(args)
+
+
+def measure_all(args: argparse.Namespace) -> None:
     methods, sets = args.methods.split(","), args.sets.split(",")
     shutil.rmtree(args.work, ignore_errors=True)
     demo = json.loads(json.dumps(__import__("yaml").safe_load((REPO / "configs" / "demo.yaml").read_text())))
@@ -136,7 +158,7 @@ def main() -> None:
     colour_recipe = {**demo, "model": {**demo["model"], "head_from_imagenet": None}}
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {cpu_model()}; {args.share:.0%} of train moved, {args.folds} folds, "
           f"audit.method {args.methods}; configs/demo.yaml's recipe on {demo['model']['arch']}, model.mode "
-          f"{demo['model']['mode']}")
+          f"{demo['model']['mode']}" + (f"; a local cluster of {args.nodes} worker nodes" if args.nodes else ""))
     results = [measure(*chosen, args.work, args.share, args.folds, methods, not args.audit_only) for key, *chosen in (
         ("ants", "ants/bees, full resolution", PHOTOS, demo),
         ("colours", "5 colours, generated", colours, colour_recipe)) if key in sets]

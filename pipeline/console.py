@@ -56,6 +56,26 @@ class Console:
                 self._status = None
 
 
+class Named:
+    """A Console for one of several runs that share it: each line and progress line starts with the run's name,
+    unless it names the run already."""
+
+    def __init__(self, console: Console, name: str):
+        self.console, self.name = console, name
+
+    def named(self, text: str) -> str:
+        return text if text.startswith(f"{self.name}:") else f"{self.name}: {text}"
+
+    def line(self, text: str) -> None:
+        self.console.line(self.named(text))
+
+    def progress(self, text: str) -> None:
+        self.console.progress(self.named(text))
+
+    def close(self) -> None:
+        self.console.close()
+
+
 def printable(text: str) -> str:
     """`text` with UNPRINTABLE characters written as Python escapes (\\x1b, \\r, \\u202e, \\udcff): a path on
     the console cannot recolour the terminal, move its cursor, rewrite a line or add one. Every line Console prints,

@@ -107,6 +107,24 @@ class TestTwoNodes:
         assert len(actor_nodes(cluster, "MapBatches(Predictor)")) == 2
 
 
+    def test_an_audit_trains_its_folds_side_by_side(self, cluster, tmp_path):
+        """audit.method train on two 1-CPU workers: both fold runs train at once, each line named by its run."""
+        folder = make_image_folder(tmp_path / "data", train_per_class=6, val_per_class=2)
+        config = write_config(tmp_path / "c.json", "folds", folder, tmp_path / "runs",
+                              train={"epochs": 2, "batch_size": 4}, audit={"folds": 2, "method": "train"})
+        result = subprocess.run([sys.executable, "-m", "jobs.cli", "audit", "-c", str(config)], cwd=REPO,
+                                env=cluster.env(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        lines = result.stdout.splitlines()
+        assert "audit: 2 fold runs, 2 at a time on this cluster" in lines, result.stdout
+        epochs = {run: [i for i, line in enumerate(lines) if line.startswith(f"{run}: epoch ") and "val loss" in line]
+                  for run in ("fold-1-of-2", "fold-2-of-2")}
+        assert [len(at) for at in epochs.values()] == [2, 2], result.stdout
+        first, second = epochs.values()
+        assert first[0] < second[-1] and second[0] < first[-1], result.stdout  # each began before the other ended
+        assert "fold-1-of-2: 8 train / 8 val images, classes ['blue', 'red']" in lines, result.stdout  # named once
+        assert len(read_output(tmp_path / "runs" / "folds" / "audit")) == 16
+
     def test_storage_that_workers_cannot_see_is_one_line_exit_2(self, cluster, tmp_path):
         """Separate disks, made real: the driver runs in a mount namespace of its own with a tmpfs over storage.path,
         so the marker it writes there is invisible to the workers, as a head's local disk is to worker nodes."""

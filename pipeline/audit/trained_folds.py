@@ -2,13 +2,18 @@
 Ray Train, its checkpoints and its resume) on the images of the other folds, which holds this fold out as its val
 split; then the run's last checkpoint, not its best (chosen on this fold's given labels), predicts this fold.
 
-Folds run one after another, each on scaling.num_workers workers. A fold run lives in <audit>/_runs/fold-K-of-N:
-a killed audit's rerun resumes an unfinished run from its latest checkpoint and keeps a finished one.
+Each run trains on scaling.num_workers workers. On a cluster of several machines the runs go side by side, as many
+as its workers hold (runs_at_once); on one machine one after another, since runs there would share its cores or GPU.
+A fold run lives in <audit>/_runs/fold-K-of-N: a killed audit's rerun resumes an unfinished run from its latest
+checkpoint and keeps a finished one.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -17,11 +22,11 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from pipeline import cluster, storage
+from pipeline import cluster, ray_internals, storage
 from pipeline.audit.confident_learning import stratified_folds
 from pipeline.audit.features import forward, write_once
 from pipeline.audit.place import Place
-from pipeline.console import Console
+from pipeline.console import Console, Named
 from pipeline.errors import UsageError
 from pipeline.formats import audit_file, checkpoint
 from pipeline.formats.model_spec import TrainedModel
@@ -56,20 +61,64 @@ def out_of_fold(place: Place, cfg: Config, data: TrainingData, started_at: float
     paths, targets = rows["path"].combine_chunks(), rows["target"].to_numpy()
     folds = stratified_folds(targets, cfg.audit.folds, cfg.train.seed)
     names = [audit_file.fold_file(fold, cfg.audit.folds) for fold in range(cfg.audit.folds)]
-    use_gpu = None
-    for fold, name in enumerate(names):
-        if place.exists(name):
-            continue
+    todo = [fold for fold, name in enumerate(names) if not place.exists(name)]
+    use_gpu = cluster.use_gpus(cfg.scaling.use_gpu, console.line, "audit") if todo else False
+    at_once = runs_at_once(cfg, use_gpu, len(todo))
+    if at_once > 1:
+        console.line(f"audit: {len(todo)} fold runs, {at_once} at a time on this cluster")
+
+    def run_fold(fold: int) -> None:
         inside = folds == fold
         held_out = TrainingData(data.root, data.classes, *(Split.from_keys(paths.filter(part), targets[part])
                                                            for part in (~inside, inside)))
-        latest = train_fold(place, cfg, held_out, fold, started_at, console)
-        if use_gpu is None:
-            use_gpu = cluster.use_gpus(cfg.scaling.use_gpu, console.line, "audit")
+        latest = train_fold(place, cfg, held_out, fold, started_at, console if at_once == 1 else
+                            Named(console, f"fold-{fold + 1}-of-{cfg.audit.folds}"))
         task = predict.options(num_gpus=1 if use_gpu else 0)
-        written = ray.get(task.remote(latest, ray.put(held_out), cfg, place.uri(name)))
+        written = ray.get(task.remote(latest, ray.put(held_out), cfg, place.uri(names[fold])))
         console.line(f"audit: fold {fold + 1}/{cfg.audit.folds}: {written} images predicted by {latest}")
+
+    side_by_side(run_fold, todo, at_once)
     return joined(place, rows, names, len(data.classes))
+
+
+def runs_at_once(cfg: Config, use_gpu: bool, runs: int) -> int:
+    """How many fold runs go side by side: one on a single machine; on a cluster of several, as many as the
+    workers of their kind (GPU or CPU) hold, those up now or, where more, those its autoscaler can add."""
+    kind = "GPU" if use_gpu else "CPU"
+    machines = [node["Resources"][kind] for node in ray.nodes() if node["Alive"] and node["Resources"].get(kind)]
+    most = max(sum(machines), cluster.autoscaler_gpus() if use_gpu else
+               ray_internals.autoscaler_max_resources().get(kind, 0))
+    if len(machines) < 2 and most <= sum(machines):
+        return 1
+    return max(1, min(runs, int(most // cfg.scaling.num_workers)))
+
+
+def side_by_side(work: Callable[[int], None], items: list[int], at_once: int) -> None:
+    """work(item) for every item, up to `at_once` at a time, each on a thread: Ray Train's fit runs from a thread, as
+    Tune's trials do. Daemon threads, so that an interrupted audit exits at once (its rerun resumes the runs). After
+    an error no item starts; the first error is raised once the started ones have ended."""
+    todo, errors = queue.SimpleQueue(), []
+    for item in items:
+        todo.put(item)
+
+    def worker() -> None:
+        while not errors:
+            try:
+                item = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                work(item)
+            except BaseException as e:  # raised in the calling thread, below
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(at_once, len(items)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def train_fold(place: Place, cfg: Config, held_out: TrainingData, fold: int, started_at: float,

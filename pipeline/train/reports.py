@@ -8,16 +8,14 @@ import json
 import tempfile
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pyarrow.fs as pafs
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: plots go to files only
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow.fs as pafs  # noqa: E402
-
-from pipeline import storage  # noqa: E402
-from pipeline.formats.keys import Reader  # noqa: E402
-from pipeline.images import decode_image, resize_center_crop  # noqa: E402
+from pipeline import storage
+from pipeline.formats.keys import Reader
+from pipeline.images import decode_image, resize_center_crop
 from pipeline.train.splits import TrainingData  # noqa: E402
 
 TENSORBOARD = "tensorboard"
@@ -78,16 +76,23 @@ def _tensorboard(fs, folder: str, history: list[dict], predictions, best_epoch: 
             storage.write_bytes(fs, f"{folder}/{event_file.name}", event_file.read_bytes())
 
 
+def _figure(**options) -> Figure:
+    """A figure drawn to pixels, not pyplot's: no global state, so runs side by side (an audit's) plot at once."""
+    fig = Figure(**options)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
 def _curves(history: list[dict]):
     epochs = [m["epoch"] for m in history]
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
+    acc, loss = fig.subplots(1, 2)
     for ax, metric in ((acc, "acc"), (loss, "loss")):
         ax.plot(epochs, [m[f"train_{metric}"] for m in history], marker="o", label="train")
         ax.plot(epochs, [m[f"val_{metric}"] for m in history], marker="o", label="val")
@@ -100,7 +105,8 @@ def _curves(history: list[dict]):
 
 def _confusion(matrix: list[list[int]], classes: list[str]):
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(2 + 0.8 * n, 2 + 0.8 * n))
+    fig = _figure(figsize=(2 + 0.8 * n, 2 + 0.8 * n))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
@@ -125,7 +131,8 @@ def _prediction_grid(examples: list, dataset: TrainingData, count: int = 16):
     reader = Reader.for_root(dataset.root)
     cols = 4
     rows = max(1, (len(shown) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    fig = _figure(figsize=(3 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (key, true, predicted) in zip(axes.flat, shown):
