@@ -52,13 +52,12 @@ def extract_part(model: WithEmbedding, spec: ModelSpec, data: TrainingData, part
     split, index, parts = part
     share = Share(index, parts, cfg.audit.batch_size, shuffle=False)
     keys, targets, values, errors = forward(model.backbone, spec, data, split, share, cfg)
-    width = model.head.in_features
+    paths, features, reasons = output_columns(keys, values, errors, model.head.in_features, fill=0.0)
     rows = pa.table({
-        "path": pa.array(keys + list(errors), pa.string()),
+        "path": paths,
         "target": pa.array(np.concatenate([targets, [target for _, target in errors.values()]]).astype(np.int16)),
-        "feature": pa.FixedSizeListArray.from_arrays(
-            np.concatenate([values.reshape(-1, width), np.zeros((len(errors), width), np.float32)]).ravel(), width),
-        "error": pa.array([None] * len(keys) + [why for why, _ in errors.values()], pa.string()),
+        "feature": features,
+        "error": reasons,
     })
     write_once(rows, path)
     return len(rows)
@@ -84,6 +83,16 @@ def forward(model: nn.Module, spec: ModelSpec, data: TrainingData, split: str, s
             targets.append(batch_targets.numpy())
     values = np.concatenate(outputs) if outputs else np.zeros((0,), dtype=np.float32)
     return keys, np.concatenate(targets) if targets else np.zeros(0, np.int16), values, errors
+
+
+def output_columns(keys: list[str], values: np.ndarray, errors: dict[str, tuple[str, int]], width: int,
+                   fill: float) -> tuple[pa.Array, pa.FixedSizeListArray, pa.Array]:
+    """forward()'s results as columns, a row per image: (path, its `width` values, error), the images that did not
+    read or decode last, with `fill` for values and their reason."""
+    paths = pa.array(keys + list(errors), pa.string())
+    filled = np.concatenate([values.reshape(-1, width), np.full((len(errors), width), fill, np.float32)])
+    reasons = pa.array([None] * len(keys) + [why for why, _ in errors.values()], pa.string())
+    return paths, pa.FixedSizeListArray.from_arrays(filled.ravel(), width), reasons
 
 
 @ray.remote(num_cpus=1)

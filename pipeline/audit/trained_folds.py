@@ -24,7 +24,7 @@ import torch
 
 from pipeline import cluster, ray_internals, storage
 from pipeline.audit.confident_learning import stratified_folds
-from pipeline.audit.features import forward, write_once
+from pipeline.audit.features import forward, output_columns, write_once
 from pipeline.audit.place import Place
 from pipeline.console import Console, Named
 from pipeline.errors import UsageError
@@ -144,14 +144,9 @@ def predict(checkpoint_path: str, data: TrainingData, cfg: Config, path: str) ->
     share = Share(0, 1, cfg.audit.batch_size, shuffle=False)
     keys, _, logits, errors = forward(from_checkpoint(trained), trained.spec, data, "val", share, cfg)
     width = len(data.classes)
-    probs = softmax(logits.reshape(-1, width))
-    write_once(pa.table({
-        "path": pa.array(keys + list(errors), pa.string()),
-        "probs": pa.FixedSizeListArray.from_arrays(
-            np.concatenate([probs, np.full((len(errors), width), np.nan, np.float32)]).ravel(), width),
-        "error": pa.array([None] * len(keys) + [why for why, _ in errors.values()], pa.string()),
-    }), path)
-    return len(keys) + len(errors)
+    paths, probs, reasons = output_columns(keys, softmax(logits.reshape(-1, width)), errors, width, fill=np.nan)
+    write_once(pa.table({"path": paths, "probs": probs, "error": reasons}), path)
+    return len(paths)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
