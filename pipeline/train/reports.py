@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from pipeline import storage
 from pipeline.formats.keys import Reader
 from pipeline.images import decode_image, resize_center_crop
-from pipeline.train.splits import TrainingData  # noqa: E402
+from pipeline.train.splits import TrainingData
 
 TENSORBOARD = "tensorboard"
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s"]
