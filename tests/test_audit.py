@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -243,6 +244,24 @@ def test_the_train_method_predicts_each_fold_by_a_run_that_never_saw_it(ray_loca
         assert main(["audit", "-c", str(config), change]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and shown in err, err
+
+
+def test_fold_runs_side_by_side_run_at_once_and_stop_starting_after_an_error():
+    """Two items that each wait for the other pass only if they run at once; one at a time, the wait times out."""
+    met = threading.Barrier(2, timeout=60)
+    started = []
+    trained_folds.side_by_side(lambda item: started.append(item) or met.wait(), [0, 1], at_once=2)
+    assert sorted(started) == [0, 1]
+
+    def fails_at_1(item: int) -> None:
+        started.append(item)
+        if item == 1:
+            raise RuntimeError("fold 1 failed")
+
+    started.clear()
+    with pytest.raises(RuntimeError, match="fold 1 failed"):
+        trained_folds.side_by_side(fails_at_1, [0, 1, 2, 3], at_once=1)
+    assert started == [0, 1]  # nothing started after the error
 
 
 def test_the_train_method_refuses_shard_folders_which_name_no_image(tmp_path):
